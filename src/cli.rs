@@ -1,0 +1,120 @@
+//! The command line: one subcommand per job. Every flag has its help text
+//! here and an environment variable (`TRIAGEM_…`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Routes customer chat messages from Kafka to sales or support with a fine-tuned BERT classifier.
+#[derive(Debug, Parser)]
+#[command(name = "triagem", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a classifier on JSONL data and write a Hugging Face model directory.
+    Train(TrainArgs),
+    /// Score a model on a labelled JSONL file.
+    Eval(EvalArgs),
+    /// Classify texts given as arguments, or one per line on stdin.
+    Classify(ClassifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training data (JSONL, `{"prompt": ..., "completion": label}` per line); a dev split is carved from it.
+    #[arg(long, env = "TRIAGEM_TRAIN", default_value = "data/treino.jsonl")]
+    pub train: PathBuf,
+    /// Test data, used only for the final report.
+    #[arg(long, env = "TRIAGEM_TEST", default_value = "data/teste.jsonl")]
+    pub test: PathBuf,
+    /// Output model directory.
+    #[arg(long, env = "TRIAGEM_OUT", default_value = "models/triagem")]
+    pub out: PathBuf,
+    /// Initial weights: a local Hugging Face BERT directory, `none` (small BERT and tokenizer trained from
+    /// scratch), or a Hub id present in the local Hugging Face cache.
+    #[arg(long, env = "TRIAGEM_BASE", default_value = "models/base/all-MiniLM-L6-v2")]
+    pub base: String,
+    /// Passes over the training data.
+    #[arg(long, env = "TRIAGEM_EPOCHS", default_value_t = 4)]
+    pub epochs: usize,
+    /// Peak learning rate (after warmup, then linear decay to zero).
+    #[arg(long, env = "TRIAGEM_LR", default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Examples per optimisation step.
+    #[arg(long, env = "TRIAGEM_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
+    /// Longest input in tokens; longer messages are truncated.
+    #[arg(long, env = "TRIAGEM_MAX_LEN", default_value_t = 96)]
+    pub max_len: usize,
+    /// Seed of every random choice: same seed and data, same model.
+    #[arg(long, env = "TRIAGEM_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Share of the training file held out to pick the best epoch.
+    #[arg(long, default_value_t = 0.1)]
+    pub dev_fraction: f64,
+    /// Share of the steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup: f64,
+    /// AdamW weight decay (biases and layer norms excluded).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Probability of rewriting a training example in chat spelling (no accents, abbreviations, typos) each epoch.
+    #[arg(long, default_value_t = 0.5)]
+    pub augment: f64,
+    /// Vocabulary size of the tokenizer trained with `--base none`.
+    #[arg(long, default_value_t = 8000)]
+    pub vocab_size: usize,
+    /// Hidden size of the BERT trained with `--base none`.
+    #[arg(long, default_value_t = 256)]
+    pub scratch_hidden: usize,
+    /// Encoder layers of the BERT trained with `--base none`.
+    #[arg(long, default_value_t = 4)]
+    pub scratch_layers: usize,
+    /// Compute device: cpu, cuda or auto.
+    #[arg(long, env = "TRIAGEM_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model directory.
+    #[arg(long, env = "TRIAGEM_MODEL", default_value = "models/triagem")]
+    pub model: PathBuf,
+    /// Labelled JSONL file.
+    #[arg(long, default_value = "data/teste.jsonl")]
+    pub data: PathBuf,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    pub json: bool,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Compute device: cpu, cuda or auto.
+    #[arg(long, env = "TRIAGEM_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// Model directory.
+    #[arg(long, env = "TRIAGEM_MODEL", default_value = "models/triagem")]
+    pub model: PathBuf,
+    /// One JSON object per text (`text`, `label`, `score`, `scores`) instead of tab-separated lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Compute device: cpu, cuda or auto.
+    #[arg(long, env = "TRIAGEM_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Texts to classify; without any, one text per line is read from stdin.
+    pub texts: Vec<String>,
+}

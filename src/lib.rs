@@ -1,0 +1,26 @@
+//! triagem: routes customer chat messages from Kafka to sales (`venda`) or
+//! support (`suporte`) with a fine-tuned BERT classifier.
+//!
+//! # Layout
+//!
+//! Three floors; each module only uses the ones below it.
+//!
+//! - **Commands** — `main.rs` parses the command line ([`cli`]) and calls one of
+//!   the features.
+//! - **Features**
+//!   - [`train`]: fine-tunes a BERT (or trains a small one from scratch) on a
+//!     JSONL data set and writes a Hugging Face model directory.
+//!   - [`eval`]: accuracy, per-label precision/recall/F1 and the confusion matrix.
+//!   - [`worker`]: the service. Its stages, in the order a message meets them:
+//!     consume → decode → batch → infer (one blocking thread) → route/produce →
+//!     commit offsets.
+//!   - [`demo`]: the worker against an in-process broker, for a first look.
+//! - **Foundations**, which know nothing of Kafka or the command line:
+//!   [`model`] (BERT, tokenizer, batched prediction), [`data`] (JSONL data
+//!   sets), [`config`] (the worker's settings) and [`metrics`].
+
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod model;
+pub mod train;

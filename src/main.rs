@@ -1,0 +1,109 @@
+//! The binary edge: parses the command line, sets up logging, runs one
+//! subcommand and turns its error into one line on stderr and exit code 1.
+
+use std::io::{BufRead, Write};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::json;
+use triagem::cli::{ClassifyArgs, Cli, Command, EvalArgs, TrainArgs};
+use triagem::data::Dataset;
+use triagem::model::{self, Classifier};
+use triagem::{eval, train};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Classify(args) => run_classify(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    let opts = train::TrainOptions {
+        base: train::Base::parse(&a.base)?,
+        train: a.train,
+        test: a.test,
+        out: a.out,
+        epochs: a.epochs,
+        lr: a.lr,
+        batch_size: a.batch_size,
+        max_len: a.max_len,
+        seed: a.seed,
+        dev_fraction: a.dev_fraction,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        augment: a.augment,
+        vocab_size: a.vocab_size,
+        scratch_hidden: a.scratch_hidden,
+        scratch_layers: a.scratch_layers,
+        device: model::device(&a.device)?,
+        quiet: a.quiet,
+    };
+    let summary = train::train(&opts)?;
+    println!(
+        "model {} (version {}) — best epoch {}, test accuracy {:.4}, macro-F1 {:.4}, {:.0}s",
+        summary.model_dir.display(),
+        summary.model_version,
+        summary.best_epoch,
+        summary.test.accuracy,
+        summary.test.macro_f1,
+        summary.training_seconds
+    );
+    println!("{}", summary.test.render());
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let classifier = Classifier::load(&a.model, &model::device(&a.device)?)?;
+    let data = Dataset::load(&a.data, Some(classifier.labels()))?;
+    let report = eval::evaluate(&classifier, &data.examples, a.batch_size)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("model {} ({})\ndata  {}\n", classifier.info().name, classifier.info().version, a.data.display());
+        println!("{}", report.render());
+    }
+    Ok(())
+}
+
+fn run_classify(a: ClassifyArgs) -> Result<()> {
+    let classifier = Classifier::load(&a.model, &model::device(&a.device)?)?;
+    let texts: Vec<String> = if a.texts.is_empty() {
+        std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading texts from stdin")?
+            .into_iter()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    } else {
+        a.texts
+    };
+    let mut out = std::io::stdout().lock();
+    for chunk in texts.chunks(a.batch_size.max(1)) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        for (text, p) in chunk.iter().zip(classifier.predict(&refs)?) {
+            if a.json {
+                let scores: serde_json::Map<String, serde_json::Value> =
+                    p.scores.iter().map(|(l, s)| (l.clone(), json!(s))).collect();
+                writeln!(out, "{}", json!({"text": text, "label": p.label, "score": p.score, "scores": scores}))?;
+            } else {
+                writeln!(out, "{}\t{:.4}\t{}", p.label, p.score, text)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! BERT encoder, pooler and classification head with Hugging Face's tensor
+//! names (`bert.embeddings.word_embeddings.weight`, …, `classifier.weight`).
+//!
+//! Written here rather than taken from `candle-transformers` because that
+//! module's fused layer norm has no backward pass: fine-tuning through it
+//! trains the head alone. In training mode every op below is differentiable
+//! and dropout is active, drawing its masks from the caller's seeded RNG so
+//! that a run is reproducible; in evaluation mode the fused kernels are used.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use rand::{rngs::StdRng, Rng};
+
+use super::config::BertConfig;
+
+/// Evaluation (dropout off, fused kernels) or training (dropout on, every op differentiable).
+pub enum Mode<'a> {
+    /// Inference: deterministic, fast.
+    Eval,
+    /// Training: dropout masks come from this generator.
+    Train(&'a mut StdRng),
+}
+
+impl Mode<'_> {
+    fn training(&self) -> bool {
+        matches!(self, Mode::Train(_))
+    }
+
+    /// Inverted dropout with a mask drawn from the seeded generator.
+    fn dropout(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
+        let Mode::Train(rng) = self else { return Ok(xs.clone()) };
+        if p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        let keep = 1.0 - p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..xs.elem_count())
+            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs.mul(&mask)
+    }
+}
+
+/// Layer norm whose training path is built from differentiable ops.
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+    }
+
+    fn forward(&self, xs: &Tensor, mode: &Mode) -> Result<Tensor> {
+        if !mode.training() {
+            return candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32);
+        }
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+#[derive(Clone, Copy)]
+enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "gelu" => Ok(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            other => candle_core::bail!("hidden_act {other:?} is not supported (gelu, gelu_new, relu)"),
+        }
+    }
+
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+            Self::Relu => xs.relu(),
+        }
+    }
+}
+
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+    dropout: f64,
+}
+
+impl Embeddings {
+    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let table = |rows: usize, name: &str| -> Result<Embedding> {
+            Ok(Embedding::new(vb.pp(name).get((rows, h), "weight")?, h))
+        };
+        Ok(Self {
+            word: table(cfg.vocab_size, "word_embeddings")?,
+            position: table(cfg.max_position_embeddings, "position_embeddings")?,
+            token_type: table(cfg.type_vocab_size, "token_type_embeddings")?,
+            norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let (_, seq_len) = input_ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
+        let types = input_ids.zeros_like()?;
+        let xs = self
+            .word
+            .forward(input_ids)?
+            .broadcast_add(&self.position.forward(&positions)?)?
+            .add(&self.token_type.forward(&types)?)?;
+        let xs = self.norm.forward(&xs, mode)?;
+        mode.dropout(&xs, self.dropout)
+    }
+}
+
+struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    heads: usize,
+    head_dim: usize,
+    attention_dropout: f64,
+    hidden_dropout: f64,
+}
+
+impl Attention {
+    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        if h % cfg.num_attention_heads != 0 {
+            candle_core::bail!(
+                "hidden_size {h} is not a multiple of num_attention_heads {}",
+                cfg.num_attention_heads
+            );
+        }
+        let sa = vb.pp("self");
+        let out = vb.pp("output");
+        Ok(Self {
+            query: linear(h, h, sa.pp("query"))?,
+            key: linear(h, h, sa.pp("key"))?,
+            value: linear(h, h, sa.pp("value"))?,
+            output: linear(h, h, out.pp("dense"))?,
+            norm: LayerNorm::load(h, cfg.layer_norm_eps, out.pp("LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+            attention_dropout: cfg.attention_probs_dropout_prob,
+            hidden_dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    /// `mask` is additive, shaped (batch, 1, 1, seq): 0 for tokens, a large negative for padding.
+    fn forward(&self, xs: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let (b, s, h) = xs.dims3()?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.query.forward(xs)?)?;
+        let k = split(self.key.forward(xs)?)?;
+        let v = split(self.value.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = if mode.training() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = mode.dropout(&probs, self.attention_dropout)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let out = mode.dropout(&self.output.forward(&context)?, self.hidden_dropout)?;
+        self.norm.forward(&(out + xs)?, mode)
+    }
+}
+
+struct Layer {
+    attention: Attention,
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    activation: Activation,
+    dropout: f64,
+}
+
+impl Layer {
+    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            attention: Attention::load(cfg, vb.pp("attention"))?,
+            intermediate: linear(h, i, vb.pp("intermediate").pp("dense"))?,
+            output: linear(i, h, vb.pp("output").pp("dense"))?,
+            norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
+            activation: Activation::parse(&cfg.hidden_act)?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let attended = self.attention.forward(xs, mask, mode)?;
+        let inner = self.activation.apply(&self.intermediate.forward(&attended)?)?;
+        let out = mode.dropout(&self.output.forward(&inner)?, self.dropout)?;
+        self.norm.forward(&(out + attended)?, mode)
+    }
+}
+
+/// `BertForSequenceClassification`: encoder, tanh pooler over `[CLS]`, linear head.
+pub struct BertClassifier {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Linear,
+    classifier: Linear,
+    dropout: f64,
+}
+
+impl BertClassifier {
+    /// Builds the model from `vb`, whose root holds `bert.*` and `classifier.*`.
+    pub fn load(cfg: &BertConfig, num_labels: usize, vb: VarBuilder) -> Result<Self> {
+        let bert = vb.pp("bert");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(cfg, bert.pp("encoder").pp("layer").pp(i)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embeddings: Embeddings::load(cfg, bert.pp("embeddings"))?,
+            layers,
+            pooler: linear(cfg.hidden_size, cfg.hidden_size, bert.pp("pooler").pp("dense"))?,
+            classifier: linear(cfg.hidden_size, num_labels, vb.pp("classifier"))?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    /// Logits shaped (batch, labels) for `input_ids` and `attention_mask`, both (batch, seq) u32.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let dtype = self.pooler.weight().dtype();
+        // 0 for tokens, -10000 for padding, shaped to broadcast over heads and query positions.
+        let mask = attention_mask.to_dtype(dtype)?.affine(10_000.0, -10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
+        let mut xs = self.embeddings.forward(input_ids, mode)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask, mode)?;
+        }
+        let cls = xs.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled = self.pooler.forward(&cls)?.tanh()?;
+        let pooled = mode.dropout(&pooled, self.dropout)?;
+        self.classifier.forward(&pooled)
+    }
+}
+
+/// Turns a batch of token id rows (already padded to one length) into tensors.
+pub fn batch_tensors(ids: &[Vec<u32>], masks: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
+    let rows = ids.len();
+    let len = ids.first().map_or(0, Vec::len);
+    let flat_ids: Vec<u32> = ids.iter().flatten().copied().collect();
+    let flat_mask: Vec<u32> = masks.iter().flatten().copied().collect();
+    Ok((
+        Tensor::from_vec(flat_ids, (rows, len), device)?,
+        Tensor::from_vec(flat_mask, (rows, len), device)?,
+    ))
+}
+
+/// Softmax over the last dimension, as plain rows.
+pub fn probabilities(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2()
+}

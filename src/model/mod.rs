@@ -1,0 +1,291 @@
+//! The classifier: a Hugging Face `BertForSequenceClassification` directory
+//! (`config.json`, `model.safetensors`, `tokenizer.json`) loaded into candle,
+//! and batched prediction over plain strings.
+//!
+//! This module is synchronous and knows nothing of Kafka, tokio or the CLI;
+//! the worker calls [`Classifier::predict`] from its one inference thread.
+
+pub mod bert;
+pub mod config;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+pub use bert::{BertClassifier, Mode};
+pub use config::BertConfig;
+
+/// File names of a model directory, as Hugging Face lays it out.
+pub const CONFIG_FILE: &str = "config.json";
+/// Weights, in safetensors format.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The fast-tokenizer file.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Longest input, in tokens, when neither the tokenizer nor the caller says otherwise.
+pub const DEFAULT_MAX_LEN: usize = 128;
+
+/// Why a model could not be loaded, saved or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model directory {dir} has no {file}: expected a Hugging Face model directory (config.json, model.safetensors, tokenizer.json); train one with `triagem train`")]
+    MissingFile { dir: PathBuf, file: &'static str },
+    #[error("{path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("{path}: cannot load weights: {reason}")]
+    BadWeights { path: PathBuf, reason: String },
+    #[error("{path}: cannot load tokenizer: {reason}")]
+    BadTokenizer { path: PathBuf, reason: String },
+    #[error("cannot write {path}: {reason}")]
+    Save { path: PathBuf, reason: String },
+    #[error("device {spec:?}: {reason}")]
+    Device { spec: String, reason: String },
+    #[error("tokenization failed: {0}")]
+    Tokenize(String),
+    #[error("inference failed: {0}")]
+    Inference(#[from] candle_core::Error),
+}
+
+/// Picks the compute device: `cpu`, `cuda` (GPU 0; needs the `cuda` build) or `auto`.
+pub fn device(spec: &str) -> Result<Device, ModelError> {
+    let err = |reason: String| ModelError::Device { spec: spec.to_string(), reason };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| err(format!("{e} (build with `--features cuda`)"))),
+        "auto" if candle_core::utils::cuda_is_available() => Device::new_cuda(0).map_err(|e| err(e.to_string())),
+        "auto" => Ok(Device::Cpu),
+        _ => Err(err("expected cpu, cuda or auto".into())),
+    }
+}
+
+/// One text's prediction.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Prediction {
+    /// The most probable label.
+    pub label: String,
+    /// Its probability.
+    pub score: f32,
+    /// Probability of every label, in the model's label order.
+    pub scores: Vec<(String, f32)>,
+}
+
+/// What identifies a loaded model in logs, metrics and routed messages.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// Directory name of the model.
+    pub name: String,
+    /// First 12 hex digits of the SHA-256 of `model.safetensors`: changes with every retrain.
+    pub version: String,
+    /// Labels in class-index order.
+    pub labels: Vec<String>,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// Longest input in tokens; longer texts are truncated.
+    pub max_len: usize,
+}
+
+/// Token ids of a batch, padded to its longest member.
+pub struct Encoded {
+    pub ids: Vec<Vec<u32>>,
+    pub masks: Vec<Vec<u32>>,
+}
+
+/// A tokenizer set up for a model: truncation at `max_len`, padding to the batch's longest text.
+#[derive(Clone)]
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    max_len: usize,
+}
+
+impl TextEncoder {
+    /// Configures `tokenizer` to truncate at `max_len` and pad with `pad_id`.
+    pub fn new(mut tokenizer: Tokenizer, max_len: usize, pad_id: u32) -> Result<Self, String> {
+        let pad_token = tokenizer.id_to_token(pad_id).unwrap_or_else(|| "[PAD]".into());
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(|e| e.to_string())?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_id,
+            pad_token,
+            ..Default::default()
+        }));
+        Ok(Self { tokenizer, max_len })
+    }
+
+    /// Reads `tokenizer.json`, keeping the truncation length it declares when there is one.
+    pub fn load(path: &Path, max_len: Option<usize>, pad_id: u32) -> Result<Self, ModelError> {
+        let bad = |reason: String| ModelError::BadTokenizer { path: path.to_path_buf(), reason };
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
+        let declared = tokenizer.get_truncation().map(|t| t.max_length);
+        let max_len = max_len.or(declared).unwrap_or(DEFAULT_MAX_LEN);
+        Self::new(tokenizer, max_len, pad_id).map_err(bad)
+    }
+
+    /// The underlying tokenizer, configured.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Longest input in tokens.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Ids and attention masks of `texts`, padded to the longest one.
+    pub fn encode(&self, texts: &[&str]) -> Result<Encoded, ModelError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| ModelError::Tokenize(e.to_string()))?;
+        Ok(Encoded {
+            ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
+            masks: encodings.iter().map(|e| e.get_attention_mask().to_vec()).collect(),
+        })
+    }
+
+    /// Number of tokens `text` takes after truncation, special tokens included.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.tokenizer
+            .encode_fast(text, true)
+            .map(|e| e.get_ids().len())
+            .unwrap_or(self.max_len)
+            .min(self.max_len)
+    }
+}
+
+/// A loaded classifier, ready to predict.
+pub struct Classifier {
+    model: BertClassifier,
+    encoder: TextEncoder,
+    labels: Vec<String>,
+    device: Device,
+    info: ModelInfo,
+}
+
+/// Reads and checks `config.json` of a model directory.
+pub fn read_config(dir: &Path) -> Result<BertConfig, ModelError> {
+    let path = require(dir, CONFIG_FILE)?;
+    let bad = |reason: String| ModelError::BadConfig { path: path.clone(), reason };
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+    let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| bad(format!("not a BERT config.json: {e}")))?;
+    if cfg.model_type != "bert" {
+        return Err(bad(format!("model_type is {:?}; triagem serves BERT models only", cfg.model_type)));
+    }
+    Ok(cfg)
+}
+
+/// `dir/file`, or an error naming the missing file.
+pub fn require(dir: &Path, file: &'static str) -> Result<PathBuf, ModelError> {
+    if !dir.is_dir() {
+        return Err(ModelError::MissingFile { dir: dir.to_path_buf(), file: CONFIG_FILE });
+    }
+    let path = dir.join(file);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ModelError::MissingFile { dir: dir.to_path_buf(), file })
+    }
+}
+
+/// Short content hash of a file, used as the model version.
+pub fn file_version(path: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    let digest = Sha256::digest(&bytes);
+    Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
+}
+
+impl Classifier {
+    /// Loads a model directory onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let cfg = read_config(dir)?;
+        let config_path = dir.join(CONFIG_FILE);
+        let labels = cfg
+            .labels()
+            .map_err(|reason| ModelError::BadConfig { path: config_path.clone(), reason })?;
+        let encoder = TextEncoder::load(&require(dir, TOKENIZER_FILE)?, None, cfg.pad_token_id)?;
+        let max_len = encoder.max_len().min(cfg.max_position_embeddings);
+        let encoder = TextEncoder::new(encoder.tokenizer().clone(), max_len, cfg.pad_token_id).map_err(|reason| {
+            ModelError::BadTokenizer { path: dir.join(TOKENIZER_FILE), reason }
+        })?;
+        let weights = require(dir, WEIGHTS_FILE)?;
+        let bad_weights = |reason: String| ModelError::BadWeights { path: weights.clone(), reason };
+        let version = file_version(&weights).map_err(|e| bad_weights(e.to_string()))?;
+        // SAFETY: the file is memory-mapped read-only; triagem never writes a
+        // model directory it is serving from (training writes a new directory).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .map_err(|e| bad_weights(e.to_string()))?;
+        let model = BertClassifier::load(&cfg, labels.len(), vb).map_err(|e| bad_weights(e.to_string()))?;
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string());
+        let info = ModelInfo { name, version, labels: labels.clone(), path: dir.to_path_buf(), max_len };
+        Ok(Self { model, encoder, labels, device: device.clone(), info })
+    }
+
+    /// Wraps an in-memory model (used by training to evaluate without a round trip to disk).
+    pub fn from_parts(model: BertClassifier, encoder: TextEncoder, labels: Vec<String>, device: Device) -> Self {
+        let info = ModelInfo {
+            name: "in-training".into(),
+            version: "unsaved".into(),
+            labels: labels.clone(),
+            path: PathBuf::new(),
+            max_len: encoder.max_len(),
+        };
+        Self { model, encoder, labels, device, info }
+    }
+
+    /// Name, version and labels.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Labels in class-index order.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// The configured tokenizer, for token counting by the batcher.
+    pub fn encoder(&self) -> &TextEncoder {
+        &self.encoder
+    }
+
+    /// Raw logits, one row per text, in one forward pass.
+    pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    fn logits_tensor(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
+        let encoded = self.encoder.encode(texts)?;
+        let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, &self.device)?;
+        Ok(self.model.forward(&ids, &masks, &mut Mode::Eval)?)
+    }
+
+    /// Predictions for `texts`, in one forward pass. An empty slice gives an empty result.
+    pub fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, ModelError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let probs = bert::probabilities(&self.logits_tensor(texts)?)?;
+        Ok(probs.into_iter().map(|row| self.prediction(row)).collect())
+    }
+
+    fn prediction(&self, row: Vec<f32>) -> Prediction {
+        let best = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        Prediction {
+            label: self.labels[best].clone(),
+            score: row[best],
+            scores: self.labels.iter().cloned().zip(row).collect(),
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! `triagem train`: fine-tunes a BERT classifier on a JSONL data set and
+//! writes a Hugging Face model directory plus `metrics.json`.
+//!
+//! The run: load and check the data → carve a stratified dev split from the
+//! training file → build the model from the base (a local Hugging Face BERT
+//! directory, or from scratch with a tokenizer trained here) → AdamW with
+//! weight decay, linear warmup then linear decay, gradient clipping, dropout
+//! and chat-spelling augmentation → keep the epoch with the best dev macro-F1
+//! → report on the test file. Every random choice (split, init, shuffling,
+//! dropout, augmentation) comes from one generator seeded by `--seed`, so the
+//! same seed and data give the same model and metrics.
+
+pub mod augment;
+pub mod scratch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::data::{DataError, Dataset, Example};
+use crate::eval::{self, Report};
+use crate::model::{self, bert, BertClassifier, BertConfig, Classifier, Mode, ModelError, TextEncoder};
+
+/// Where the initial weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Base {
+    /// A small BERT with a tokenizer trained on the training texts.
+    Scratch,
+    /// A local Hugging Face BERT directory (a `BertModel` or a classifier).
+    Dir(PathBuf),
+}
+
+impl Base {
+    /// Resolves `--base`: `none`, a directory, or a Hub id found in the local Hugging Face cache.
+    pub fn parse(spec: &str) -> Result<Self, TrainError> {
+        if spec == "none" {
+            return Ok(Base::Scratch);
+        }
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Ok(Base::Dir(path.to_path_buf()));
+        }
+        if let Some(dir) = hub_cache_snapshot(spec) {
+            return Ok(Base::Dir(dir));
+        }
+        let reason = if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') {
+            "looks like a Hugging Face Hub id, but it is not in the local Hugging Face cache and triagem does not \
+             download: fetch it first (e.g. `hf download ID --local-dir DIR`, or `scripts/fetch-base-model.sh` for \
+             all-MiniLM-L6-v2) and pass the directory"
+        } else {
+            "is neither `none` nor an existing model directory"
+        };
+        Err(TrainError::Base { spec: spec.to_string(), reason: reason.to_string() })
+    }
+}
+
+/// `~/.cache/huggingface/hub/models--ORG--NAME/snapshots/*/` holding a `config.json`.
+fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
+    let (org, name) = id.split_once('/')?;
+    let hub = std::env::var_os("HF_HUB_CACHE").map(PathBuf::from).or_else(|| {
+        let home = std::env::var_os("HF_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/huggingface")))?;
+        Some(home.join("hub"))
+    })?;
+    let snapshots = hub.join(format!("models--{org}--{name}")).join("snapshots");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(snapshots).ok()?.filter_map(|e| Some(e.ok()?.path())).collect();
+    dirs.sort();
+    dirs.into_iter().rev().find(|d| d.join(model::CONFIG_FILE).is_file())
+}
+
+/// Why training stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("--base {spec:?} {reason}")]
+    Base { spec: String, reason: String },
+    #[error("invalid option: {0}")]
+    Options(String),
+    #[error("training the tokenizer failed: {0}")]
+    Tokenizer(String),
+    #[error("training step failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// Everything `triagem train` takes.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Training JSONL; a dev split is carved from it.
+    pub train: PathBuf,
+    /// Test JSONL, used once for the final report.
+    pub test: PathBuf,
+    /// Output model directory (created; files in it are overwritten).
+    pub out: PathBuf,
+    /// Initial weights.
+    pub base: Base,
+    pub epochs: usize,
+    /// Peak learning rate, reached after warmup.
+    pub lr: f64,
+    pub batch_size: usize,
+    /// Longest input in tokens.
+    pub max_len: usize,
+    pub seed: u64,
+    /// Share of the training file held out as the dev split.
+    pub dev_fraction: f64,
+    /// Share of the steps spent warming the learning rate up.
+    pub warmup: f64,
+    /// AdamW weight decay (not applied to biases and layer norms).
+    pub weight_decay: f64,
+    /// Probability that a training example is rewritten in chat spelling each epoch.
+    pub augment: f64,
+    /// Vocabulary size of the tokenizer trained for `--base none`.
+    pub vocab_size: usize,
+    /// Hidden size of the BERT trained for `--base none`.
+    pub scratch_hidden: usize,
+    /// Encoder layers of the BERT trained for `--base none`.
+    pub scratch_layers: usize,
+    /// Where to compute.
+    pub device: Device,
+    /// Hide the progress bar (tests, CI logs).
+    pub quiet: bool,
+}
+
+/// Per-epoch figures, printed and stored in `metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub dev_accuracy: f64,
+    pub dev_macro_f1: f64,
+    pub seconds: f64,
+    pub examples_per_second: f64,
+}
+
+/// What a finished run reports; also written to `OUT/metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub model_dir: PathBuf,
+    pub model_version: String,
+    pub base: String,
+    pub labels: Vec<String>,
+    pub best_epoch: usize,
+    pub epochs: Vec<EpochLog>,
+    pub test: Report,
+    pub data: BTreeMap<String, DataInfo>,
+    pub hyperparameters: serde_json::Value,
+    pub training_seconds: f64,
+    pub parameters: usize,
+    pub model_bytes: u64,
+    pub triagem_version: String,
+}
+
+/// A data file's identity in `metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataInfo {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub examples: usize,
+}
+
+/// The model under training: its variables, split by whether weight decay applies.
+struct Trainable {
+    varmap: VarMap,
+    model: BertClassifier,
+    config: BertConfig,
+    encoder: TextEncoder,
+}
+
+/// Runs a whole training and writes the model directory.
+pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    check_options(opts)?;
+    let started = Instant::now();
+    let train_set = Dataset::load(&opts.train, None)?;
+    let labels = train_set.training_labels()?;
+    let test_set = Dataset::load(&opts.test, Some(&labels))?;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let (train_examples, dev_examples) = split_dev(&train_set.examples, &labels, opts.dev_fraction, &mut rng);
+    tracing::info!(
+        train = train_examples.len(),
+        dev = dev_examples.len(),
+        test = test_set.examples.len(),
+        labels = ?labels,
+        "data loaded"
+    );
+
+    let trainable = build(opts, &labels, &train_examples, &mut rng)?;
+    let parameters: usize = trainable.varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    tracing::info!(parameters, base = ?opts.base, "model built");
+    std::fs::create_dir_all(&opts.out).map_err(|e| write_error(&opts.out, e))?;
+
+    let (mut decay, mut no_decay) = optimizers(&trainable.varmap, opts)?;
+    let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
+    let total_steps = steps_per_epoch * opts.epochs;
+    let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
+    let label_index: HashMap<&str, u32> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
+
+    let mut epochs = Vec::new();
+    let mut best: Option<(usize, f64)> = None;
+    let mut step = 0usize;
+    let mut order: Vec<usize> = (0..train_examples.len()).collect();
+    for epoch in 1..=opts.epochs {
+        let epoch_start = Instant::now();
+        order.shuffle(&mut rng);
+        let bar = progress_bar(opts.quiet, train_examples.len() as u64, epoch, opts.epochs);
+        let mut loss_sum = 0.0;
+        for chunk in order.chunks(opts.batch_size) {
+            let lr = opts.lr * schedule(step, warmup_steps, total_steps);
+            decay.set_learning_rate(lr);
+            no_decay.set_learning_rate(lr);
+            let texts: Vec<String> = chunk
+                .iter()
+                .map(|&i| augment::augment(&train_examples[i].text, opts.augment, &mut rng))
+                .collect();
+            let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
+            let loss = loss(&trainable, &texts, &targets, &opts.device, &mut rng)?;
+            let mut grads = loss.backward()?;
+            clip_gradients(&mut grads, &trainable.varmap.all_vars(), 1.0)?;
+            decay.step(&grads)?;
+            no_decay.step(&grads)?;
+            step += 1;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            loss_sum += loss_value * chunk.len() as f64;
+            bar.inc(chunk.len() as u64);
+            bar.set_message(format!("loss {loss_value:.4} lr {lr:.2e}"));
+        }
+        bar.finish_and_clear();
+        let seconds = epoch_start.elapsed().as_secs_f64();
+        let dev = evaluate_in_memory(&trainable, &labels, &dev_examples, opts)?;
+        let log = EpochLog {
+            epoch,
+            train_loss: loss_sum / train_examples.len() as f64,
+            dev_accuracy: dev.accuracy,
+            dev_macro_f1: dev.macro_f1,
+            seconds,
+            examples_per_second: train_examples.len() as f64 / seconds,
+        };
+        eprintln!(
+            "epoch {epoch}/{}  loss {:.4}  dev accuracy {:.4}  dev macro-F1 {:.4}  ({:.0}s, {:.1} examples/s)",
+            opts.epochs, log.train_loss, log.dev_accuracy, log.dev_macro_f1, log.seconds, log.examples_per_second
+        );
+        if best.is_none_or(|(_, f1)| dev.macro_f1 > f1) {
+            best = Some((epoch, dev.macro_f1));
+            save(&trainable, &labels, &opts.out)?;
+        }
+        epochs.push(log);
+    }
+
+    let best_epoch = best.map_or(0, |(e, _)| e);
+    let classifier = Classifier::load(&opts.out, &opts.device)?;
+    let test = eval::evaluate(&classifier, &test_set.examples, 64)?;
+    let weights = opts.out.join(model::WEIGHTS_FILE);
+    let summary = TrainSummary {
+        model_dir: opts.out.clone(),
+        model_version: classifier.info().version.clone(),
+        base: match &opts.base {
+            Base::Scratch => "none".into(),
+            Base::Dir(d) => d.display().to_string(),
+        },
+        labels,
+        best_epoch,
+        epochs,
+        test,
+        data: BTreeMap::from([
+            ("train".to_string(), data_info(&train_set)),
+            ("test".to_string(), data_info(&test_set)),
+        ]),
+        hyperparameters: hyperparameters(opts, train_examples.len(), dev_examples.len()),
+        training_seconds: started.elapsed().as_secs_f64(),
+        parameters,
+        model_bytes: std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0),
+        triagem_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let metrics_path = opts.out.join("metrics.json");
+    let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
+    std::fs::write(&metrics_path, json + "\n").map_err(|e| write_error(&metrics_path, e))?;
+    Ok(summary)
+}
+
+fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
+    let bad = |m: &str| Err(TrainError::Options(m.to_string()));
+    if opts.epochs == 0 {
+        return bad("--epochs must be at least 1");
+    }
+    if opts.batch_size == 0 {
+        return bad("--batch-size must be at least 1");
+    }
+    if opts.max_len < 8 {
+        return bad("--max-len must be at least 8");
+    }
+    if !(opts.lr > 0.0 && opts.lr.is_finite()) {
+        return bad("--lr must be a positive number");
+    }
+    if !(0.0..0.5).contains(&opts.dev_fraction) {
+        return bad("--dev-fraction must be in [0, 0.5)");
+    }
+    Ok(())
+}
+
+fn write_error(path: &Path, e: impl ToString) -> TrainError {
+    TrainError::Write { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+fn data_info(ds: &Dataset) -> DataInfo {
+    DataInfo { path: ds.path.clone(), sha256: ds.sha256.clone(), examples: ds.examples.len() }
+}
+
+fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json::Value {
+    serde_json::json!({
+        "epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size, "max_len": opts.max_len,
+        "seed": opts.seed, "dev_fraction": opts.dev_fraction, "warmup": opts.warmup,
+        "weight_decay": opts.weight_decay, "augment": opts.augment, "vocab_size": opts.vocab_size,
+        "scratch_hidden": opts.scratch_hidden, "scratch_layers": opts.scratch_layers,
+        "train_examples": train, "dev_examples": dev,
+    })
+}
+
+/// Linear warmup to 1, then linear decay to 0.
+fn schedule(step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        (step + 1) as f64 / warmup as f64
+    } else {
+        ((total - step) as f64 / (total - warmup).max(1) as f64).max(0.0)
+    }
+}
+
+/// Stratified split: `fraction` of each label goes to the dev set.
+fn split_dev(examples: &[Example], labels: &[String], fraction: f64, rng: &mut StdRng) -> (Vec<Example>, Vec<Example>) {
+    let (mut train, mut dev) = (Vec::new(), Vec::new());
+    for label in labels {
+        let mut of_label: Vec<&Example> = examples.iter().filter(|e| &e.label == label).collect();
+        of_label.shuffle(rng);
+        let n_dev = ((of_label.len() as f64) * fraction).round() as usize;
+        dev.extend(of_label[..n_dev].iter().map(|e| (*e).clone()));
+        train.extend(of_label[n_dev..].iter().map(|e| (*e).clone()));
+    }
+    (train, dev)
+}
+
+/// Builds the model and its tokenizer from the base, every variable initialised from `rng` or the base.
+fn build(opts: &TrainOptions, labels: &[String], train: &[Example], rng: &mut StdRng) -> Result<Trainable, TrainError> {
+    let (mut config, tokenizer, base_weights) = match &opts.base {
+        Base::Scratch => {
+            let texts: Vec<String> = train.iter().map(|e| e.text.clone()).collect();
+            let tokenizer = scratch::train_tokenizer(&texts, opts.vocab_size).map_err(TrainError::Tokenizer)?;
+            (BertConfig::small(tokenizer.get_vocab_size(true), opts.max_len, opts.scratch_hidden, opts.scratch_layers), tokenizer, HashMap::new())
+        }
+        Base::Dir(dir) => {
+            let config = model::read_config(dir)?;
+            let tok_path = model::require(dir, model::TOKENIZER_FILE)?;
+            let tokenizer = Tokenizer::from_file(&tok_path)
+                .map_err(|e| ModelError::BadTokenizer { path: tok_path.clone(), reason: e.to_string() })?;
+            let weights = model::require(dir, model::WEIGHTS_FILE)?;
+            let tensors = candle_core::safetensors::load(&weights, &opts.device)
+                .map_err(|e| ModelError::BadWeights { path: weights.clone(), reason: e.to_string() })?;
+            (config, tokenizer, tensors)
+        }
+    };
+    config.set_labels(labels);
+    let max_len = opts.max_len.min(config.max_position_embeddings);
+    let encoder = TextEncoder::new(tokenizer, max_len, config.pad_token_id).map_err(TrainError::Tokenizer)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &opts.device);
+    let model = BertClassifier::load(&config, labels.len(), vb)?;
+    initialise(&varmap, &config, &base_weights, matches!(opts.base, Base::Dir(_)), rng).map_err(|reason| {
+        let Base::Dir(dir) = &opts.base else { unreachable!("scratch models never miss base tensors") };
+        ModelError::BadWeights { path: dir.join(model::WEIGHTS_FILE), reason }
+    })?;
+    Ok(Trainable { varmap, model, config, encoder })
+}
+
+/// Sets every variable: from the base checkpoint when it has the tensor (with
+/// or without the `bert.` prefix), otherwise as Hugging Face initialises BERT
+/// (normal(0, initializer_range) weights, zero biases, unit layer-norm scales).
+/// With a base, every encoder tensor must come from it.
+fn initialise(
+    varmap: &VarMap,
+    config: &BertConfig,
+    base: &HashMap<String, Tensor>,
+    from_base: bool,
+    rng: &mut StdRng,
+) -> Result<(), String> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut fresh = Vec::new();
+    for name in names {
+        let var = &data[name];
+        let stripped = name.strip_prefix("bert.").unwrap_or(name);
+        let found = base.get(name.as_str()).or_else(|| base.get(stripped));
+        match found {
+            Some(t) if t.dims() == var.dims() => {
+                var.set(&t.to_dtype(DType::F32).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                continue;
+            }
+            Some(t) => {
+                return Err(format!("tensor {name} has shape {:?}, the config implies {:?}", t.dims(), var.dims()))
+            }
+            None if from_base && name.starts_with("bert.") && !name.starts_with("bert.pooler") => {
+                return Err(format!("the base checkpoint has no tensor {stripped} (is it a BERT model?)"))
+            }
+            None => fresh.push(name.clone()),
+        }
+        let value = if name.ends_with("LayerNorm.weight") {
+            var.ones_like().map_err(|e| e.to_string())?
+        } else if name.ends_with("bias") {
+            var.zeros_like().map_err(|e| e.to_string())?
+        } else {
+            let std = config.initializer_range as f32;
+            let values: Vec<f32> = (0..var.elem_count()).map(|_| normal(rng) * std).collect();
+            Tensor::from_vec(values, var.shape(), var.device()).map_err(|e| e.to_string())?
+        };
+        var.set(&value).map_err(|e| e.to_string())?;
+    }
+    if from_base {
+        tracing::info!(initialised = ?fresh, "tensors not in the base checkpoint were initialised");
+    }
+    Ok(())
+}
+
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// AdamW with weight decay for weight matrices, and one without for biases and layer norms.
+fn optimizers(varmap: &VarMap, opts: &TrainOptions) -> Result<(AdamW, AdamW), TrainError> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let (decay, no_decay): (Vec<&String>, Vec<&String>) =
+        names.into_iter().partition(|n| !n.ends_with("bias") && !n.contains("LayerNorm"));
+    let vars = |ns: Vec<&String>| -> Vec<Var> { ns.into_iter().map(|n| data[n].clone()).collect() };
+    let params = |weight_decay| ParamsAdamW { lr: opts.lr, weight_decay, ..Default::default() };
+    Ok((
+        AdamW::new(vars(decay), params(opts.weight_decay))?,
+        AdamW::new(vars(no_decay), params(0.0))?,
+    ))
+}
+
+/// Mean cross-entropy of a batch, in training mode.
+fn loss(t: &Trainable, texts: &[String], targets: &[u32], device: &Device, rng: &mut StdRng) -> Result<Tensor, TrainError> {
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let encoded = t.encoder.encode(&refs)?;
+    let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, device)?;
+    let logits = t.model.forward(&ids, &masks, &mut Mode::Train(rng))?;
+    let targets = Tensor::new(targets, device)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// Scales all gradients down so that their global L2 norm is at most `max_norm`.
+fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<(), TrainError> {
+    let mut total = 0.0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dev-set report of the model as it is now, without writing it to disk.
+fn evaluate_in_memory(t: &Trainable, labels: &[String], dev: &[Example], opts: &TrainOptions) -> Result<Report, TrainError> {
+    if dev.is_empty() {
+        return Ok(Report::new(labels, &[], &[]));
+    }
+    // A classifier over the same tensors: the variables are shared, nothing is copied.
+    let vb = VarBuilder::from_varmap(&t.varmap, DType::F32, &opts.device);
+    let model = BertClassifier::load(&t.config, labels.len(), vb)?;
+    let classifier = Classifier::from_parts(model, t.encoder.clone(), labels.to_vec(), opts.device.clone());
+    Ok(eval::evaluate(&classifier, dev, 64)?)
+}
+
+/// Writes `config.json`, `model.safetensors`, `tokenizer.json` and `tokenizer_config.json` to `out`.
+fn save(t: &Trainable, labels: &[String], out: &Path) -> Result<(), TrainError> {
+    let mut config = t.config.clone();
+    config.set_labels(labels);
+    config.extra.insert("torch_dtype".into(), "float32".into());
+    let config_path = out.join(model::CONFIG_FILE);
+    let json = serde_json::to_string_pretty(&config).expect("config serialises");
+    std::fs::write(&config_path, json + "\n").map_err(|e| write_error(&config_path, e))?;
+    let weights = out.join(model::WEIGHTS_FILE);
+    t.varmap.save(&weights).map_err(|e| write_error(&weights, e))?;
+    let tok_path = out.join(model::TOKENIZER_FILE);
+    t.encoder
+        .tokenizer()
+        .clone()
+        .with_padding(None)
+        .save(&tok_path, false)
+        .map_err(|e| write_error(&tok_path, e))?;
+    // Lets `AutoTokenizer.from_pretrained` load tokenizer.json as it is.
+    let tok_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": t.encoder.max_len(),
+        "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+        "unk_token": "[UNK]", "mask_token": "[MASK]",
+    });
+    let tc_path = out.join("tokenizer_config.json");
+    std::fs::write(&tc_path, serde_json::to_string_pretty(&tok_config).expect("json") + "\n")
+        .map_err(|e| write_error(&tc_path, e))?;
+    Ok(())
+}
+
+fn progress_bar(quiet: bool, len: u64, epoch: usize, epochs: usize) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "epoch {epoch}/{epochs} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {{per_sec}} eta {{eta}} {{msg}}"
+        ))
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_options() -> TrainOptions {
+        TrainOptions {
+            train: PathBuf::new(),
+            test: PathBuf::new(),
+            out: PathBuf::new(),
+            base: Base::Scratch,
+            epochs: 1,
+            lr: 1e-3,
+            batch_size: 4,
+            max_len: 32,
+            seed: 3,
+            dev_fraction: 0.0,
+            warmup: 0.1,
+            weight_decay: 0.01,
+            augment: 0.0,
+            vocab_size: 120,
+            scratch_hidden: 64,
+            scratch_layers: 2,
+            device: Device::Cpu,
+            quiet: true,
+        }
+    }
+
+    fn examples() -> Vec<Example> {
+        let ex = |t: &str, l: &str| Example { text: t.into(), label: l.into() };
+        vec![
+            ex("quero comprar uma geladeira", "venda"),
+            ex("minha geladeira quebrou", "suporte"),
+            ex("tem fogão em promoção", "venda"),
+            ex("o fogão veio com defeito", "suporte"),
+        ]
+    }
+
+    /// The reason this module has its own BERT: every tensor must receive a gradient.
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let mut rng = StdRng::seed_from_u64(1);
+        let t = build(&tiny_options(), &labels, &examples(), &mut rng).unwrap();
+        let texts: Vec<String> = examples().into_iter().map(|e| e.text).collect();
+        let loss = loss(&t, &texts, &[1, 0, 1, 0], &Device::Cpu, &mut rng).unwrap();
+        let grads = loss.backward().unwrap();
+        let data = t.varmap.data().lock().unwrap();
+        let mut missing = Vec::new();
+        for (name, var) in data.iter() {
+            let norm = grads
+                .get(var.as_tensor())
+                .map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+                .unwrap_or(0.0);
+            if norm <= 0.0 {
+                missing.push(name.clone());
+            }
+        }
+        // 5 embedding tensors + 16 per layer × 2 layers + pooler 2 + head 2.
+        assert_eq!(data.len(), 5 + 16 * 2 + 2 + 2);
+        assert!(missing.is_empty(), "no gradient for {missing:?}");
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert!((schedule(0, 10, 100) - 0.1).abs() < 1e-12);
+        assert!((schedule(9, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((schedule(10, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((schedule(55, 10, 100) - 0.5).abs() < 1e-12);
+        assert!(schedule(99, 10, 100) > 0.0);
+    }
+
+    #[test]
+    fn dev_split_is_stratified_and_seeded() {
+        let mut many = Vec::new();
+        for i in 0..50 {
+            many.push(Example { text: format!("v{i}"), label: "venda".into() });
+            many.push(Example { text: format!("s{i}"), label: "suporte".into() });
+        }
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let (tr, dev) = split_dev(&many, &labels, 0.2, &mut StdRng::seed_from_u64(5));
+        assert_eq!((tr.len(), dev.len()), (80, 20));
+        assert_eq!(dev.iter().filter(|e| e.label == "venda").count(), 10);
+        let (_, dev2) = split_dev(&many, &labels, 0.2, &mut StdRng::seed_from_u64(5));
+        assert_eq!(dev, dev2);
+    }
+
+    #[test]
+    fn unknown_base_is_one_clear_error() {
+        let err = Base::parse("./no/such/dir").unwrap_err().to_string();
+        assert!(err.contains("neither `none` nor an existing model directory"), "{err}");
+        let err = Base::parse("acme/bert-that-is-not-cached").unwrap_err().to_string();
+        assert!(err.contains("Hub id"), "{err}");
+        assert_eq!(Base::parse("none").unwrap(), Base::Scratch);
+    }
+}

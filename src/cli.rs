@@ -21,6 +21,37 @@ pub enum Command {
     Eval(EvalArgs),
     /// Classify texts given as arguments, or one per line on stdin.
     Classify(ClassifyArgs),
+    /// Run the Kafka worker: consume, classify in micro-batches, route by label (until SIGTERM/SIGINT).
+    Worker(WorkerArgs),
+    /// A first look without Kafka: an in-memory broker, the worker, and the test set sent through it.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// TOML settings (see config/default.toml); every key can be overridden as TRIAGEM__SECTION__KEY.
+    /// Without it, the built-in defaults and the environment are used.
+    #[arg(long, env = "TRIAGEM_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Model directory; trained with the `triagem train` defaults when missing.
+    #[arg(long, env = "TRIAGEM_MODEL", default_value = "models/triagem")]
+    pub model: PathBuf,
+    /// JSONL file whose lines are sent as input messages (text in `prompt`).
+    #[arg(long, default_value = "data/teste.jsonl")]
+    pub data: PathBuf,
+    /// Address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, default_value = "127.0.0.1:9095")]
+    pub metrics_listen: String,
+    /// Routed messages to print.
+    #[arg(long, default_value_t = 8)]
+    pub show: usize,
+    /// Exit after the summary instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Args)]

@@ -20,7 +20,11 @@
 //!   sets), [`config`] (the worker's settings) and [`metrics`].
 
 pub mod cli;
+pub mod config;
 pub mod data;
+pub mod demo;
 pub mod eval;
+pub mod metrics;
 pub mod model;
 pub mod train;
+pub mod worker;

@@ -6,10 +6,11 @@ use std::io::{BufRead, Write};
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::json;
-use triagem::cli::{ClassifyArgs, Cli, Command, EvalArgs, TrainArgs};
+use triagem::cli::{ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, TrainArgs, WorkerArgs};
+use triagem::config::Config;
 use triagem::data::Dataset;
 use triagem::model::{self, Classifier};
-use triagem::{eval, train};
+use triagem::{demo, eval, train, worker};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -23,6 +24,8 @@ fn main() {
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
         Command::Classify(args) => run_classify(args),
+        Command::Worker(args) => run_worker(args),
+        Command::Demo(args) => run_demo(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -105,5 +108,22 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn run_worker(a: WorkerArgs) -> Result<()> {
+    let cfg = Config::load(a.config.as_deref())?;
+    worker::run(cfg)?;
+    Ok(())
+}
+
+fn run_demo(a: DemoArgs) -> Result<()> {
+    demo::run(demo::DemoOptions {
+        model: a.model,
+        data: a.data,
+        metrics_listen: a.metrics_listen,
+        show: a.show,
+        wait: !a.no_wait,
+    })?;
     Ok(())
 }

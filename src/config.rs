@@ -1,0 +1,567 @@
+//! The worker's settings: one TOML file (`config/default.toml` documents every
+//! key), every key overridable from the environment as
+//! `TRIAGEM__SECTION__KEY` (double underscores), unknown keys rejected, and
+//! pass-through tables for librdkafka (`[kafka.client]`, `[kafka.consumer]`,
+//! `[kafka.producer]`).
+//!
+//! Errors name the key (`batch.max_messages: invalid type: ...`). Secrets in
+//! the pass-through tables (any key containing `password` or `secret`) are
+//! redacted whenever the settings are printed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Prefix of the environment overrides: `TRIAGEM__KAFKA__BROKERS=...`.
+pub const ENV_PREFIX: &str = "TRIAGEM";
+/// Separator between the prefix, sections and keys in environment overrides.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Why the settings could not be read. Every variant names the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{key}: {reason}")]
+    Key { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn key(key: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Key { key: key.to_string(), reason: reason.into() }
+    }
+}
+
+/// All of the worker's settings.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where to read from and how to talk to the brokers.
+    pub kafka: KafkaConfig,
+    /// Where each classified message goes.
+    pub routing: RoutingConfig,
+    /// How an input message is decoded.
+    pub input: InputConfig,
+    /// When a micro-batch closes.
+    pub batch: BatchConfig,
+    /// Which model serves, on which device.
+    pub model: ModelConfig,
+    /// The HTTP endpoint with `/metrics`, `/healthz` and `/readyz`.
+    pub metrics: MetricsConfig,
+    /// How long a graceful stop may take.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated host:port list.
+    pub brokers: String,
+    /// Consumer group; replicas with the same group split the input partitions.
+    pub group_id: String,
+    /// Topic the chat messages arrive on.
+    pub input_topic: String,
+    /// Consumed messages whose offset is not yet committable; at this many, consumption pauses.
+    pub max_in_flight: usize,
+    /// How often committable offsets are committed (asynchronously; synchronously on revoke and shutdown).
+    pub commit_interval_ms: u64,
+    /// Wait between retries of an output the broker rejected or timed out.
+    pub produce_retry_backoff_ms: u64,
+    /// librdkafka settings for both consumer and producer (security.protocol, sasl.*, ssl.*, …).
+    pub client: ClientOptions,
+    /// librdkafka settings for the consumer only (override `client`).
+    pub consumer: ClientOptions,
+    /// librdkafka settings for the producer only (override `client`).
+    pub producer: ClientOptions,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "localhost:9092".into(),
+            group_id: "triagem".into(),
+            input_topic: "atendimento.mensagens".into(),
+            max_in_flight: 2000,
+            commit_interval_ms: 1000,
+            produce_retry_backoff_ms: 500,
+            client: ClientOptions::default(),
+            consumer: ClientOptions::default(),
+            producer: ClientOptions::default(),
+        }
+    }
+}
+
+/// A librdkafka pass-through table. Its `Debug` output redacts secrets.
+///
+/// Keys may be written dotted (`"sasl.username" = "x"`) or nested
+/// (`[kafka.client.sasl] username = "x"`, or the environment variable
+/// `TRIAGEM__KAFKA__CLIENT__SASL__USERNAME`); both mean `sasl.username`.
+/// Numbers and booleans are passed on as their text.
+#[derive(Clone, Default, PartialEq)]
+pub struct ClientOptions(pub BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for ClientOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        fn flatten(prefix: &str, v: serde_json::Value, out: &mut BTreeMap<String, String>) -> Result<(), String> {
+            use serde_json::Value;
+            let text = match v {
+                Value::String(s) => s,
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => n.to_string(),
+                Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                        flatten(&key, v, out)?;
+                    }
+                    return Ok(());
+                }
+                Value::Null | Value::Array(_) => {
+                    return Err(format!("{prefix}: expected a string, number or boolean librdkafka value"))
+                }
+            };
+            out.insert(prefix.to_string(), text);
+            Ok(())
+        }
+        let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        let mut out = BTreeMap::new();
+        for (k, v) in raw {
+            flatten(&k, v, &mut out).map_err(serde::de::Error::custom)?;
+        }
+        Ok(ClientOptions(out))
+    }
+}
+
+impl ClientOptions {
+    /// The settings with every secret value replaced by `***`, for logs.
+    pub fn redacted(&self) -> BTreeMap<String, String> {
+        self.0.iter().map(|(k, v)| (k.clone(), if is_secret(k) { "***".to_string() } else { v.clone() })).collect()
+    }
+}
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.redacted().fmt(f)
+    }
+}
+
+/// Whether a librdkafka key holds a secret (`sasl.password`, `ssl.key.password`, `…secret…`).
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret")
+}
+
+/// `[routing]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Label → output topic; every label of the model needs one.
+    pub topics: BTreeMap<String, String>,
+    /// Where messages classified below `min_confidence` go.
+    pub review_topic: String,
+    /// Below this score a message goes to the review topic (0 = never).
+    pub min_confidence: f32,
+    /// Where undecodable messages go, bytes unchanged, with a `triagem-error` header.
+    pub dead_letter_topic: String,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            topics: [("venda", "atendimento.venda"), ("suporte", "atendimento.suporte")]
+                .into_iter()
+                .map(|(l, t)| (l.to_string(), t.to_string()))
+                .collect(),
+            review_topic: "atendimento.revisao".into(),
+            min_confidence: 0.0,
+            dead_letter_topic: "atendimento.dlq".into(),
+        }
+    }
+}
+
+/// How input payloads are encoded.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// A JSON object with the text in `input.text_field`; other fields are kept.
+    Json,
+    /// The whole payload is the text (UTF-8).
+    Text,
+}
+
+/// `[input]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// `json` or `text`.
+    pub format: InputFormat,
+    /// Field of a JSON input holding the text.
+    pub text_field: String,
+    /// Larger payloads are dead-lettered as `oversize`.
+    pub max_bytes: usize,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        Self { format: InputFormat::Json, text_field: "text".into(), max_bytes: 64 * 1024 }
+    }
+}
+
+/// `[batch]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A batch closes at this many messages…
+    pub max_messages: usize,
+    /// …or when it would exceed this many padded tokens (messages × longest)…
+    pub max_tokens: usize,
+    /// …or this long after its first message arrived, whichever comes first.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_messages: 32, max_tokens: 4096, max_wait_ms: 20 }
+    }
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hugging Face model directory written by `triagem train`.
+    pub path: PathBuf,
+    /// `cpu`, `cuda` or `auto`.
+    pub device: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { path: "models/triagem".into(), device: "cpu".into() }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:9095".into() }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT (or a partition revoke), in-flight work must finish within this.
+    pub timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { timeout_ms: 30_000 }
+    }
+}
+
+impl Config {
+    /// Reads `file` (when given), then the `TRIAGEM__…` environment, then checks the values.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// [`Config::load`] with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::File { path: path.to_path_buf(), reason: "no such file".into() });
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env.into_iter().collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                .source(Some(env)),
+        );
+        let raw = builder.build().map_err(|e| match file {
+            Some(path) => ConfigError::File { path: path.to_path_buf(), reason: e.to_string() },
+            None => ConfigError::key("environment", e.to_string()),
+        })?;
+        let cfg: Config = raw.try_deserialize().map_err(keyed)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let nonempty = |key: &str, v: &str| {
+            if v.trim().is_empty() {
+                Err(ConfigError::key(key, "must not be empty"))
+            } else {
+                Ok(())
+            }
+        };
+        nonempty("kafka.brokers", &self.kafka.brokers)?;
+        nonempty("kafka.group_id", &self.kafka.group_id)?;
+        nonempty("kafka.input_topic", &self.kafka.input_topic)?;
+        nonempty("routing.review_topic", &self.routing.review_topic)?;
+        nonempty("routing.dead_letter_topic", &self.routing.dead_letter_topic)?;
+        nonempty("input.text_field", &self.input.text_field)?;
+        if self.routing.topics.is_empty() {
+            return Err(ConfigError::key("routing.topics", "needs one topic per model label"));
+        }
+        for (label, topic) in &self.routing.topics {
+            nonempty(&format!("routing.topics.{label}"), topic)?;
+            if *topic == self.kafka.input_topic {
+                return Err(ConfigError::key(&format!("routing.topics.{label}"), "must differ from kafka.input_topic"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.routing.min_confidence) {
+            return Err(ConfigError::key("routing.min_confidence", "must be between 0 and 1"));
+        }
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::key(key, "must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("kafka.max_in_flight", self.kafka.max_in_flight as u64)?;
+        positive("kafka.commit_interval_ms", self.kafka.commit_interval_ms)?;
+        positive("input.max_bytes", self.input.max_bytes as u64)?;
+        positive("batch.max_messages", self.batch.max_messages as u64)?;
+        positive("batch.max_tokens", self.batch.max_tokens as u64)?;
+        positive("shutdown.timeout_ms", self.shutdown.timeout_ms)?;
+        if !matches!(self.model.device.as_str(), "cpu" | "cuda" | "auto") {
+            return Err(ConfigError::key(
+                "model.device",
+                format!("{:?}: expected cpu, cuda or auto", self.model.device),
+            ));
+        }
+        self.metrics_addr()?;
+        Ok(())
+    }
+
+    /// `metrics.listen` parsed.
+    pub fn metrics_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.metrics.listen.parse().map_err(|e| {
+            ConfigError::key("metrics.listen", format!("{:?}: {e} (expected host:port)", self.metrics.listen))
+        })
+    }
+
+    /// `batch.max_wait_ms` as a duration.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch.max_wait_ms)
+    }
+
+    /// `shutdown.timeout_ms` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown.timeout_ms)
+    }
+
+    /// Every output topic (labels, review, dead letters), for creating or checking them.
+    pub fn output_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.routing.topics.values().cloned().collect();
+        topics.push(self.routing.review_topic.clone());
+        topics.push(self.routing.dead_letter_topic.clone());
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+}
+
+/// Rewrites the `config` crate's error as `key: problem`.
+fn keyed(e: config::ConfigError) -> ConfigError {
+    match e {
+        config::ConfigError::Type { unexpected, expected, key, .. } => ConfigError::Key {
+            key: key.unwrap_or_else(|| "(root)".into()),
+            reason: format!("invalid type: {unexpected}, expected {expected}"),
+        },
+        config::ConfigError::At { error, key, .. } => {
+            let prefix = key.unwrap_or_default();
+            match *error {
+                config::ConfigError::Type { unexpected, expected, key: inner, .. } => ConfigError::Key {
+                    key: join_key(&prefix, inner.as_deref().unwrap_or("")),
+                    reason: format!("invalid type: {unexpected}, expected {expected}"),
+                },
+                other => message_with_key(&prefix, &other.to_string()),
+            }
+        }
+        other => message_with_key("", &other.to_string()),
+    }
+}
+
+fn join_key(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}.{b}"),
+    }
+}
+
+/// `unknown field `x`, expected …` under `prefix` becomes `prefix.x: unknown key (expected …)`.
+fn message_with_key(prefix: &str, msg: &str) -> ConfigError {
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((field, tail)) = rest.split_once('`') {
+            let expected = tail.trim_start_matches(',').trim();
+            return ConfigError::Key { key: join_key(prefix, field), reason: format!("unknown key ({expected})") };
+        }
+    }
+    ConfigError::Key {
+        key: if prefix.is_empty() { "(root)".into() } else { prefix.to_string() },
+        reason: msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn toml(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_match_the_issue() {
+        let cfg = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(cfg.kafka.input_topic, "atendimento.mensagens");
+        assert_eq!(cfg.routing.topics["venda"], "atendimento.venda");
+        assert_eq!(cfg.routing.topics["suporte"], "atendimento.suporte");
+        assert_eq!(cfg.routing.review_topic, "atendimento.revisao");
+        assert_eq!(cfg.routing.dead_letter_topic, "atendimento.dlq");
+        assert_eq!(cfg.routing.min_confidence, 0.0);
+        assert_eq!(cfg.input.text_field, "text");
+        assert_eq!(cfg.metrics.listen, "0.0.0.0:9095");
+    }
+
+    #[test]
+    fn default_toml_parses_and_equals_builtin_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let cfg = Config::load_with_env(Some(&path), env(&[])).unwrap();
+        let builtin = Config::default();
+        assert_eq!(cfg.kafka.brokers, builtin.kafka.brokers);
+        assert_eq!(cfg.kafka.max_in_flight, builtin.kafka.max_in_flight);
+        assert_eq!(cfg.batch.max_messages, builtin.batch.max_messages);
+        assert_eq!(cfg.routing.topics, builtin.routing.topics);
+        assert_eq!(cfg.shutdown.timeout_ms, builtin.shutdown.timeout_ms);
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let f = toml("[kafka]\nbrokers = \"a:1\"\n[batch]\nmax_messages = 8\n");
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            env(&[
+                ("TRIAGEM__KAFKA__BROKERS", "b:2"),
+                ("TRIAGEM__BATCH__MAX_WAIT_MS", "7"),
+                ("TRIAGEM__ROUTING__MIN_CONFIDENCE", "0.6"),
+                ("TRIAGEM__ROUTING__TOPICS__VENDA", "out.venda"),
+                ("TRIAGEM_MODEL", "ignored: single underscore belongs to the CLI"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.kafka.brokers, "b:2");
+        assert_eq!(cfg.batch.max_messages, 8);
+        assert_eq!(cfg.batch.max_wait_ms, 7);
+        assert!((cfg.routing.min_confidence - 0.6).abs() < 1e-6);
+        assert_eq!(cfg.routing.topics["venda"], "out.venda");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let f = toml("[batch]\nmax_messages = \"many\"\n");
+        let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("batch.max_messages: invalid"), "{err}");
+        let err = Config::load_with_env(None, env(&[("TRIAGEM__BATCH__MAX_TOKENS", "lots")])).unwrap_err().to_string();
+        assert!(err.starts_with("batch.max_tokens: "), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let f = toml("[batch]\nmax_mesages = 3\n");
+        let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("batch.max_mesages: unknown key"), "{err}");
+        let f = toml("[kafak]\nbrokers = \"x\"\n");
+        let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("kafak: unknown key"), "{err}");
+        let err = Config::load_with_env(None, env(&[("TRIAGEM__MODEL__PATHH", "x")])).unwrap_err().to_string();
+        assert!(err.starts_with("model.pathh: unknown key"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let cases = [
+            ("[routing]\nmin_confidence = 1.5\n", "routing.min_confidence"),
+            ("[model]\ndevice = \"tpu\"\n", "model.device"),
+            ("[batch]\nmax_messages = 0\n", "batch.max_messages"),
+            ("[metrics]\nlisten = \"nowhere\"\n", "metrics.listen"),
+            ("[input]\nformat = \"xml\"\n", "input.format"),
+        ];
+        for (text, key) in cases {
+            let f = toml(text);
+            let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load_with_env(Some(Path::new("/nonexistent/triagem.toml")), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/triagem.toml"), "{err}");
+    }
+
+    #[test]
+    fn client_passthrough_keeps_dotted_keys_and_redacts_secrets() {
+        let f = toml(
+            "[kafka.client]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n\
+             \"ssl.key.password\" = \"k\"\n\"sasl.oauthbearer.client.secret\" = \"s\"\n",
+        );
+        let cfg = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(cfg.kafka.client.0["security.protocol"], "SASL_SSL");
+        assert_eq!(cfg.kafka.client.0["sasl.password"], "hunter2");
+        let shown = format!("{cfg:?}");
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+        for secret in ["hunter2", "\"k\"", "\"s\""] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(is_secret("sasl.password") && is_secret("ssl.key.password") && is_secret("x.client.SECRET"));
+        assert!(!is_secret("sasl.username"));
+    }
+
+    #[test]
+    fn client_options_from_nested_tables_and_environment() {
+        let f = toml("[kafka.client.sasl]\nmechanisms = \"PLAIN\"\n[kafka.producer]\n\"enable.idempotence\" = true\n\"batch.num.messages\" = 500\n");
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            env(&[("TRIAGEM__KAFKA__CLIENT__SASL__USERNAME", "ana"), ("TRIAGEM__KAFKA__CLIENT__SASL__PASSWORD", "pw")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.kafka.client.0["sasl.mechanisms"], "PLAIN");
+        assert_eq!(cfg.kafka.client.0["sasl.username"], "ana");
+        assert_eq!(cfg.kafka.client.0["sasl.password"], "pw");
+        assert_eq!(cfg.kafka.producer.0["enable.idempotence"], "true");
+        assert_eq!(cfg.kafka.producer.0["batch.num.messages"], "500");
+        assert!(!format!("{cfg:?}").contains("\"pw\""));
+    }
+}

@@ -1,0 +1,274 @@
+//! The worker's Prometheus metrics, exactly the names of `docs/metrics.md`
+//! (the contract with the dashboard and the alert rules), one prefix
+//! `triagem_`, histogram buckets set here and nowhere else; and the HTTP
+//! endpoint serving `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Prefix of every metric name.
+pub const NAMESPACE: &str = "triagem";
+
+/// Buckets of `triagem_batch_size` (messages).
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// Buckets of `triagem_batch_tokens` (padded tokens).
+const BATCH_TOKENS_BUCKETS: &[f64] = &[16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
+/// Buckets of `triagem_inference_seconds`.
+const INFERENCE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Buckets of `triagem_end_to_end_latency_seconds`.
+const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+/// Why metrics could not be set up or served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metric registration: {0}")]
+    Register(#[from] prometheus::Error),
+    #[error("metrics.listen {addr}: cannot listen: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Every metric of the worker, registered in one registry.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// `triagem_messages_consumed_total{topic,partition}`
+    pub consumed: IntCounterVec,
+    /// `triagem_messages_classified_total{label}`
+    pub classified: IntCounterVec,
+    /// `triagem_messages_routed_total{topic,label}`
+    pub routed: IntCounterVec,
+    /// `triagem_messages_review_total{label}`
+    pub review: IntCounterVec,
+    /// `triagem_messages_dead_lettered_total{reason}`
+    pub dead_lettered: IntCounterVec,
+    /// `triagem_produce_errors_total{topic}`
+    pub produce_errors: IntCounterVec,
+    /// `triagem_commits_total{result}`
+    pub commits: IntCounterVec,
+    /// `triagem_batch_size`
+    pub batch_size: Histogram,
+    /// `triagem_batch_tokens`
+    pub batch_tokens: Histogram,
+    /// `triagem_inference_seconds`
+    pub inference_seconds: Histogram,
+    /// `triagem_end_to_end_latency_seconds`
+    pub end_to_end_latency: Histogram,
+    /// `triagem_queue_depth{queue}`
+    pub queue_depth: IntGaugeVec,
+    /// `triagem_consumer_lag{topic,partition}`
+    pub consumer_lag: IntGaugeVec,
+    /// `triagem_in_flight_messages`
+    pub in_flight: IntGauge,
+    /// `triagem_model_info{name,version,labels,device}`
+    pub model_info: IntGaugeVec,
+    /// `triagem_ready`
+    pub ready: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help).namespace(NAMESPACE), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Result<Histogram, prometheus::Error> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).namespace(NAMESPACE).buckets(buckets.to_vec()))?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+    let g = IntGaugeVec::new(Opts::new(name, help).namespace(NAMESPACE), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let g = IntGauge::with_opts(Opts::new(name, help).namespace(NAMESPACE))?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// A fresh registry with every metric and the process collector.
+    pub fn new() -> Result<Arc<Self>, MetricsError> {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::new(
+            std::process::id() as i32,
+            NAMESPACE,
+        )))?;
+        let m = Metrics {
+            consumed: counter(
+                &r,
+                "messages_consumed_total",
+                "Messages read from the input topic.",
+                &["topic", "partition"],
+            )?,
+            classified: counter(
+                &r,
+                "messages_classified_total",
+                "Messages the model classified, by predicted label.",
+                &["label"],
+            )?,
+            routed: counter(
+                &r,
+                "messages_routed_total",
+                "Outputs acknowledged by the broker, by destination topic (label or review topic).",
+                &["topic", "label"],
+            )?,
+            review: counter(
+                &r,
+                "messages_review_total",
+                "Messages sent to the review topic because the score was below routing.min_confidence.",
+                &["label"],
+            )?,
+            dead_lettered: counter(
+                &r,
+                "messages_dead_lettered_total",
+                "Messages sent to the dead-letter topic.",
+                &["reason"],
+            )?,
+            produce_errors: counter(
+                &r,
+                "produce_errors_total",
+                "Produce attempts the broker rejected or that timed out (retried).",
+                &["topic"],
+            )?,
+            commits: counter(&r, "commits_total", "Offset commits.", &["result"])?,
+            batch_size: histogram(&r, "batch_size", "Messages per inference batch.", BATCH_SIZE_BUCKETS)?,
+            batch_tokens: histogram(&r, "batch_tokens", "Padded tokens per inference batch.", BATCH_TOKENS_BUCKETS)?,
+            inference_seconds: histogram(
+                &r,
+                "inference_seconds",
+                "Time of one batch's forward pass.",
+                INFERENCE_BUCKETS,
+            )?,
+            end_to_end_latency: histogram(
+                &r,
+                "end_to_end_latency_seconds",
+                "From the input message's Kafka timestamp to the broker's acknowledgement of its output.",
+                LATENCY_BUCKETS,
+            )?,
+            queue_depth: gauge_vec(&r, "queue_depth", "Messages waiting in each internal queue.", &["queue"])?,
+            consumer_lag: gauge_vec(
+                &r,
+                "consumer_lag",
+                "High watermark minus committed offset, per assigned partition.",
+                &["topic", "partition"],
+            )?,
+            in_flight: gauge(&r, "in_flight_messages", "Consumed messages whose offset is not yet committable.")?,
+            model_info: gauge_vec(
+                &r,
+                "model_info",
+                "The model being served (always 1).",
+                &["name", "version", "labels", "device"],
+            )?,
+            ready: gauge(&r, "ready", "1 when the model is loaded and the broker reachable.")?,
+            registry: r,
+        };
+        for q in [QUEUE_BATCHER, QUEUE_INFERENCE, QUEUE_PRODUCER] {
+            m.queue_depth.with_label_values(&[q]).set(0);
+        }
+        Ok(Arc::new(m))
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The gauge of one internal queue.
+    pub fn queue(&self, name: &str) -> IntGauge {
+        self.queue_depth.with_label_values(&[name])
+    }
+}
+
+/// `triagem_queue_depth{queue="batcher"}`: decoded messages waiting for a batch to close.
+pub const QUEUE_BATCHER: &str = "batcher";
+/// `triagem_queue_depth{queue="inference"}`: messages in closed batches waiting for the model.
+pub const QUEUE_INFERENCE: &str = "inference";
+/// `triagem_queue_depth{queue="producer"}`: outputs handed to the producer and not yet acknowledged.
+pub const QUEUE_PRODUCER: &str = "producer";
+
+/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (200 when
+/// `triagem_ready` is 1, else 503) on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+
+    let m = metrics.clone();
+    let r = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = r.clone();
+                async move {
+                    if r.ready.get() == 1 {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Binds `addr` for [`serve`], with an error naming the setting.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_metric_is_exported() {
+        let m = Metrics::new().unwrap();
+        // Labelled families only appear once a child exists.
+        m.consumed.with_label_values(&["t", "0"]).inc();
+        m.classified.with_label_values(&["venda"]).inc();
+        m.routed.with_label_values(&["t", "venda"]).inc();
+        m.review.with_label_values(&["venda"]).inc();
+        m.dead_lettered.with_label_values(&["oversize"]).inc();
+        m.produce_errors.with_label_values(&["t"]).inc();
+        m.commits.with_label_values(&["ok"]).inc();
+        m.consumer_lag.with_label_values(&["t", "0"]).set(3);
+        m.model_info.with_label_values(&["n", "v", "a,b", "cpu"]).set(1);
+        let text = m.render();
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+        let mut names = Vec::new();
+        for line in doc.lines().filter(|l| l.starts_with("| `triagem_")) {
+            let first_cell = line.split('|').nth(1).unwrap();
+            for part in first_cell.split('`').filter(|p| p.starts_with("triagem_")) {
+                names.push(part.to_string());
+            }
+        }
+        assert!(names.len() >= 20, "{names:?}");
+        for name in names {
+            assert!(text.contains(&format!("\n{name}")) || text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The inference thread: one `std::thread` owns the model and runs every
+//! forward pass, so the model never runs on a tokio worker. Async code stops
+//! at the bounded channel in front of it (capacity 1: one batch prepared while
+//! this one computes).
+//!
+//! The pipeline talks to the model through the small [`Predict`] trait over a
+//! plain list of texts; a failure of a whole batch is a `Clone` error fanned
+//! out to each of its messages (they go to the dead-letter topic).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::batcher::Batch;
+use super::message::Pending;
+use crate::metrics::{Metrics, QUEUE_INFERENCE};
+use crate::model::{Classifier, ModelInfo, Prediction};
+
+/// Counts a text's tokens as the model will see them (for `batch.max_tokens`).
+pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+
+/// What the worker needs from a model.
+pub trait Predict: Send + 'static {
+    /// Name, version and labels, for outputs and metrics.
+    fn info(&self) -> ModelInfo;
+    /// A token counter usable from other threads.
+    fn token_counter(&self) -> TokenCounter;
+    /// One prediction per text, in order, in one forward pass.
+    fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, String>;
+}
+
+impl Predict for Classifier {
+    fn info(&self) -> ModelInfo {
+        Classifier::info(self).clone()
+    }
+
+    fn token_counter(&self) -> TokenCounter {
+        let encoder = self.encoder().clone();
+        Arc::new(move |text: &str| encoder.count_tokens(text))
+    }
+
+    fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, String> {
+        Classifier::predict(self, texts).map_err(|e| e.to_string())
+    }
+}
+
+/// A batch that failed as a whole; cloned into each of its messages.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferError {
+    #[error("{0}")]
+    Model(String),
+    #[error("the model panicked: {0}")]
+    Panic(String),
+    #[error("the model returned {got} predictions for {expected} texts")]
+    Count { expected: usize, got: usize },
+}
+
+/// A message with its prediction, or the error of its batch.
+pub struct Classified {
+    /// The message.
+    pub pending: Pending,
+    /// Its prediction.
+    pub result: Result<Prediction, InferError>,
+}
+
+/// Starts the inference thread. It runs until `rx` is closed and drained or
+/// `sink` returns false (the router is gone).
+pub fn spawn<P: Predict>(
+    model: P,
+    mut rx: mpsc::Receiver<Batch<Pending>>,
+    metrics: Arc<Metrics>,
+    mut sink: impl FnMut(Vec<Classified>) -> bool + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("triagem-inference".into()).spawn(move || {
+        while let Some(batch) = rx.blocking_recv() {
+            let n = batch.items.len();
+            metrics.queue(QUEUE_INFERENCE).sub(n as i64);
+            metrics.batch_size.observe(n as f64);
+            metrics.batch_tokens.observe(batch.padded_tokens() as f64);
+            let texts: Vec<&str> = batch.items.iter().map(|p| p.decoded.text.as_str()).collect();
+            let start = Instant::now();
+            let result = match catch_unwind(AssertUnwindSafe(|| model.predict(&texts))) {
+                Ok(Ok(p)) if p.len() == n => Ok(p),
+                Ok(Ok(p)) => Err(InferError::Count { expected: n, got: p.len() }),
+                Ok(Err(e)) => Err(InferError::Model(e)),
+                Err(panic) => Err(InferError::Panic(panic_message(&panic))),
+            };
+            metrics.inference_seconds.observe(start.elapsed().as_secs_f64());
+            let classified: Vec<Classified> = match result {
+                Ok(predictions) => batch
+                    .items
+                    .into_iter()
+                    .zip(predictions)
+                    .map(|(pending, p)| {
+                        metrics.classified.with_label_values(&[p.label.as_str()]).inc();
+                        Classified { pending, result: Ok(p) }
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, messages = n, "inference failed; the batch goes to the dead-letter topic");
+                    batch.items.into_iter().map(|pending| Classified { pending, result: Err(e.clone()) }).collect()
+                }
+            };
+            if !sink(classified) {
+                break;
+            }
+        }
+    })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

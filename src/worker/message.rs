@@ -1,0 +1,295 @@
+//! Decoding and validating one consumed message, and rendering its outputs.
+//!
+//! A message is either [`Decoded`] (a text to classify plus the body to echo
+//! back) or [`Poison`] (why it cannot be classified: the dead-letter reason).
+//! The output value is the input JSON object plus a `triagem` object; for text
+//! input, `{"text": ..., "triagem": ...}`.
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{InputConfig, InputFormat};
+use crate::model::{ModelInfo, Prediction};
+
+/// Header carrying the predicted label on a routed message.
+pub const HEADER_LABEL: &str = "triagem-label";
+/// Header carrying the label's probability on a routed message.
+pub const HEADER_SCORE: &str = "triagem-score";
+/// Header carrying the dead-letter reason.
+pub const HEADER_ERROR: &str = "triagem-error";
+/// Header carrying the input topic of a dead letter.
+pub const HEADER_SOURCE_TOPIC: &str = "triagem-source-topic";
+/// Header carrying the input partition of a dead letter.
+pub const HEADER_SOURCE_PARTITION: &str = "triagem-source-partition";
+/// Header carrying the input offset of a dead letter.
+pub const HEADER_SOURCE_OFFSET: &str = "triagem-source-offset";
+
+/// A consumed message, detached from librdkafka, carried through the pipeline
+/// until its output is acknowledged.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// Input topic.
+    pub topic: String,
+    /// Input partition.
+    pub partition: i32,
+    /// Input offset: what the offset tracker acknowledges.
+    pub offset: i64,
+    /// Kafka key, copied to the output unchanged.
+    pub key: Option<Vec<u8>>,
+    /// Kafka headers, copied to the output unchanged (in order).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Kafka timestamp (ms since the epoch), start of the end-to-end latency.
+    pub timestamp_ms: Option<i64>,
+    /// The raw value.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// A decoded message travelling to the model, holding its slot of
+/// `kafka.max_in_flight` until its output is acknowledged.
+#[derive(Debug)]
+pub struct Pending {
+    /// Where it came from, key and headers.
+    pub envelope: Envelope,
+    /// Its text and body.
+    pub decoded: Decoded,
+    /// Released (dropped) when the output is acknowledged: the consume stage pauses when none is left.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Why a message goes to the dead-letter topic. [`Poison::reason`] is the
+/// `reason` label of `triagem_messages_dead_lettered_total`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Poison {
+    #[error("payload is {size} bytes, over input.max_bytes = {max}")]
+    Oversize { size: usize, max: usize },
+    #[error("payload is not valid UTF-8: {0}")]
+    InvalidUtf8(String),
+    #[error("payload is not a JSON object: {0}")]
+    InvalidJson(String),
+    #[error("JSON object has no field {0:?}")]
+    MissingText(String),
+    #[error("text is empty")]
+    EmptyText,
+    #[error("field {field:?} is a {kind}, not a string")]
+    NonStringText { field: String, kind: &'static str },
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl Poison {
+    /// The metric label and the start of the `triagem-error` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Poison::Oversize { .. } => "oversize",
+            Poison::InvalidUtf8(_) => "invalid_utf8",
+            Poison::InvalidJson(_) => "invalid_json",
+            Poison::MissingText(_) => "missing_text",
+            Poison::EmptyText => "empty_text",
+            Poison::NonStringText { .. } => "non_string_text",
+            Poison::Inference(_) => "inference_error",
+        }
+    }
+
+    /// Value of the `triagem-error` header: `reason: explanation`.
+    pub fn header(&self) -> String {
+        format!("{}: {self}", self.reason())
+    }
+}
+
+/// What is echoed back around the classification.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// The input object, every field kept.
+    Json(Map<String, Value>),
+    /// Plain-text input.
+    Text,
+}
+
+/// A message ready to classify.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The text the model reads.
+    pub text: String,
+    /// What the output is built from.
+    pub body: Body,
+}
+
+/// Decodes and validates a payload: size, UTF-8, JSON object, text field.
+pub fn decode(payload: Option<&[u8]>, cfg: &InputConfig) -> Result<Decoded, Poison> {
+    let bytes = payload.unwrap_or_default();
+    if bytes.len() > cfg.max_bytes {
+        return Err(Poison::Oversize { size: bytes.len(), max: cfg.max_bytes });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| Poison::InvalidUtf8(e.to_string()))?;
+    match cfg.format {
+        InputFormat::Text => {
+            if text.trim().is_empty() {
+                return Err(Poison::EmptyText);
+            }
+            Ok(Decoded { text: text.to_string(), body: Body::Text })
+        }
+        InputFormat::Json => {
+            let value: Value = serde_json::from_str(text).map_err(|e| Poison::InvalidJson(e.to_string()))?;
+            let Value::Object(object) = value else {
+                return Err(Poison::InvalidJson(format!("found {}", kind(&value))));
+            };
+            let text = match object.get(&cfg.text_field) {
+                None => return Err(Poison::MissingText(cfg.text_field.clone())),
+                Some(Value::String(s)) if s.trim().is_empty() => return Err(Poison::EmptyText),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => return Err(Poison::NonStringText { field: cfg.text_field.clone(), kind: kind(other) }),
+            };
+            Ok(Decoded { text, body: Body::Json(object) })
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// The output value: the body plus `"triagem": {label, score, scores, model, model_version, classified_at}`.
+pub fn render_output(decoded: &Decoded, prediction: &Prediction, model: &ModelInfo, classified_at: &str) -> Vec<u8> {
+    let scores: Map<String, Value> = prediction.scores.iter().map(|(l, s)| (l.clone(), json!(s))).collect();
+    let triagem = json!({
+        "label": prediction.label,
+        "score": prediction.score,
+        "scores": scores,
+        "model": model.name,
+        "model_version": model.version,
+        "classified_at": classified_at,
+    });
+    let mut object = match &decoded.body {
+        Body::Json(map) => map.clone(),
+        Body::Text => {
+            let mut m = Map::new();
+            m.insert("text".into(), Value::String(decoded.text.clone()));
+            m
+        }
+    };
+    object.insert("triagem".into(), triagem);
+    serde_json::to_vec(&Value::Object(object)).expect("a JSON map always serializes")
+}
+
+/// Headers of a routed output: the input's, then `triagem-label` and `triagem-score`.
+pub fn output_headers(envelope: &Envelope, prediction: &Prediction) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut headers = envelope.headers.clone();
+    headers.push((HEADER_LABEL.into(), Some(prediction.label.clone().into_bytes())));
+    headers.push((HEADER_SCORE.into(), Some(format!("{:.6}", prediction.score).into_bytes())));
+    headers
+}
+
+/// Headers of a dead letter: the input's, then the reason and the source coordinates.
+pub fn dead_letter_headers(envelope: &Envelope, poison: &Poison) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut headers = envelope.headers.clone();
+    headers.push((HEADER_ERROR.into(), Some(poison.header().into_bytes())));
+    headers.push((HEADER_SOURCE_TOPIC.into(), Some(envelope.topic.clone().into_bytes())));
+    headers.push((HEADER_SOURCE_PARTITION.into(), Some(envelope.partition.to_string().into_bytes())));
+    headers.push((HEADER_SOURCE_OFFSET.into(), Some(envelope.offset.to_string().into_bytes())));
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_cfg() -> InputConfig {
+        InputConfig { format: InputFormat::Json, text_field: "text".into(), max_bytes: 100 }
+    }
+
+    fn reason(payload: &[u8], cfg: &InputConfig) -> &'static str {
+        decode(Some(payload), cfg).unwrap_err().reason()
+    }
+
+    #[test]
+    fn valid_json_keeps_every_field() {
+        let d = decode(Some(br#"{"text":"quero comprar","id":7,"canal":"whatsapp"}"#), &json_cfg()).unwrap();
+        assert_eq!(d.text, "quero comprar");
+        let Body::Json(map) = &d.body else { panic!("json body expected") };
+        assert_eq!(map["id"], 7);
+        assert_eq!(map["canal"], "whatsapp");
+    }
+
+    #[test]
+    fn each_poison_kind_has_its_reason() {
+        let cfg = json_cfg();
+        assert_eq!(reason(b"{not json", &cfg), "invalid_json");
+        assert_eq!(reason(b"[1,2]", &cfg), "invalid_json");
+        assert_eq!(reason(b"\"just a string\"", &cfg), "invalid_json");
+        assert_eq!(reason(br#"{"mensagem":"oi"}"#, &cfg), "missing_text");
+        assert_eq!(reason(br#"{"text":""}"#, &cfg), "empty_text");
+        assert_eq!(reason(br#"{"text":"   "}"#, &cfg), "empty_text");
+        assert_eq!(reason(br#"{"text":42}"#, &cfg), "non_string_text");
+        assert_eq!(reason(br#"{"text":null}"#, &cfg), "non_string_text");
+        assert_eq!(reason(b"{\"text\":\"\xff\xfe\"}", &cfg), "invalid_utf8");
+        assert_eq!(reason(&[b'a'; 101], &cfg), "oversize");
+        assert_eq!(decode(None, &cfg).unwrap_err().reason(), "invalid_json");
+        assert_eq!(Poison::Inference("x".into()).reason(), "inference_error");
+    }
+
+    #[test]
+    fn oversize_is_checked_before_anything_else() {
+        let mut payload = vec![0xffu8; 200];
+        payload[0] = b'{';
+        assert_eq!(reason(&payload, &json_cfg()), "oversize");
+    }
+
+    #[test]
+    fn text_format() {
+        let cfg = InputConfig { format: InputFormat::Text, ..json_cfg() };
+        let d = decode(Some("meu pedido não chegou".as_bytes()), &cfg).unwrap();
+        assert_eq!(d.text, "meu pedido não chegou");
+        assert_eq!(d.body, Body::Text);
+        assert_eq!(reason(b"  \n", &cfg), "empty_text");
+        assert_eq!(reason(b"\xc3\x28", &cfg), "invalid_utf8");
+        assert_eq!(decode(None, &cfg).unwrap_err().reason(), "empty_text");
+    }
+
+    #[test]
+    fn output_adds_triagem_object() {
+        let info = ModelInfo {
+            name: "m".into(),
+            version: "abc".into(),
+            labels: vec!["venda".into(), "suporte".into()],
+            path: Default::default(),
+            max_len: 8,
+        };
+        let p = Prediction {
+            label: "venda".into(),
+            score: 0.9,
+            scores: vec![("venda".into(), 0.9), ("suporte".into(), 0.1)],
+        };
+        let d = decode(Some(br#"{"text":"oi","id":1}"#), &json_cfg()).unwrap();
+        let out: Value = serde_json::from_slice(&render_output(&d, &p, &info, "2026-01-01T00:00:00Z")).unwrap();
+        assert_eq!(out["id"], 1);
+        assert_eq!(out["text"], "oi");
+        assert_eq!(out["triagem"]["label"], "venda");
+        assert_eq!(out["triagem"]["model_version"], "abc");
+        assert!(out["triagem"]["scores"]["suporte"].is_number());
+        let t = Decoded { text: "oi".into(), body: Body::Text };
+        let out: Value = serde_json::from_slice(&render_output(&t, &p, &info, "now")).unwrap();
+        assert_eq!(out["text"], "oi");
+        assert_eq!(out["triagem"]["model"], "m");
+
+        let env = Envelope {
+            topic: "in".into(),
+            partition: 2,
+            offset: 9,
+            headers: vec![("trace".into(), Some(b"x".to_vec()))],
+            ..Default::default()
+        };
+        let h = output_headers(&env, &p);
+        assert_eq!(h[0].0, "trace");
+        assert_eq!(h[1], (HEADER_LABEL.to_string(), Some(b"venda".to_vec())));
+        let h = dead_letter_headers(&env, &Poison::EmptyText);
+        assert_eq!(h[1].1.as_deref(), Some(&b"empty_text: text is empty"[..]));
+        assert_eq!(h[3].1.as_deref(), Some(&b"2"[..]));
+        assert_eq!(h[4].1.as_deref(), Some(&b"9"[..]));
+    }
+}

@@ -1,0 +1,442 @@
+//! The Kafka worker: consume → decode → batch → infer → route → commit.
+//!
+//! Stages, in the order a message meets them:
+//!
+//! 1. [`consume`]: the consumer task takes a slot of `kafka.max_in_flight`,
+//!    fetches a message, records its offset in the [`offsets::OffsetTracker`];
+//! 2. [`message`]: decodes and validates it; poison goes straight to step 5;
+//! 3. [`batcher`]: groups decoded messages (`batch.max_messages`,
+//!    `batch.max_tokens`, `batch.max_wait_ms`);
+//! 4. [`infer`]: one `std::thread` owns the model and classifies each batch;
+//!    a channel of capacity 1 in front of it lets one batch wait while another
+//!    computes;
+//! 5. [`route`]: produces each output (label topic, review topic or dead-letter
+//!    topic) and, once the broker acknowledges it, acknowledges the offset;
+//! 6. [`offsets`]: a partition's offset is committed only up to where every
+//!    message has an acknowledged output (periodically, on revoke, on shutdown).
+//!
+//! Every hand-off is a bounded channel, so a slow stage pauses consumption.
+//! [`Worker::run`] owns shutdown: stop fetching, drain every stage, commit
+//! synchronously, all within `shutdown.timeout_ms`.
+
+pub mod batcher;
+pub mod consume;
+pub mod infer;
+pub mod message;
+pub mod offsets;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::{Metrics, MetricsError};
+use crate::model::{self, Classifier, ModelError};
+use consume::{ConsumeStage, WorkerConsumer, WorkerContext};
+use infer::Predict;
+use offsets::OffsetTracker;
+use route::{Outcome, Router};
+
+/// Why the worker did not start or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("model.path {path}: {source}")]
+    Model { path: String, source: ModelError },
+    #[error("routing.topics: no topic for the model's label {label:?} (the model's labels: {labels})")]
+    UnroutedLabel { label: String, labels: String },
+    #[error("kafka: cannot create the {what}: {source}")]
+    Client { what: &'static str, source: KafkaError },
+    #[error("kafka.input_topic {topic:?}: cannot subscribe: {source}")]
+    Subscribe { topic: String, source: KafkaError },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot start {what}: {source}")]
+    Start { what: &'static str, source: std::io::Error },
+    #[error(
+        "shutdown.timeout_ms = {timeout_ms} passed with {pending} messages unfinished; what was done is committed, \
+         the rest will be consumed again"
+    )]
+    ShutdownTimeout { timeout_ms: u64, pending: usize },
+}
+
+/// Tells every task to stop: a watch flag that starts false and is set once.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending half of [`Shutdown`].
+pub struct ShutdownTrigger {
+    tx: watch::Sender<bool>,
+}
+
+impl Shutdown {
+    /// A new flag and its trigger.
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger { tx }, Shutdown { rx })
+    }
+
+    /// Resolves once shutdown is triggered (or its trigger is dropped).
+    pub async fn wait(&mut self) {
+        let _ = self.rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether shutdown has been triggered.
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+}
+
+impl ShutdownTrigger {
+    /// Triggers shutdown.
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+/// `triagem worker`: loads the model, checks it against the routing, and runs
+/// until SIGTERM or SIGINT.
+pub fn run(cfg: Config) -> Result<(), WorkerError> {
+    tracing::info!(config = ?cfg, "starting");
+    let model = load_model(&cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("triagem-async")
+        .build()
+        .map_err(|source| WorkerError::Start { what: "the async runtime", source })?;
+    runtime.block_on(async move {
+        let (trigger, shutdown) = Shutdown::new();
+        let worker = Worker::start(cfg, model, shutdown.clone()).await?;
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            trigger.trigger();
+        });
+        worker.run(shutdown).await
+    })
+}
+
+/// Loads `model.path` onto `model.device` and checks every label has a topic.
+pub fn load_model(cfg: &Config) -> Result<Classifier, WorkerError> {
+    let path = cfg.model.path.display().to_string();
+    let err = |source| WorkerError::Model { path: path.clone(), source };
+    let device = model::device(&cfg.model.device).map_err(err)?;
+    let classifier = Classifier::load(&cfg.model.path, &device).map_err(err)?;
+    check_routing(cfg, &classifier.info().labels)?;
+    Ok(classifier)
+}
+
+/// Every label of the model needs a topic in `routing.topics`.
+pub fn check_routing(cfg: &Config, labels: &[String]) -> Result<(), WorkerError> {
+    for label in labels {
+        if !cfg.routing.topics.contains_key(label) {
+            return Err(WorkerError::UnroutedLabel { label: label.clone(), labels: labels.join(", ") });
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// librdkafka settings: ours first, then `[kafka.client]`, then the role's table.
+fn client_config(cfg: &Config, defaults: &[(&str, &str)], role: &crate::config::ClientOptions) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    for (k, v) in cfg.kafka.client.0.iter().chain(role.0.iter()) {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Settings of the worker's consumer (auto-commit off: offsets are committed by the tracker).
+pub fn consumer_config(cfg: &Config) -> ClientConfig {
+    let mut c = client_config(
+        cfg,
+        &[
+            ("auto.offset.reset", "earliest"),
+            ("statistics.interval.ms", "5000"),
+            ("queued.max.messages.kbytes", "16384"),
+        ],
+        &cfg.kafka.consumer,
+    );
+    // Not overridable: at-least-once depends on them.
+    c.set("group.id", &cfg.kafka.group_id);
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    c
+}
+
+/// Settings of the worker's producer.
+pub fn producer_config(cfg: &Config) -> ClientConfig {
+    client_config(cfg, &[("message.timeout.ms", "30000"), ("linger.ms", "5")], &cfg.kafka.producer)
+}
+
+/// A started worker: every stage running.
+pub struct Worker {
+    /// The worker's metrics (also served over HTTP).
+    pub metrics: Arc<Metrics>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    cfg: Config,
+    consumer: Arc<WorkerConsumer>,
+    producer: FutureProducer,
+    tracker: Arc<OffsetTracker>,
+    consume: JoinHandle<()>,
+    batcher: JoinHandle<()>,
+    router: JoinHandle<()>,
+    inference: std::thread::JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    stop_background: ShutdownTrigger,
+}
+
+impl Worker {
+    /// Binds the metrics endpoint, connects, subscribes and starts every stage.
+    /// Consumption stops when `shutdown` is triggered; then call [`Worker::run`].
+    pub async fn start<P: Predict>(cfg: Config, model: P, shutdown: Shutdown) -> Result<Self, WorkerError> {
+        cfg.validate()?;
+        let info = model.info();
+        check_routing(&cfg, &info.labels)?;
+        let metrics = Metrics::new()?;
+        metrics
+            .model_info
+            .with_label_values(&[&info.name, &info.version, &info.labels.join(","), &cfg.model.device])
+            .set(1);
+        let listener = crate::metrics::bind(cfg.metrics_addr()?).await?;
+        let metrics_addr =
+            listener.local_addr().map_err(|source| WorkerError::Start { what: "the metrics endpoint", source })?;
+
+        let tracker = Arc::new(OffsetTracker::new());
+        let context = WorkerContext {
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+            revoke_timeout: cfg.shutdown_timeout(),
+            closing: Default::default(),
+        };
+        let consumer: WorkerConsumer = consumer_config(&cfg)
+            .create_with_context(context)
+            .map_err(|source| WorkerError::Client { what: "consumer", source })?;
+        let consumer = Arc::new(consumer);
+        let producer: FutureProducer =
+            producer_config(&cfg).create().map_err(|source| WorkerError::Client { what: "producer", source })?;
+        consumer
+            .subscribe(&[&cfg.kafka.input_topic])
+            .map_err(|source| WorkerError::Subscribe { topic: cfg.kafka.input_topic.clone(), source })?;
+
+        let (to_batcher, batcher_rx) = mpsc::channel(cfg.batch.max_messages * 2);
+        let (to_inference, inference_rx) = mpsc::channel(1);
+        let (to_router, router_rx) = mpsc::channel::<Outcome>(64);
+
+        let counter = model.token_counter();
+        let limits = batcher::Limits {
+            max_messages: cfg.batch.max_messages,
+            max_tokens: cfg.batch.max_tokens,
+            max_wait: cfg.max_wait(),
+        };
+        let batcher = tokio::spawn(batcher::run(
+            batcher_rx,
+            to_inference,
+            limits,
+            move |p: &message::Pending| counter(&p.decoded.text),
+            Some(metrics.clone()),
+        ));
+        let sink_tx = to_router.clone();
+        let inference = infer::spawn(model, inference_rx, metrics.clone(), move |done| {
+            sink_tx.blocking_send(Outcome::Classified(done)).is_ok()
+        })
+        .map_err(|source| WorkerError::Start { what: "the inference thread", source })?;
+        let router = Router {
+            producer: producer.clone(),
+            routing: cfg.routing.clone(),
+            model: info.clone(),
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+            retry_backoff: Duration::from_millis(cfg.kafka.produce_retry_backoff_ms.max(1)),
+        };
+        let router = tokio::spawn(router.run(router_rx));
+        let consume = tokio::spawn(
+            ConsumeStage {
+                consumer: consumer.clone(),
+                slots: Arc::new(Semaphore::new(cfg.kafka.max_in_flight)),
+                input: cfg.input.clone(),
+                tracker: tracker.clone(),
+                metrics: metrics.clone(),
+                to_batcher,
+                to_router,
+            }
+            .run(shutdown),
+        );
+
+        let (stop_background, background_shutdown) = Shutdown::new();
+        let mut background = Vec::new();
+        {
+            let mut stop = background_shutdown.clone();
+            let m = metrics.clone();
+            background.push(tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, m, async move { stop.wait().await }).await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            }));
+        }
+        background.push(tokio::spawn(commit_loop(
+            consumer.clone(),
+            tracker.clone(),
+            metrics.clone(),
+            Duration::from_millis(cfg.kafka.commit_interval_ms),
+            background_shutdown.clone(),
+        )));
+        background.push(tokio::spawn(readiness_loop(
+            consumer.clone(),
+            cfg.kafka.input_topic.clone(),
+            metrics.clone(),
+            background_shutdown,
+        )));
+        tracing::info!(
+            model = %info.name, version = %info.version, labels = ?info.labels,
+            input = %cfg.kafka.input_topic, group = %cfg.kafka.group_id,
+            "worker started; metrics on http://{metrics_addr}/metrics"
+        );
+        Ok(Worker {
+            metrics,
+            metrics_addr,
+            cfg,
+            consumer,
+            producer,
+            tracker,
+            consume,
+            batcher,
+            router,
+            inference,
+            background,
+            stop_background,
+        })
+    }
+
+    /// Runs until `shutdown`, then drains every stage, commits synchronously
+    /// and closes the consumer, all within `shutdown.timeout_ms`.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), WorkerError> {
+        let Worker { metrics, cfg, consumer, producer, tracker, mut consume, batcher, router, inference, .. } = self;
+        tokio::select! {
+            _ = shutdown.wait() => {}
+            _ = &mut consume => tracing::error!("the consume stage stopped on its own"),
+        }
+        let timeout = cfg.shutdown_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        tracing::info!(pending = tracker.pending(None), "stopping: finishing in-flight messages");
+        let drained = tokio::time::timeout_at(deadline, async {
+            let _ = (&mut consume).await;
+            let _ = batcher.await;
+            let _ = router.await;
+        })
+        .await
+        .is_ok();
+        consume.abort();
+        consumer.context().closing.store(true, Ordering::SeqCst);
+
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
+        let pending = tracker.pending(None);
+        let (c, t, m) = (consumer.clone(), tracker.clone(), metrics.clone());
+        let committed = tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(left);
+            let offsets = t.committable(None);
+            consume::commit_sync(&*c, &offsets, &t, &m)
+        })
+        .await
+        .unwrap_or(false);
+        metrics.in_flight.set(tracker.pending(None) as i64);
+        self.stop_background.trigger();
+        for task in self.background {
+            let _ = task.await;
+        }
+        if drained {
+            let _ = tokio::task::spawn_blocking(move || inference.join()).await;
+        }
+        // Closing the consumer leaves the group; librdkafka blocks while doing it.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        if !drained || pending > 0 {
+            return Err(WorkerError::ShutdownTimeout { timeout_ms: cfg.shutdown.timeout_ms, pending });
+        }
+        tracing::info!(committed, "stopped cleanly");
+        Ok(())
+    }
+}
+
+/// Commits what became committable, every `interval`, asynchronously.
+async fn commit_loop(
+    consumer: Arc<WorkerConsumer>,
+    tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut stop: Shutdown,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait() => break,
+            _ = tick.tick() => {}
+        }
+        metrics.in_flight.set(tracker.pending(None) as i64);
+        let offsets = tracker.committable(None);
+        if offsets.is_empty() {
+            continue;
+        }
+        if let Err(e) = consumer.commit(&consume::offsets_list(&offsets), CommitMode::Async) {
+            metrics.commits.with_label_values(&["error"]).inc();
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+        }
+    }
+}
+
+/// `triagem_ready`: 1 while the broker answers a metadata request (the model is loaded by then).
+async fn readiness_loop(consumer: Arc<WorkerConsumer>, topic: String, metrics: Arc<Metrics>, mut stop: Shutdown) {
+    loop {
+        let (c, t) = (consumer.clone(), topic.clone());
+        let reachable = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), Duration::from_secs(5)).is_ok())
+            .await
+            .unwrap_or(false);
+        let was = metrics.ready.get();
+        metrics.ready.set(reachable as i64);
+        if was != reachable as i64 {
+            tracing::info!(ready = reachable, "readiness changed");
+        }
+        tokio::select! {
+            _ = stop.wait() => break,
+            _ = tokio::time::sleep(Duration::from_secs(if reachable { 5 } else { 1 })) => {}
+        }
+    }
+    metrics.ready.set(0);
+}

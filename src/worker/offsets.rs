@@ -1,0 +1,282 @@
+//! Per-partition offset tracking for at-least-once delivery.
+//!
+//! Every consumed offset is [`track`](OffsetTracker::track)ed; when its output
+//! (routed message or dead letter) is acknowledged by the broker it is
+//! [`ack`](OffsetTracker::ack)ed. A partition's committable offset is one past
+//! the highest offset whose every consumed predecessor is acknowledged, so a
+//! commit never covers a message whose output could still be lost. Acks may
+//! arrive in any order (batches finish out of order, dead letters overtake
+//! classified messages); offsets need not be contiguous integers (compaction,
+//! transaction markers).
+//!
+//! The tracker is shared by the consume stage, the delivery tasks, the commit
+//! loop and the rebalance callback (which blocks on
+//! [`wait_drained`](OffsetTracker::wait_drained)), hence the mutex and condvar.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A topic partition.
+pub type TopicPartition = (String, i32);
+
+/// An offset to commit: the next offset to read in `topic`/`partition`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// Consumed offsets not yet known committable, ascending, with their ack flag.
+    pending: VecDeque<(i64, bool)>,
+    /// Next offset to read once everything before it is acknowledged.
+    committable: Option<i64>,
+    /// What was last committed successfully.
+    committed: Option<i64>,
+}
+
+impl PartitionState {
+    fn advance(&mut self) {
+        while let Some(&(offset, true)) = self.pending.front() {
+            self.pending.pop_front();
+            self.committable = Some(offset + 1);
+        }
+    }
+}
+
+/// Tracks consumed and acknowledged offsets of every assigned partition.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    /// Per-partition state.
+    state: Mutex<BTreeMap<TopicPartition, PartitionState>>,
+    /// Signalled on every ack and removal, for [`OffsetTracker::wait_drained`].
+    changed: Condvar,
+}
+
+impl OffsetTracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<TopicPartition, PartitionState>> {
+        // A panic while holding the lock leaves consistent data (every update is one step).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a consumed offset, not yet acknowledged.
+    pub fn track(&self, topic: &str, partition: i32, offset: i64) {
+        let mut state = self.lock();
+        let p = state.entry((topic.to_string(), partition)).or_default();
+        match p.pending.back() {
+            Some(&(last, _)) if offset <= last => {
+                // Redelivery after a seek: keep the deque sorted and unique.
+                if let Err(at) = p.pending.binary_search_by_key(&offset, |&(o, _)| o) {
+                    p.pending.insert(at, (offset, false));
+                }
+            }
+            _ => p.pending.push_back((offset, false)),
+        }
+    }
+
+    /// Marks an offset's output acknowledged. Returns false when the offset is
+    /// not tracked (its partition was revoked meanwhile).
+    pub fn ack(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        let mut state = self.lock();
+        let Some(p) = state.get_mut(&(topic.to_string(), partition)) else {
+            return false;
+        };
+        let Ok(at) = p.pending.binary_search_by_key(&offset, |&(o, _)| o) else {
+            return false;
+        };
+        p.pending[at].1 = true;
+        p.advance();
+        drop(state);
+        self.changed.notify_all();
+        true
+    }
+
+    /// Offsets that advanced since the last successful commit (all partitions,
+    /// or only `only` when given).
+    pub fn committable(&self, only: Option<&[TopicPartition]>) -> Vec<CommitOffset> {
+        let state = self.lock();
+        state
+            .iter()
+            .filter(|(tp, _)| only.is_none_or(|o| o.contains(tp)))
+            .filter_map(|((topic, partition), p)| match (p.committable, p.committed) {
+                (Some(c), Some(done)) if c <= done => None,
+                (Some(c), _) => Some(CommitOffset { topic: topic.clone(), partition: *partition, offset: c }),
+                (None, _) => None,
+            })
+            .collect()
+    }
+
+    /// Records a successful commit.
+    pub fn mark_committed(&self, offsets: &[CommitOffset]) {
+        let mut state = self.lock();
+        for c in offsets {
+            if let Some(p) = state.get_mut(&(c.topic.clone(), c.partition)) {
+                p.committed = Some(p.committed.map_or(c.offset, |d| d.max(c.offset)));
+            }
+        }
+    }
+
+    /// Consumed messages not yet committable (all partitions, or only `only`).
+    pub fn pending(&self, only: Option<&[TopicPartition]>) -> usize {
+        let state = self.lock();
+        state.iter().filter(|(tp, _)| only.is_none_or(|o| o.contains(tp))).map(|(_, p)| p.pending.len()).sum()
+    }
+
+    /// Blocks until nothing is pending (in `only`, when given) or `timeout`
+    /// passes. Returns whether it drained.
+    pub fn wait_drained(&self, only: Option<&[TopicPartition]>, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let count = |s: &BTreeMap<TopicPartition, PartitionState>| -> usize {
+            s.iter().filter(|(tp, _)| only.is_none_or(|o| o.contains(tp))).map(|(_, p)| p.pending.len()).sum()
+        };
+        let mut state = self.lock();
+        loop {
+            if count(&state) == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self.changed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Forgets partitions (revoked); later acks for them are ignored.
+    pub fn remove(&self, partitions: &[TopicPartition]) {
+        let mut state = self.lock();
+        for tp in partitions {
+            state.remove(tp);
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Partitions currently tracked.
+    pub fn partitions(&self) -> Vec<TopicPartition> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offsets(t: &OffsetTracker) -> Vec<(i32, i64)> {
+        t.committable(None).into_iter().map(|c| (c.partition, c.offset)).collect()
+    }
+
+    #[test]
+    fn nothing_committable_until_the_first_is_acked() {
+        let t = OffsetTracker::new();
+        for o in 10..15 {
+            t.track("in", 0, o);
+        }
+        assert!(offsets(&t).is_empty());
+        assert!(t.ack("in", 0, 11));
+        assert!(t.ack("in", 0, 12));
+        assert!(offsets(&t).is_empty(), "10 is not acked: nothing may be committed");
+        assert!(t.ack("in", 0, 10));
+        assert_eq!(offsets(&t), vec![(0, 13)]);
+        assert_eq!(t.pending(None), 2);
+    }
+
+    #[test]
+    fn out_of_order_acks_commit_only_the_contiguous_prefix() {
+        let t = OffsetTracker::new();
+        for o in 0..6 {
+            t.track("in", 0, o);
+        }
+        for o in [5, 3, 1, 0] {
+            t.ack("in", 0, o);
+        }
+        assert_eq!(offsets(&t), vec![(0, 2)]);
+        t.ack("in", 0, 2);
+        assert_eq!(offsets(&t), vec![(0, 4)]);
+        t.ack("in", 0, 4);
+        assert_eq!(offsets(&t), vec![(0, 6)]);
+        assert_eq!(t.pending(None), 0);
+    }
+
+    #[test]
+    fn gaps_in_offsets_are_fine() {
+        let t = OffsetTracker::new();
+        for o in [3, 7, 8, 20] {
+            t.track("in", 1, o);
+        }
+        t.ack("in", 1, 7);
+        t.ack("in", 1, 3);
+        assert_eq!(offsets(&t), vec![(1, 8)]);
+        t.ack("in", 1, 20);
+        t.ack("in", 1, 8);
+        assert_eq!(offsets(&t), vec![(1, 21)]);
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let t = OffsetTracker::new();
+        t.track("in", 0, 0);
+        t.track("in", 1, 0);
+        t.track("in", 1, 1);
+        t.ack("in", 1, 0);
+        t.ack("in", 1, 1);
+        assert_eq!(offsets(&t), vec![(1, 2)]);
+        assert_eq!(t.pending(Some(&[("in".into(), 0)])), 1);
+        assert_eq!(t.pending(Some(&[("in".into(), 1)])), 0);
+    }
+
+    #[test]
+    fn committed_offsets_are_not_offered_again() {
+        let t = OffsetTracker::new();
+        t.track("in", 0, 0);
+        t.ack("in", 0, 0);
+        let c = t.committable(None);
+        t.mark_committed(&c);
+        assert!(t.committable(None).is_empty());
+        t.track("in", 0, 1);
+        t.ack("in", 0, 1);
+        assert_eq!(offsets(&t), vec![(0, 2)]);
+    }
+
+    #[test]
+    fn unknown_and_revoked_acks_are_ignored() {
+        let t = OffsetTracker::new();
+        assert!(!t.ack("in", 0, 0));
+        t.track("in", 0, 5);
+        assert!(!t.ack("in", 0, 4));
+        t.remove(&[("in".into(), 0)]);
+        assert!(!t.ack("in", 0, 5));
+        assert!(t.committable(None).is_empty());
+    }
+
+    #[test]
+    fn redelivered_offsets_stay_sorted() {
+        let t = OffsetTracker::new();
+        t.track("in", 0, 5);
+        t.track("in", 0, 3);
+        t.track("in", 0, 5);
+        assert_eq!(t.pending(None), 2);
+        t.ack("in", 0, 3);
+        assert_eq!(offsets(&t), vec![(0, 4)]);
+    }
+
+    #[test]
+    fn wait_drained_wakes_on_ack() {
+        let t = std::sync::Arc::new(OffsetTracker::new());
+        t.track("in", 0, 0);
+        assert!(!t.wait_drained(None, Duration::from_millis(10)));
+        let t2 = t.clone();
+        let h = std::thread::spawn(move || t2.wait_drained(Some(&[("in".into(), 0)]), Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        t.ack("in", 0, 0);
+        assert!(h.join().unwrap());
+    }
+}

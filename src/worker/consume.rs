@@ -220,8 +220,9 @@ impl ConsumeStage {
             let envelope = match message {
                 Ok(m) => envelope(&m),
                 Err(e) => {
+                    // E.g. the input topic does not exist yet: librdkafka keeps retrying.
                     tracing::warn!(error = %e, "consume error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             };

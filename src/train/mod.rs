@@ -170,9 +170,11 @@ pub struct DataInfo {
     pub examples: usize,
 }
 
-/// The model under training: its variables, split by whether weight decay applies.
+/// The model under training.
 struct Trainable {
     varmap: VarMap,
+    /// Every variable, sorted by name: sums over them must not depend on hash order.
+    vars: Vec<Var>,
     model: BertClassifier,
     config: BertConfig,
     encoder: TextEncoder,
@@ -196,7 +198,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     );
 
     let trainable = build(opts, &labels, &train_examples, &mut rng)?;
-    let parameters: usize = trainable.varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
     tracing::info!(parameters, base = ?opts.base, "model built");
     std::fs::create_dir_all(&opts.out).map_err(|e| write_error(&opts.out, e))?;
 
@@ -226,7 +228,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
             let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
             let loss = loss(&trainable, &texts, &targets, &opts.device, &mut rng)?;
             let mut grads = loss.backward()?;
-            clip_gradients(&mut grads, &trainable.varmap.all_vars(), 1.0)?;
+            clip_gradients(&mut grads, &trainable.vars, 1.0)?;
             decay.step(&grads)?;
             no_decay.step(&grads)?;
             step += 1;
@@ -377,7 +379,8 @@ fn build(opts: &TrainOptions, labels: &[String], train: &[Example], rng: &mut St
         let Base::Dir(dir) = &opts.base else { unreachable!("scratch models never miss base tensors") };
         ModelError::BadWeights { path: dir.join(model::WEIGHTS_FILE), reason }
     })?;
-    Ok(Trainable { varmap, model, config, encoder })
+    let vars = sorted_vars(&varmap).into_iter().map(|(_, v)| v).collect();
+    Ok(Trainable { varmap, vars, model, config, encoder })
 }
 
 /// Sets every variable: from the base checkpoint when it has the tensor (with
@@ -436,14 +439,19 @@ fn normal(rng: &mut StdRng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
+/// The variables of `varmap` with their names, in name order.
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// AdamW with weight decay for weight matrices, and one without for biases and layer norms.
 fn optimizers(varmap: &VarMap, opts: &TrainOptions) -> Result<(AdamW, AdamW), TrainError> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    let (decay, no_decay): (Vec<&String>, Vec<&String>) =
-        names.into_iter().partition(|n| !n.ends_with("bias") && !n.contains("LayerNorm"));
-    let vars = |ns: Vec<&String>| -> Vec<Var> { ns.into_iter().map(|n| data[n].clone()).collect() };
+    let (decay, no_decay): (Vec<_>, Vec<_>) =
+        sorted_vars(varmap).into_iter().partition(|(n, _)| !n.ends_with("bias") && !n.contains("LayerNorm"));
+    let vars = |vs: Vec<(String, Var)>| -> Vec<Var> { vs.into_iter().map(|(_, v)| v).collect() };
     let params = |weight_decay| ParamsAdamW { lr: opts.lr, weight_decay, ..Default::default() };
     Ok((
         AdamW::new(vars(decay), params(opts.weight_decay))?,

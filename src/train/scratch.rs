@@ -1,49 +1,130 @@
 //! `--base none`: a WordPiece tokenizer trained on the training texts and a
 //! small BERT configuration, for training without any pretrained checkpoint.
+//!
+//! The vocabulary is chosen here by byte-pair merges over the word counts,
+//! ties broken by the merged text. The `tokenizers` crate's own WordPiece
+//! trainer breaks ties by ids assigned in hash-map order (ahash, seeded at
+//! random per process), so two runs on the same data give different
+//! vocabularies, and `triagem train` promises the same model for the same
+//! seed. Normalisation, pre-tokenisation, the WordPiece model and the
+//! `[CLS] … [SEP]` framing are the `tokenizers` crate's, so the result is an
+//! ordinary `tokenizer.json` that `transformers` loads.
+
+use std::collections::{BTreeMap, HashMap};
 
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::models::{ModelWrapper, TrainerWrapper};
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
-    TokenizerBuilder,
+    NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
 };
 
 /// Special tokens, in id order: `[PAD]` is 0, as `pad_token_id` says.
 const SPECIAL: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+/// Prefix of a piece that continues a word.
+const CONTINUE: &str = "##";
+/// A merge must be seen at least this often.
+const MIN_FREQUENCY: u64 = 2;
 
 /// Trains an uncased, accent-stripping WordPiece tokenizer of at most `vocab_size` entries.
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer, String> {
-    let trainer = WordPieceTrainerBuilder::default()
-        .vocab_size(vocab_size)
-        .min_frequency(2)
-        .show_progress(false)
-        .special_tokens(SPECIAL.iter().map(|t| AddedToken::from(*t, true)).collect())
-        .build();
-    let mut tokenizer: Tokenizer = TokenizerBuilder::<
-        ModelWrapper,
-        NormalizerWrapper,
-        PreTokenizerWrapper,
-        PostProcessorWrapper,
-        DecoderWrapper,
-    >::new()
-        .with_model(WordPiece::default().into())
-        .with_normalizer(Some(BertNormalizer::new(true, true, Some(true), true).into()))
-        .with_pre_tokenizer(Some(BertPreTokenizer.into()))
-        .with_post_processor(None)
-        .with_decoder(Some(WordPieceDecoder::default().into()))
+    let normalizer = BertNormalizer::new(true, true, Some(true), true);
+    let vocab = build_vocab(&count_words(texts, &normalizer)?, vocab_size);
+    let cls = vocab["[CLS]"];
+    let sep = vocab["[SEP]"];
+    let model = WordPiece::builder()
+        .vocab(vocab.into_iter().collect::<ahash::AHashMap<String, u32>>())
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix(CONTINUE.into())
         .build()
-        .map_err(|e| e.to_string())?
-        .into();
-    let mut trainer = TrainerWrapper::WordPieceTrainer(trainer);
-    tokenizer.train(&mut trainer, texts.iter()).map_err(|e| e.to_string())?;
-    let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| format!("trained vocabulary lacks {t}"));
-    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
-    tokenizer.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+        .map_err(|e| e.to_string())?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(normalizer))
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))))
+        .with_decoder(Some(WordPieceDecoder::default()));
     Ok(tokenizer)
+}
+
+/// Words as the tokenizer will see them (normalised, split), with their counts.
+fn count_words(texts: &[String], normalizer: &BertNormalizer) -> Result<BTreeMap<String, u64>, String> {
+    let mut counts = BTreeMap::new();
+    for text in texts {
+        let mut normalized = NormalizedString::from(text.as_str());
+        normalizer.normalize(&mut normalized).map_err(|e| e.to_string())?;
+        let mut pre = PreTokenizedString::from(normalized);
+        BertPreTokenizer.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+        for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            *counts.entry(word.to_string()).or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// Special tokens, every character (word-initial and `##`-continuing), then
+/// merged pieces in merge order until `vocab_size`: token → id.
+fn build_vocab(words: &BTreeMap<String, u64>, vocab_size: usize) -> BTreeMap<String, u32> {
+    let mut pieces: Vec<(Vec<String>, u64)> = words
+        .iter()
+        .map(|(w, &n)| {
+            let symbols = w
+                .chars()
+                .enumerate()
+                .map(|(i, c)| if i == 0 { c.to_string() } else { format!("{CONTINUE}{c}") })
+                .collect();
+            (symbols, n)
+        })
+        .collect();
+    let mut ordered: Vec<String> = SPECIAL.iter().map(|s| s.to_string()).collect();
+    let mut alphabet: Vec<String> = pieces.iter().flat_map(|(s, _)| s.iter().cloned()).collect();
+    alphabet.sort();
+    alphabet.dedup();
+    ordered.extend(alphabet);
+    while ordered.len() < vocab_size {
+        let mut pairs: HashMap<(&str, &str), u64> = HashMap::new();
+        for (symbols, n) in &pieces {
+            for w in symbols.windows(2) {
+                *pairs.entry((w[0].as_str(), w[1].as_str())).or_insert(0) += n;
+            }
+        }
+        // Most frequent pair; ties go to the alphabetically first merged text.
+        let Some(((a, b), count)) = pairs
+            .into_iter()
+            .map(|((a, b), n)| ((a.to_string(), b.to_string()), n))
+            .min_by(|(p, n), (q, m)| m.cmp(n).then_with(|| merged(&p.0, &p.1).cmp(&merged(&q.0, &q.1))))
+        else {
+            break;
+        };
+        if count < MIN_FREQUENCY {
+            break;
+        }
+        let joined = merged(&a, &b);
+        for (symbols, _) in &mut pieces {
+            let mut i = 0;
+            while i + 1 < symbols.len() {
+                if symbols[i] == a && symbols[i + 1] == b {
+                    symbols[i] = joined.clone();
+                    symbols.remove(i + 1);
+                }
+                i += 1;
+            }
+        }
+        ordered.push(joined);
+    }
+    let mut vocab = BTreeMap::new();
+    for token in ordered {
+        let id = vocab.len() as u32;
+        vocab.entry(token).or_insert(id);
+    }
+    vocab
+}
+
+/// The piece made by joining `a` and a following `b`.
+fn merged(a: &str, b: &str) -> String {
+    format!("{a}{}", b.strip_prefix(CONTINUE).unwrap_or(b))
 }
 
 #[cfg(test)]
@@ -64,5 +145,18 @@ mod tests {
         assert_eq!(enc.get_tokens().first().map(String::as_str), Some("[CLS]"));
         assert_eq!(enc.get_tokens().last().map(String::as_str), Some("[SEP]"));
         assert!(enc.get_tokens().contains(&"nao".to_string()), "{:?}", enc.get_tokens());
+    }
+
+    #[test]
+    fn same_texts_same_vocabulary() {
+        let texts: Vec<String> = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/teste.jsonl"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        let a = train_tokenizer(&texts, 600).unwrap();
+        let b = train_tokenizer(&texts, 600).unwrap();
+        assert_eq!(a.get_vocab_size(true), 600);
+        assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap());
     }
 }

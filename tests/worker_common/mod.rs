@@ -1,0 +1,521 @@
+//! Shared harness of the worker's integration tests: a real Kafka-protocol
+//! broker process (`tansu`, in-memory storage, a free port), topics created
+//! with the admin API, the `triagem worker` binary as a child process,
+//! rdkafka producers and readers, and the expected labels computed by loading
+//! the same model in-process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Where the broker binary is looked for, in order: `$TANSU`, `PATH`, `~/.cargo/bin`.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("TANSU") {
+        return PathBuf::from(p);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("tansu");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let candidate = home.join(".cargo/bin/tansu");
+    if candidate.is_file() {
+        return candidate;
+    }
+    panic!(
+        "the worker's integration tests need the `tansu` Kafka-protocol broker, which is not installed: \
+         run scripts/install-tansu.sh (about 20 minutes on 2 cores), or set TANSU=/path/to/tansu"
+    );
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `tansu broker` process with in-memory storage; killed on drop.
+pub struct Broker {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    log: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker on a free port and waits until it accepts connections.
+    pub fn start() -> Broker {
+        let bin = tansu_binary();
+        for _attempt in 0..3 {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let log = std::env::temp_dir().join(format!("tansu-{port}-{}.log", std::process::id()));
+            let out = std::fs::File::create(&log).unwrap();
+            let child = Command::new(&bin)
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/", "--cluster-id", &format!("triagem-test-{port}")])
+                .env("RUST_LOG", "warn")
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}; run scripts/install-tansu.sh", bin.display()));
+            let mut broker = Broker { child, addr: format!("127.0.0.1:{port}"), log };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if TcpStream::connect(&broker.addr).is_ok() {
+                    return broker;
+                }
+                if let Ok(Some(_)) = broker.child.try_wait() {
+                    break; // port taken meanwhile, or a crash: retry on another port
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("tansu did not start on {}:\n{}", broker.addr, broker.log_text());
+            let _ = broker.child.kill();
+        }
+        panic!("could not start tansu");
+    }
+
+    /// The broker's own log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+static UNIQUE: AtomicUsize = AtomicUsize::new(0);
+
+/// A name no other test (or test run) uses.
+pub fn unique(prefix: &str) -> String {
+    let n = UNIQUE.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}-{}-{n}-{nanos:x}", std::process::id())
+}
+
+/// The topics of one test.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub input: String,
+    pub venda: String,
+    pub suporte: String,
+    pub review: String,
+    pub dlq: String,
+}
+
+impl Topics {
+    pub fn new(test: &str) -> Topics {
+        let base = unique(test);
+        Topics {
+            input: format!("{base}.in"),
+            venda: format!("{base}.venda"),
+            suporte: format!("{base}.suporte"),
+            review: format!("{base}.revisao"),
+            dlq: format!("{base}.dlq"),
+        }
+    }
+
+    pub fn outputs(&self) -> Vec<String> {
+        vec![self.venda.clone(), self.suporte.clone(), self.review.clone(), self.dlq.clone()]
+    }
+
+    pub fn for_label(&self, label: &str) -> &str {
+        match label {
+            "venda" => &self.venda,
+            "suporte" => &self.suporte,
+            other => panic!("unexpected label {other}"),
+        }
+    }
+}
+
+/// Creates the input topic with `input_partitions` and each output topic with one partition.
+pub async fn create_topics(brokers: &str, topics: &Topics, input_partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let mut new = vec![NewTopic::new(&topics.input, input_partitions, TopicReplication::Fixed(1))];
+    let outputs = topics.outputs();
+    for t in &outputs {
+        new.push(NewTopic::new(t, 1, TopicReplication::Fixed(1)));
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new, &opts).await.expect("create topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// The model the tests run: `$TRIAGEM_TEST_MODEL` or the committed `tests/fixtures/tiny-model`.
+pub fn tiny_model() -> PathBuf {
+    let dir = std::env::var_os("TRIAGEM_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "test model {} is missing (expected tests/fixtures/tiny-model, or set TRIAGEM_TEST_MODEL to a model \
+         directory made with `triagem train --base none --epochs 1 --out DIR`)",
+        dir.display()
+    );
+    dir
+}
+
+/// Label and score the worker will assign to each text, computed in-process with the same model.
+pub fn expected_predictions(texts: &[&str]) -> Vec<triagem::model::Prediction> {
+    let device = triagem::model::device("cpu").unwrap();
+    let classifier = triagem::model::Classifier::load(&tiny_model(), &device).unwrap();
+    texts.chunks(32).flat_map(|c| classifier.predict(c).unwrap()).collect()
+}
+
+/// Customer messages of both kinds, for inputs.
+pub const TEXTS: &[&str] = &[
+    "quanto custa a geladeira frost free de 375 litros?",
+    "meu pedido chegou quebrado, quero trocar",
+    "vocês têm air fryer de 5 litros em estoque?",
+    "a máquina de lavar parou de centrifugar",
+    "qual o preço do sofá retrátil de 3 lugares?",
+    "não consigo acessar minha conta no site",
+    "tem desconto no pix para o notebook?",
+    "o entregador não apareceu e o rastreio não atualiza",
+    "quero comprar duas cadeiras de escritório",
+    "a tv liga mas fica sem imagem",
+    "aceitam cartão em 10x sem juros?",
+    "preciso da nota fiscal do meu pedido",
+];
+
+/// The `triagem worker` config of a test.
+pub fn write_config(dir: &Path, brokers: &str, group: &str, topics: &Topics, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+input_topic = "{input}"
+commit_interval_ms = 200
+max_in_flight = 500
+
+[routing]
+review_topic = "{review}"
+dead_letter_topic = "{dlq}"
+
+[routing.topics]
+venda = "{venda}"
+suporte = "{suporte}"
+
+[input]
+max_bytes = 2000
+
+[batch]
+max_messages = 16
+max_wait_ms = 10
+
+[model]
+path = "{model}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[shutdown]
+timeout_ms = 20000
+{extra}
+"#,
+        input = topics.input,
+        review = topics.review,
+        dlq = topics.dlq,
+        venda = topics.venda,
+        suporte = topics.suporte,
+        model = tiny_model().display(),
+    );
+    let path = dir.join(format!("{group}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A `triagem worker` child process, its stderr kept in a file.
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProc {
+    /// Starts `triagem worker --config CONFIG` with extra environment.
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> WorkerProc {
+        let log = config.with_extension(format!("{}.log", unique("w")));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_triagem"));
+        cmd.args(["worker", "--config"]).arg(config).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        WorkerProc { child: cmd.spawn().expect("run triagem worker"), log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGKILL, and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits for exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The port of its metrics endpoint, from its log.
+    pub fn metrics_url(&self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log_text();
+            if let Some(i) = log.find("metrics on http://") {
+                let rest = &log[i + "metrics on ".len()..];
+                let end = rest.find(|c: char| c.is_whitespace() || c == '"').unwrap_or(rest.len());
+                return rest[..end].to_string();
+            }
+            assert!(Instant::now() < deadline, "worker never logged its metrics address:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- worker log {} ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// GET over plain HTTP/1.0 (no client crate needed).
+pub fn http_get(url: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = TcpStream::connect(host).unwrap();
+    use std::io::Write;
+    write!(s, "GET {} HTTP/1.0\r\nHost: {host}\r\n\r\n", if path.is_empty() { "/" } else { path }).unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let status = body.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let text = body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, text)
+}
+
+/// The value of one sample (`name{labels}`) in a Prometheus text page; 0 when absent.
+pub fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+pub fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer")
+}
+
+/// Produces one message and waits for its acknowledgement.
+pub async fn produce(p: &FutureProducer, topic: &str, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
+    let mut h = OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(Header { key: k, value: Some(*v) });
+    }
+    p.send(FutureRecord::to(topic).key(key).payload(payload).headers(h), Timeout::Never)
+        .await
+        .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+}
+
+/// Produces many messages concurrently, waiting for every acknowledgement.
+/// Returns the end offset (last offset + 1) written to each partition.
+pub async fn produce_all(p: &FutureProducer, topic: &str, messages: &[(String, Vec<u8>)]) -> HashMap<i32, i64> {
+    let futures: Vec<_> = messages
+        .iter()
+        .map(|(key, payload)| p.send(FutureRecord::to(topic).key(key).payload(payload), Timeout::Never))
+        .collect();
+    let mut ends = HashMap::new();
+    for f in futures {
+        let d = f.await.unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+        let end = ends.entry(d.partition).or_insert(0);
+        *end = (*end).max(d.offset + 1);
+    }
+    ends
+}
+
+/// One message read from an output topic.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub header_order: Vec<String>,
+    pub payload: Vec<u8>,
+}
+
+impl Out {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Reads every output topic from the beginning (no consumer group: assigned
+/// partitions) until `done(all so far)` or `limit` passes.
+pub async fn read_outputs(
+    brokers: &str,
+    topics: &[String],
+    limit: Duration,
+    mut done: impl FnMut(&[Out]) -> bool,
+) -> Vec<Out> {
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        tpl.add_partition_offset(t, 0, Offset::Beginning).unwrap();
+    }
+    reader.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done(&out) {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        // Wake up regularly so that `done` can look at the clock.
+        let step = (now + Duration::from_millis(250)).min(deadline);
+        let m = match tokio::time::timeout_at(step, reader.recv()).await {
+            Err(_) => continue,
+            Ok(Err(e)) => {
+                eprintln!("reader: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Ok(Ok(m)) => m,
+        };
+        let mut headers = HashMap::new();
+        let mut header_order = Vec::new();
+        if let Some(hs) = m.headers() {
+            for h in hs.iter() {
+                let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                header_order.push(h.key.to_string());
+                headers.insert(h.key.to_string(), v);
+            }
+        }
+        out.push(Out {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            header_order,
+            payload: m.payload().unwrap_or_default().to_vec(),
+        });
+    }
+    out
+}
+
+/// Offsets committed by `group` on `topic`'s partitions (None where nothing is committed).
+pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Everything in the output topics: reads until nothing new arrives for `idle`.
+/// (tansu's ListOffsets answers the last batch's base offset, so watermarks
+/// cannot be used to count.)
+pub async fn read_all(brokers: &str, topics: &[String], idle: Duration) -> Vec<Out> {
+    let mut last = (0usize, tokio::time::Instant::now());
+    read_outputs(brokers, topics, Duration::from_secs(120), move |o| {
+        if o.len() != last.0 {
+            last = (o.len(), tokio::time::Instant::now());
+        }
+        last.1.elapsed() >= idle
+    })
+    .await
+}
+
+/// Sum of `triagem_messages_routed_total` and `triagem_messages_dead_lettered_total` on a worker's metrics page.
+pub fn outputs_acknowledged(metrics_url: &str) -> f64 {
+    let (_, page) = http_get(metrics_url);
+    page.lines()
+        .filter(|l| {
+            l.starts_with("triagem_messages_routed_total{") || l.starts_with("triagem_messages_dead_lettered_total{")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    f()
+}

@@ -1,0 +1,169 @@
+//! Delivery guarantees against a real Kafka-protocol broker (`tansu`, see
+//! scripts/install-tansu.sh): a SIGKILL loses nothing, a SIGTERM commits and
+//! exits 0, and two workers in one group split the partitions.
+
+mod worker_common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use worker_common::*;
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn inputs(from: usize, n: usize) -> Vec<(String, Vec<u8>)> {
+    (from..from + n)
+        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
+        .collect()
+}
+
+/// Outputs per input id.
+fn per_id(outs: &[Out]) -> HashMap<u64, usize> {
+    let mut m = HashMap::new();
+    for o in outs {
+        *m.entry(o.json()["id"].as_u64().expect("id")).or_default() += 1;
+    }
+    m
+}
+
+fn committed_as_ends(brokers: &str, group: &str, topic: &str, ends: &HashMap<i32, i64>) -> bool {
+    let partitions = ends.keys().max().map_or(0, |p| p + 1);
+    let got = committed(brokers, group, topic, partitions);
+    ends.iter().all(|(p, end)| got[*p as usize] == Some(*end))
+}
+
+/// A worker killed with SIGKILL mid-stream and restarted loses nothing: every
+/// input has at least one output. Duplicates are allowed (at-least-once),
+/// counted and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing() {
+    let broker = Broker::start();
+    let topics = Topics::new("kill");
+    create_topics(&broker.addr, &topics, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g-kill");
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
+    let p = producer(&broker.addr);
+    let first = 400;
+    let mut ends = produce_all(&p, &topics.input, &inputs(0, first)).await;
+
+    let mut worker = WorkerProc::start(&config, &[]);
+    let url = worker.metrics_url(Duration::from_secs(30));
+    let started =
+        tokio::task::spawn_blocking(move || eventually(LIMIT, || outputs_acknowledged(&url) >= 40.0)).await.unwrap();
+    assert!(started, "the worker produced nothing:\n{}", worker.log_text());
+    worker.kill();
+    let committed_at_kill = committed(&broker.addr, &group, &topics.input, 2);
+    println!("SIGKILL with {first} inputs; committed then: {committed_at_kill:?}");
+
+    let more = 100;
+    for (p, end) in produce_all(&p, &topics.input, &inputs(first, more)).await {
+        ends.insert(p, end);
+    }
+    let n = first + more;
+    let _restarted = WorkerProc::start(&config, &[]);
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id(o).len() >= n).await;
+    let counts = per_id(&outs);
+    let missing: Vec<usize> = (0..n).filter(|i| !counts.contains_key(&(*i as u64))).collect();
+    assert!(missing.is_empty(), "{} inputs lost: {missing:?}", missing.len());
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    println!("SIGKILL restart: {n} inputs, {} outputs, {duplicates} duplicates", outs.len());
+    eprintln!("SIGKILL restart: {n} inputs, {} outputs, {duplicates} duplicates", outs.len());
+    // Everything is eventually committed.
+    let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
+    let all = tokio::task::spawn_blocking(move || {
+        eventually(Duration::from_secs(30), || committed_as_ends(&b, &g, &t, &ends))
+    })
+    .await
+    .unwrap();
+    assert!(all, "offsets not committed up to the end");
+}
+
+/// SIGTERM mid-stream: the worker finishes what it took, commits synchronously
+/// and exits 0; a restarted worker then routes the rest without duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_commits_and_exits_0() {
+    let broker = Broker::start();
+    let topics = Topics::new("term");
+    create_topics(&broker.addr, &topics, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g-term");
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
+    let p = producer(&broker.addr);
+    let n = 300;
+    produce_all(&p, &topics.input, &inputs(0, n)).await;
+
+    let mut worker = WorkerProc::start(&config, &[]);
+    let url = worker.metrics_url(Duration::from_secs(30));
+    assert!(tokio::task::spawn_blocking(move || eventually(LIMIT, || outputs_acknowledged(&url) >= 20.0))
+        .await
+        .unwrap());
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(25)).expect("worker did not exit within shutdown.timeout_ms");
+    let log = worker.log_text();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}\n{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+
+    // What was routed is exactly what was committed: nothing in flight was dropped.
+    let routed = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await.len() as i64;
+    let committed_now: i64 = committed(&broker.addr, &group, &topics.input, 2).iter().map(|c| c.unwrap_or(0)).sum();
+    println!("SIGTERM after {routed} outputs; committed {committed_now}");
+    assert_eq!(committed_now, routed, "committed offsets must cover exactly the routed messages");
+
+    let _restarted = WorkerProc::start(&config, &[]);
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id(o).len() >= n).await;
+    let counts = per_id(&outs);
+    assert_eq!(counts.len(), n, "inputs lost");
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    assert_eq!(duplicates, 0, "a graceful stop must not cause redeliveries");
+}
+
+/// Two workers in one consumer group split the input partitions and together
+/// route every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_partitions_and_route_each_message_once() {
+    let broker = Broker::start();
+    let topics = Topics::new("pair");
+    let partitions = 4;
+    create_topics(&broker.addr, &topics, partitions).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g-pair");
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
+    let a = WorkerProc::start(&config, &[]);
+    let b = WorkerProc::start(&config, &[]);
+    let assigned = |w: &WorkerProc| w.log_text().contains("partitions assigned");
+    assert!(
+        eventually(LIMIT, || assigned(&a) && assigned(&b)),
+        "workers never got partitions:\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+
+    let n = 200;
+    let p = producer(&broker.addr);
+    produce_all(&p, &topics.input, &inputs(0, n)).await;
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id(o).len() >= n).await;
+    let counts = per_id(&outs);
+    assert_eq!(counts.len(), n, "inputs lost");
+    let all = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await;
+    assert_eq!(all.len(), n, "some message was routed twice");
+
+    // Each worker consumed a disjoint, non-empty set of partitions, together all of them.
+    let consumed = |w: &WorkerProc| -> Vec<i32> {
+        let (_, page) = http_get(&w.metrics_url(Duration::from_secs(5)));
+        (0..partitions)
+            .filter(|p| {
+                let s = format!("triagem_messages_consumed_total{{partition=\"{p}\",topic=\"{}\"}}", topics.input);
+                sample(&page, &s) > 0.0
+            })
+            .collect()
+    };
+    let (pa, pb) = (consumed(&a), consumed(&b));
+    println!("worker A consumed partitions {pa:?}, worker B {pb:?}");
+    assert!(!pa.is_empty() && !pb.is_empty(), "one worker did nothing: A {pa:?}, B {pb:?}");
+    let mut all: Vec<i32> = pa.iter().chain(&pb).copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all, (0..partitions).collect::<Vec<_>>());
+}

@@ -1,0 +1,197 @@
+//! Fault injection with librdkafka's in-process mock cluster: the worker runs
+//! in this process (a keyword "model" stands in for BERT) while the broker
+//! rejects its produce requests. Failed outputs are retried, never dropped,
+//! and no offset is committed before its output is acknowledged.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use triagem::config::Config;
+use triagem::metrics::Metrics;
+use triagem::model::{ModelInfo, Prediction};
+use triagem::worker::infer::{Predict, TokenCounter};
+use triagem::worker::{Shutdown, Worker};
+
+/// "venda" when the text asks about buying or prices, else "suporte".
+struct Keywords;
+
+impl Predict for Keywords {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: "keywords".into(),
+            version: "test".into(),
+            labels: vec!["venda".into(), "suporte".into()],
+            path: PathBuf::new(),
+            max_len: 64,
+        }
+    }
+
+    fn token_counter(&self) -> TokenCounter {
+        Arc::new(|t: &str| t.split_whitespace().count() + 2)
+    }
+
+    fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, String> {
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let venda = t.contains("comprar") || t.contains("preço");
+                let (label, score) = if venda { ("venda", 0.9) } else { ("suporte", 0.8) };
+                Prediction {
+                    label: label.into(),
+                    score,
+                    scores: vec![
+                        ("venda".into(), if venda { 0.9 } else { 0.2 }),
+                        ("suporte".into(), if venda { 0.1 } else { 0.8 }),
+                    ],
+                }
+            })
+            .collect())
+    }
+}
+
+struct Setup {
+    mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cfg: Config,
+}
+
+fn setup(name: &str) -> Setup {
+    let mock = MockCluster::new(1).unwrap();
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = mock.bootstrap_servers();
+    cfg.kafka.group_id = format!("g-{name}");
+    cfg.kafka.input_topic = format!("{name}.in");
+    cfg.kafka.commit_interval_ms = 50;
+    cfg.kafka.produce_retry_backoff_ms = 100;
+    cfg.routing.topics.insert("venda".into(), format!("{name}.venda"));
+    cfg.routing.topics.insert("suporte".into(), format!("{name}.suporte"));
+    cfg.routing.review_topic = format!("{name}.revisao");
+    cfg.routing.dead_letter_topic = format!("{name}.dlq");
+    cfg.metrics.listen = "127.0.0.1:0".into();
+    cfg.batch.max_wait_ms = 5;
+    cfg.shutdown.timeout_ms = 10_000;
+    mock.create_topic(&cfg.kafka.input_topic, 1, 1).unwrap();
+    for t in cfg.output_topics() {
+        mock.create_topic(&t, 1, 1).unwrap();
+    }
+    Setup { mock, cfg }
+}
+
+async fn produce_inputs(brokers: &str, topic: &str, n: usize) {
+    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    for i in 0..n {
+        let text = if i % 2 == 0 { "quero comprar uma tv" } else { "minha tv quebrou" };
+        let v = serde_json::json!({"text": text, "id": i}).to_string();
+        let k = format!("k-{i}");
+        p.send(FutureRecord::to(topic).key(&k).payload(&v), Timeout::Never).await.map_err(|(e, _)| e).unwrap();
+    }
+    // One poison message: dead letters take the same acknowledged path.
+    p.send(FutureRecord::to(topic).key("poison").payload("{oops"), Timeout::Never).await.map_err(|(e, _)| e).unwrap();
+}
+
+/// The group's committed offset on partition 0 (None: nothing committed).
+async fn committed(brokers: String, group: String, topic: String) -> Option<i64> {
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, 0);
+        let got = c.committed_offsets(tpl, Duration::from_secs(5)).ok()?;
+        match got.find_partition(&topic, 0)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Outputs acknowledged by the broker so far (routed + dead-lettered).
+fn acknowledged(m: &Metrics, cfg: &Config) -> u64 {
+    routed(m, cfg, "venda") + routed(m, cfg, "suporte") + m.dead_lettered.with_label_values(&["invalid_json"]).get()
+}
+
+fn routed(m: &Metrics, cfg: &Config, label: &str) -> u64 {
+    m.routed.with_label_values(&[cfg.routing.topics[label].as_str(), label]).get()
+}
+
+fn produce_errors(m: &Metrics, cfg: &Config) -> u64 {
+    cfg.output_topics().iter().map(|t| m.produce_errors.with_label_values(&[t.as_str()]).get()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_produces_are_retried_and_nothing_is_committed_early() {
+    let s = setup("faults");
+    let n = 20;
+    produce_inputs(&s.cfg.kafka.brokers, &s.cfg.kafka.input_topic, n).await;
+    // From now on the broker rejects the next produce requests with a non-retriable error.
+    s.mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 12]);
+
+    let (trigger, shutdown) = Shutdown::new();
+    let worker = Worker::start(s.cfg.clone(), Keywords, shutdown.clone()).await.unwrap();
+    let metrics = worker.metrics.clone();
+    let running = tokio::spawn(worker.run(shutdown));
+
+    let (b, g, t) = (s.cfg.kafka.brokers.clone(), s.cfg.kafka.group_id.clone(), s.cfg.kafka.input_topic.clone());
+    let total = n as i64 + 1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut saw_errors_uncommitted = false;
+    loop {
+        // Read acknowledgements before the commit: the commit can only lag them.
+        let acked = acknowledged(&metrics, &s.cfg) as i64;
+        let errors = produce_errors(&metrics, &s.cfg);
+        let c = committed(b.clone(), g.clone(), t.clone()).await;
+        let c_val = c.unwrap_or(0);
+        let acked_after = acknowledged(&metrics, &s.cfg) as i64;
+        assert!(
+            c_val <= acked_after,
+            "committed offset {c_val} covers more than the {acked_after} acknowledged outputs"
+        );
+        if errors > 0 && c_val < total {
+            saw_errors_uncommitted = true;
+        }
+        if c == Some(total) && acked == total {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stuck: committed {c:?}, acked {acked}, errors {errors}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(produce_errors(&metrics, &s.cfg) > 0, "the injected errors never hit the worker");
+    assert!(saw_errors_uncommitted);
+    trigger.trigger();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_commits_everything_routed() {
+    let s = setup("graceful");
+    let n = 30;
+    produce_inputs(&s.cfg.kafka.brokers, &s.cfg.kafka.input_topic, n).await;
+    let (trigger, shutdown) = Shutdown::new();
+    let worker = Worker::start(s.cfg.clone(), Keywords, shutdown.clone()).await.unwrap();
+    let metrics = worker.metrics.clone();
+    let running = tokio::spawn(worker.run(shutdown));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acknowledged(&metrics, &s.cfg) < n as u64 + 1 {
+        assert!(tokio::time::Instant::now() < deadline, "only {} acknowledged", acknowledged(&metrics, &s.cfg));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(routed(&metrics, &s.cfg, "venda"), n as u64 / 2);
+    assert_eq!(routed(&metrics, &s.cfg, "suporte"), n as u64 / 2);
+    trigger.trigger();
+    running.await.unwrap().expect("clean shutdown");
+    let c = committed(s.cfg.kafka.brokers.clone(), s.cfg.kafka.group_id.clone(), s.cfg.kafka.input_topic.clone()).await;
+    assert_eq!(c, Some(n as i64 + 1));
+    drop(s.mock);
+}

@@ -25,6 +25,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// A first look without Kafka: an in-memory broker, the worker, and the test set sent through it.
     Demo(DemoArgs),
+    /// Put load on a running worker: send messages at a rate, read every output back, and report counts,
+    /// missing and duplicate messages, throughput and end-to-end latency (exit 1 when any is missing).
+    Loadgen(LoadgenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -33,6 +36,64 @@ pub struct WorkerArgs {
     /// Without it, the built-in defaults and the environment are used.
     #[arg(long, env = "TRIAGEM_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "TRIAGEM_LOADGEN_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// Topic the messages are sent to (the worker's kafka.input_topic).
+    #[arg(long, env = "TRIAGEM_LOADGEN_INPUT_TOPIC", default_value = "atendimento.mensagens")]
+    pub input_topic: String,
+    /// Routing topics read back (the worker's routing.topics), comma-separated.
+    #[arg(
+        long,
+        alias = "output",
+        env = "TRIAGEM_LOADGEN_OUTPUT_TOPICS",
+        value_delimiter = ',',
+        default_value = "atendimento.venda,atendimento.suporte"
+    )]
+    pub output_topics: Vec<String>,
+    /// Review topic read back (the worker's routing.review_topic).
+    #[arg(long, env = "TRIAGEM_LOADGEN_REVIEW_TOPIC", default_value = "atendimento.revisao")]
+    pub review_topic: String,
+    /// Dead-letter topic read back (the worker's routing.dead_letter_topic); poison messages must come out there.
+    #[arg(long, env = "TRIAGEM_LOADGEN_DEAD_LETTER_TOPIC", default_value = "atendimento.dlq")]
+    pub dead_letter_topic: String,
+    /// JSONL file whose `prompt` fields are the texts sent (cycled), as {"id": ..., "text": ...}.
+    #[arg(long, env = "TRIAGEM_LOADGEN_DATA", default_value = "data/teste.jsonl")]
+    pub data: PathBuf,
+    /// Target send rate in messages per second; 0 = as fast as possible.
+    #[arg(long, env = "TRIAGEM_LOADGEN_RATE", default_value_t = 0.0)]
+    pub rate: f64,
+    /// Messages to send (1000 when neither --count nor --duration is given).
+    #[arg(long, env = "TRIAGEM_LOADGEN_COUNT", conflicts_with = "duration")]
+    pub count: Option<u64>,
+    /// Send for this long instead of a count: 500ms, 60s, 5m, 1h.
+    #[arg(long, env = "TRIAGEM_LOADGEN_DURATION", value_parser = crate::loadgen::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Percentage (0-100) of poison messages mixed in: invalid JSON, missing text and invalid UTF-8 in turn.
+    #[arg(long, env = "TRIAGEM_LOADGEN_POISON_PERCENT", default_value_t = 0.0)]
+    pub poison_percent: f64,
+    /// How long to wait after the last send for outputs still missing before reporting them missing.
+    #[arg(long, env = "TRIAGEM_LOADGEN_SETTLE_TIMEOUT", default_value = "30s", value_parser = crate::loadgen::parse_duration)]
+    pub settle_timeout: std::time::Duration,
+    /// librdkafka setting for the producer and the consumer, key=value (repeatable; comma-separated in the
+    /// environment), e.g. --client security.protocol=SASL_SSL --client sasl.mechanisms=SCRAM-SHA-512.
+    #[arg(
+        long = "client",
+        env = "TRIAGEM_LOADGEN_CLIENT",
+        value_delimiter = ',',
+        value_parser = crate::loadgen::parse_key_value
+    )]
+    pub client: Vec<(String, String)>,
+    /// Print the report as one JSON object on stdout instead of the table.
+    #[arg(long, env = "TRIAGEM_LOADGEN_JSON")]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, env = "TRIAGEM_LOADGEN_QUIET")]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,8 @@
 //!     consume → decode → batch → infer (one blocking thread) → route/produce →
 //!     commit offsets.
 //!   - [`demo`]: the worker against an in-process broker, for a first look.
+//!   - [`loadgen`]: the end-to-end benchmark: sends at a rate, reads every
+//!     output back, reports missing/duplicate messages, throughput and latency.
 //! - **Foundations**, which know nothing of Kafka or the command line:
 //!   [`model`] (BERT, tokenizer, batched prediction), [`data`] (JSONL data
 //!   sets), [`config`] (the worker's settings) and [`metrics`].
@@ -24,6 +26,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod loadgen;
 pub mod metrics;
 pub mod model;
 pub mod train;

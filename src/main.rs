@@ -6,11 +6,11 @@ use std::io::{BufRead, Write};
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::json;
-use triagem::cli::{ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, TrainArgs, WorkerArgs};
+use triagem::cli::{ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, LoadgenArgs, TrainArgs, WorkerArgs};
 use triagem::config::Config;
 use triagem::data::Dataset;
 use triagem::model::{self, Classifier};
-use triagem::{demo, eval, train, worker};
+use triagem::{demo, eval, loadgen, train, worker};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -26,6 +26,7 @@ fn main() {
         Command::Classify(args) => run_classify(args),
         Command::Worker(args) => run_worker(args),
         Command::Demo(args) => run_demo(args),
+        Command::Loadgen(args) => run_loadgen(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -125,5 +126,44 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         show: a.show,
         wait: !a.no_wait,
     })?;
+    Ok(())
+}
+
+fn run_loadgen(a: LoadgenArgs) -> Result<()> {
+    let limit = match (a.count, a.duration) {
+        (_, Some(d)) => loadgen::Limit::Duration(d),
+        (Some(n), None) => loadgen::Limit::Count(n),
+        (None, None) => loadgen::Limit::Count(loadgen::DEFAULT_COUNT),
+    };
+    let opts = loadgen::LoadgenOptions {
+        brokers: a.brokers,
+        input_topic: a.input_topic,
+        output_topics: a.output_topics,
+        review_topic: a.review_topic,
+        dead_letter_topic: a.dead_letter_topic,
+        data: a.data,
+        rate: a.rate,
+        limit,
+        poison_percent: a.poison_percent,
+        settle_timeout: a.settle_timeout,
+        client: a.client,
+        progress: !a.quiet,
+    };
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let result = runtime.block_on(loadgen::run(opts));
+    let report = match &result {
+        Ok(report) => Some(report),
+        Err(loadgen::LoadgenError::Incomplete { report, .. }) => Some(report.as_ref()),
+        Err(_) => None,
+    };
+    if let Some(report) = report {
+        if a.json {
+            println!("{}", serde_json::to_string(report)?);
+        } else {
+            println!("{}", report.render());
+        }
+    }
+    result?;
     Ok(())
 }

@@ -131,6 +131,10 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
         let series = format!("triagem_messages_dead_lettered_total{{reason=\"{kind}\"}}");
         assert_eq!(sample(&page, &series), 1.0, "{series} in\n{page}");
     }
+    assert!(
+        eventually(Duration::from_secs(15), || sample(&http_get(&url).1, "triagem_commits_total{result=\"ok\"}") > 0.0),
+        "no commit counted"
+    );
     assert_eq!(http_get(&url.replace("/metrics", "/healthz")).0, 200);
     assert!(eventually(Duration::from_secs(15), || http_get(&url.replace("/metrics", "/readyz")).0 == 200));
 }

@@ -74,57 +74,49 @@ impl ConsumerContext for WorkerContext {
                 if parts.is_empty() {
                     return;
                 }
-                let pending = self.tracker.pending(Some(&parts));
-                tracing::info!(partitions = ?parts, pending, "partitions revoked: finishing their messages");
-                if pending > 0 && !self.closing.load(Ordering::SeqCst) {
-                    let wait = || self.tracker.wait_drained(Some(&parts), self.revoke_timeout);
-                    let drained = match tokio::runtime::Handle::try_current() {
-                        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                            tokio::task::block_in_place(wait)
-                        }
-                        _ => wait(),
-                    };
-                    if !drained {
-                        tracing::warn!(
-                            pending = self.tracker.pending(Some(&parts)),
-                            "revoke: in-flight messages did not finish in time; the next owner will process them again"
-                        );
+                // Waiting and committing block: tell tokio, so that the other
+                // stages keep running on the remaining worker threads.
+                let finish = || self.finish_revoked(consumer, &parts);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                        tokio::task::block_in_place(finish)
                     }
-                }
-                let offsets = self.tracker.committable(Some(&parts));
-                commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
-                self.tracker.remove(&parts);
-                for (topic, partition) in &parts {
-                    let _ = self.metrics.consumer_lag.remove_label_values(&[topic.as_str(), &partition.to_string()]);
+                    _ => finish(),
                 }
             }
-            Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = ?partitions(tpl), "partitions assigned")
-            }
+            Rebalance::Assign(tpl) => tracing::info!(partitions = ?partitions(tpl), "partitions assigned"),
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                self.metrics.commits.with_label_values(&["ok"]).inc();
-                let done: Vec<CommitOffset> = offsets
-                    .elements()
-                    .iter()
-                    .filter_map(|e| match e.offset() {
-                        Offset::Offset(o) => {
-                            Some(CommitOffset { topic: e.topic().to_string(), partition: e.partition(), offset: o })
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                self.tracker.mark_committed(&done);
-            }
-            Err(e) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, "offset commit failed; will retry");
-            }
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        // Commits are synchronous and counted where they are made (`commit_sync`).
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "offset commit callback reported an error");
+        }
+    }
+}
+
+impl WorkerContext {
+    /// Before a revoke: lets the revoked partitions' messages finish (up to
+    /// `revoke_timeout`), commits them synchronously and forgets them.
+    fn finish_revoked(&self, consumer: &BaseConsumer<Self>, parts: &[TopicPartition]) {
+        let pending = self.tracker.pending(Some(parts));
+        tracing::info!(partitions = ?parts, pending, "partitions revoked: finishing their messages");
+        if pending > 0
+            && !self.closing.load(Ordering::SeqCst)
+            && !self.tracker.wait_drained(Some(parts), self.revoke_timeout)
+        {
+            tracing::warn!(
+                pending = self.tracker.pending(Some(parts)),
+                "revoke: in-flight messages did not finish in time; the next owner will process them again"
+            );
+        }
+        let offsets = self.tracker.committable(Some(parts));
+        commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
+        self.tracker.remove(parts);
+        for (topic, partition) in parts {
+            let _ = self.metrics.consumer_lag.remove_label_values(&[topic.as_str(), &partition.to_string()]);
         }
     }
 }
@@ -143,7 +135,8 @@ pub fn offsets_list(offsets: &[CommitOffset]) -> TopicPartitionList {
     tpl
 }
 
-/// Commits synchronously (revoke, shutdown). Returns whether it succeeded.
+/// Commits synchronously (blocks for one round trip to the group coordinator),
+/// counts the result in `triagem_commits_total`. Returns whether it succeeded.
 pub fn commit_sync<C: ConsumerContext, K: Consumer<C>>(
     consumer: &K,
     offsets: &[CommitOffset],
@@ -155,14 +148,14 @@ pub fn commit_sync<C: ConsumerContext, K: Consumer<C>>(
     }
     match consumer.commit(&offsets_list(offsets), CommitMode::Sync) {
         Ok(()) => {
+            metrics.commits.with_label_values(&["ok"]).inc();
             tracker.mark_committed(offsets);
-            tracing::info!(offsets = ?offsets.iter().map(|c| (c.partition, c.offset)).collect::<Vec<_>>(), "committed");
+            tracing::debug!(offsets = ?offsets.iter().map(|c| (c.partition, c.offset)).collect::<Vec<_>>(), "committed");
             true
         }
         Err(e) => {
-            // Counted in `commit_callback`, which librdkafka calls for synchronous commits too.
-            let _ = metrics;
-            tracing::warn!(error = %e, "synchronous offset commit failed");
+            metrics.commits.with_label_values(&["error"]).inc();
+            tracing::warn!(error = %e, "offset commit failed; will retry");
             false
         }
     }

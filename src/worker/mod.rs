@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -349,15 +349,24 @@ impl Worker {
     /// and closes the consumer, all within `shutdown.timeout_ms`.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), WorkerError> {
         let Worker { metrics, cfg, consumer, producer, tracker, mut consume, batcher, router, inference, .. } = self;
+        // The consume stage stops on `shutdown` too: look at the signal first,
+        // and never poll a finished task again.
+        let mut consume_done = false;
         tokio::select! {
+            biased;
             _ = shutdown.wait() => {}
-            _ = &mut consume => tracing::error!("the consume stage stopped on its own"),
+            _ = &mut consume => {
+                consume_done = true;
+                tracing::error!("the consume stage stopped on its own");
+            }
         }
         let timeout = cfg.shutdown_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         tracing::info!(pending = tracker.pending(None), "stopping: finishing in-flight messages");
         let drained = tokio::time::timeout_at(deadline, async {
-            let _ = (&mut consume).await;
+            if !consume_done {
+                let _ = (&mut consume).await;
+            }
             let _ = batcher.await;
             let _ = router.await;
         })
@@ -394,7 +403,7 @@ impl Worker {
     }
 }
 
-/// Commits what became committable, every `interval`, asynchronously.
+/// Commits what became committable, every `interval`.
 async fn commit_loop(
     consumer: Arc<WorkerConsumer>,
     tracker: Arc<OffsetTracker>,
@@ -414,10 +423,10 @@ async fn commit_loop(
         if offsets.is_empty() {
             continue;
         }
-        if let Err(e) = consumer.commit(&consume::offsets_list(&offsets), CommitMode::Async) {
-            metrics.commits.with_label_values(&["error"]).inc();
-            tracing::warn!(error = %e, "offset commit failed; will retry");
-        }
+        // Synchronous, off the async threads: the result is known, counted, and
+        // only then are the offsets marked committed.
+        let (c, t, m) = (consumer.clone(), tracker.clone(), metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || consume::commit_sync(&*c, &offsets, &t, &m)).await;
     }
 }
 

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::model;
+use crate::train::{Base, TrainError, TrainOptions};
+
 /// Routes customer chat messages from Kafka to sales or support with a fine-tuned BERT classifier.
 #[derive(Debug, Parser)]
 #[command(name = "triagem", version, about)]
@@ -126,15 +129,16 @@ pub struct TrainArgs {
     /// Output model directory.
     #[arg(long, env = "TRIAGEM_OUT", default_value = "models/triagem")]
     pub out: PathBuf,
-    /// Initial weights: a local Hugging Face BERT directory, `none` (small BERT and tokenizer trained from
-    /// scratch), or a Hub id present in the local Hugging Face cache.
-    #[arg(long, env = "TRIAGEM_BASE", default_value = "models/base/all-MiniLM-L6-v2")]
+    /// Initial weights: `none` (a small BERT and a WordPiece tokenizer trained from scratch on the training
+    /// texts), a local Hugging Face BERT directory (e.g. models/base/all-MiniLM-L6-v2, fetched by
+    /// scripts/fetch-base-model.sh), or a Hub id present in the local Hugging Face cache.
+    #[arg(long, env = "TRIAGEM_BASE", default_value = "none")]
     pub base: String,
     /// Passes over the training data.
     #[arg(long, env = "TRIAGEM_EPOCHS", default_value_t = 4)]
     pub epochs: usize,
     /// Peak learning rate (after warmup, then linear decay to zero).
-    #[arg(long, env = "TRIAGEM_LR", default_value_t = 1e-4)]
+    #[arg(long, env = "TRIAGEM_LR", default_value_t = 5e-4)]
     pub lr: f64,
     /// Examples per optimisation step.
     #[arg(long, env = "TRIAGEM_BATCH_SIZE", default_value_t = 32)]
@@ -161,10 +165,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 8000)]
     pub vocab_size: usize,
     /// Hidden size of the BERT trained with `--base none`.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     pub scratch_hidden: usize,
     /// Encoder layers of the BERT trained with `--base none`.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     pub scratch_layers: usize,
     /// Compute device: cpu, cuda or auto.
     #[arg(long, env = "TRIAGEM_DEVICE", default_value = "cpu")]
@@ -209,4 +213,39 @@ pub struct ClassifyArgs {
     pub device: String,
     /// Texts to classify; without any, one text per line is read from stdin.
     pub texts: Vec<String>,
+}
+
+impl TrainArgs {
+    /// The `triagem train` defaults, as `triagem train --out OUT` would take them.
+    pub fn defaults(out: PathBuf) -> Self {
+        let Command::Train(mut args) = Cli::parse_from(["triagem", "train"]).command else {
+            unreachable!("parsed a train command")
+        };
+        args.out = out;
+        args
+    }
+
+    /// Resolves the base and the device into the trainer's options.
+    pub fn options(self) -> Result<TrainOptions, TrainError> {
+        Ok(TrainOptions {
+            base: Base::parse(&self.base)?,
+            device: model::device(&self.device)?,
+            train: self.train,
+            test: self.test,
+            out: self.out,
+            epochs: self.epochs,
+            lr: self.lr,
+            batch_size: self.batch_size,
+            max_len: self.max_len,
+            seed: self.seed,
+            dev_fraction: self.dev_fraction,
+            warmup: self.warmup,
+            weight_decay: self.weight_decay,
+            augment: self.augment,
+            vocab_size: self.vocab_size,
+            scratch_hidden: self.scratch_hidden,
+            scratch_layers: self.scratch_layers,
+            quiet: self.quiet,
+        })
+    }
 }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -18,14 +17,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::Value;
 
-use crate::cli::{Cli, Command, TrainArgs};
+use crate::cli::TrainArgs;
 use crate::config::Config;
 use crate::model;
-use crate::train::{self, TrainError, TrainOptions};
+use crate::train::{self, TrainError};
 use crate::worker::{self, Shutdown, Worker, WorkerError};
-
-/// The base model `triagem train` uses by default (fetched by `scripts/fetch-base-model.sh`).
-pub const DEFAULT_BASE: &str = "models/base/all-MiniLM-L6-v2";
 
 /// What `triagem demo` takes.
 #[derive(Debug, Clone)]
@@ -196,22 +192,8 @@ fn ensure_model(dir: &Path) -> Result<(), DemoError> {
     if dir.join(model::CONFIG_FILE).is_file() && dir.join(model::WEIGHTS_FILE).is_file() {
         return Ok(());
     }
-    let base = if Path::new(DEFAULT_BASE).join(model::CONFIG_FILE).is_file() {
-        println!("no model in {}: training one from {DEFAULT_BASE} with the `triagem train` defaults", dir.display());
-        DEFAULT_BASE
-    } else {
-        println!(
-            "no model in {} and no base model in {DEFAULT_BASE} (scripts/fetch-base-model.sh fetches it): \
-             training a small BERT from scratch (`--base none`), less accurate",
-            dir.display()
-        );
-        "none"
-    };
-    let out = dir.to_string_lossy().into_owned();
-    let cli = Cli::try_parse_from(["triagem", "train", "--base", base, "--out", &out])
-        .map_err(|e| DemoError::Data { path: dir.into(), reason: e.to_string() })?;
-    let Command::Train(a) = cli.command else { unreachable!("parsed a train command") };
-    let summary = train::train(&train_options(a)?)?;
+    println!("no model in {}: training one with the `triagem train` defaults (about 2 minutes on 2 cores)", dir.display());
+    let summary = train::train(&TrainArgs::defaults(dir.to_path_buf()).options()?)?;
     println!(
         "trained {} (test accuracy {:.3}, macro-F1 {:.3})",
         summary.model_dir.display(),
@@ -219,27 +201,4 @@ fn ensure_model(dir: &Path) -> Result<(), DemoError> {
         summary.test.macro_f1
     );
     Ok(())
-}
-
-fn train_options(a: TrainArgs) -> Result<TrainOptions, DemoError> {
-    Ok(TrainOptions {
-        base: train::Base::parse(&a.base)?,
-        train: a.train,
-        test: a.test,
-        out: a.out,
-        epochs: a.epochs,
-        lr: a.lr,
-        batch_size: a.batch_size,
-        max_len: a.max_len,
-        seed: a.seed,
-        dev_fraction: a.dev_fraction,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        augment: a.augment,
-        vocab_size: a.vocab_size,
-        scratch_hidden: a.scratch_hidden,
-        scratch_layers: a.scratch_layers,
-        device: model::device(&a.device)?,
-        quiet: a.quiet,
-    })
 }

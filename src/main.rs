@@ -35,26 +35,7 @@ fn main() {
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
-    let opts = train::TrainOptions {
-        base: train::Base::parse(&a.base)?,
-        train: a.train,
-        test: a.test,
-        out: a.out,
-        epochs: a.epochs,
-        lr: a.lr,
-        batch_size: a.batch_size,
-        max_len: a.max_len,
-        seed: a.seed,
-        dev_fraction: a.dev_fraction,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        augment: a.augment,
-        vocab_size: a.vocab_size,
-        scratch_hidden: a.scratch_hidden,
-        scratch_layers: a.scratch_layers,
-        device: model::device(&a.device)?,
-        quiet: a.quiet,
-    };
+    let opts = a.options()?;
     let summary = train::train(&opts)?;
     println!(
         "model {} (version {}) — best epoch {}, test accuracy {:.4}, macro-F1 {:.4}, {:.0}s",

@@ -5,5 +5,6 @@
 # sent through it). Arguments are passed to `triagem demo` (try --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/install-build-deps.sh
 cargo build --release --locked
 exec target/release/triagem demo "$@"

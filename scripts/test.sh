@@ -4,7 +4,7 @@
 # every unit and integration test. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for setup in scripts/install-tansu.sh scripts/install-promtool.sh; do
+for setup in scripts/install-build-deps.sh scripts/install-tansu.sh scripts/install-promtool.sh; do
   if [ -x "$setup" ]; then "$setup"; fi
 done
 python3 scripts/check_data.py

@@ -177,6 +177,27 @@ impl Metrics {
         Ok(Arc::new(m))
     }
 
+    /// Creates every labelled counter series the worker can touch at zero, so
+    /// that `/metrics` lists them from the start and `rate()` sees the first event.
+    /// `routes` are (label, topic) pairs, review topic included.
+    pub fn preset(&self, labels: &[String], routes: &[(String, String)], dead_letter_topic: &str, reasons: &[&str]) {
+        for label in labels {
+            self.classified.with_label_values(&[label.as_str()]);
+            self.review.with_label_values(&[label.as_str()]);
+        }
+        for (label, topic) in routes {
+            self.routed.with_label_values(&[topic.as_str(), label.as_str()]);
+            self.produce_errors.with_label_values(&[topic.as_str()]);
+        }
+        self.produce_errors.with_label_values(&[dead_letter_topic]);
+        for reason in reasons {
+            self.dead_lettered.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            self.commits.with_label_values(&[result]);
+        }
+    }
+
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

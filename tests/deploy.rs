@@ -907,8 +907,6 @@ fn configmap_and_env_overrides_load_with_the_workers_own_loader() {
 }
 
 #[test]
-#[ignore = "the worker's [kafka.client] table does not yet take nested env keys: \
-            TRIAGEM__KAFKA__CLIENT__SASL__PASSWORD becomes kafka.client.sasl.password, a table, not the key sasl.password"]
 fn sasl_credentials_from_the_secret_reach_librdkafka() {
     let cm = one_doc(&format!("{K8S}/configmap.yaml"), "ConfigMap");
     let env = deployment_env("deployment.yaml", true);

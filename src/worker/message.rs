@@ -76,6 +76,17 @@ pub enum Poison {
 }
 
 impl Poison {
+    /// Every value [`Poison::reason`] can return.
+    pub const REASONS: [&'static str; 7] = [
+        "oversize",
+        "invalid_utf8",
+        "invalid_json",
+        "missing_text",
+        "empty_text",
+        "non_string_text",
+        "inference_error",
+    ];
+
     /// The metric label and the start of the `triagem-error` header.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -197,6 +208,21 @@ pub fn dead_letter_headers(envelope: &Envelope, poison: &Poison) -> Vec<(String,
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_reason_is_listed_for_the_metrics() {
+        let all = [
+            Poison::Oversize { size: 2, max: 1 },
+            Poison::InvalidUtf8(String::new()),
+            Poison::InvalidJson(String::new()),
+            Poison::MissingText(String::new()),
+            Poison::EmptyText,
+            Poison::NonStringText { field: String::new(), kind: "number" },
+            Poison::Inference(String::new()),
+        ];
+        let reasons: Vec<&str> = all.iter().map(Poison::reason).collect();
+        assert_eq!(reasons, Poison::REASONS);
+    }
+
     use super::*;
 
     fn json_cfg() -> InputConfig {

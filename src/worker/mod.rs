@@ -235,6 +235,15 @@ impl Worker {
             .model_info
             .with_label_values(&[&info.name, &info.version, &info.labels.join(","), &cfg.model.device])
             .set(1);
+        let routes: Vec<(String, String)> = info
+            .labels
+            .iter()
+            .flat_map(|l| {
+                let topic = cfg.routing.topics.get(l).cloned().unwrap_or_default();
+                [(l.clone(), topic), (l.clone(), cfg.routing.review_topic.clone())]
+            })
+            .collect();
+        metrics.preset(&info.labels, &routes, &cfg.routing.dead_letter_topic, &message::Poison::REASONS);
         let listener = crate::metrics::bind(cfg.metrics_addr()?).await?;
         let metrics_addr =
             listener.local_addr().map_err(|source| WorkerError::Start { what: "the metrics endpoint", source })?;

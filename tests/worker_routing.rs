@@ -2,8 +2,12 @@
 //! scripts/install-tansu.sh): where each message lands and what it carries.
 
 mod worker_common;
+#[path = "common/deploy_names.rs"]
+#[allow(dead_code)]
+mod deploy_names;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
@@ -137,6 +141,16 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
     );
     assert_eq!(http_get(&url.replace("/metrics", "/healthz")).0, 200);
     assert!(eventually(Duration::from_secs(15), || http_get(&url.replace("/metrics", "/readyz")).0 == 200));
+
+    // Every metric the Grafana dashboard and the alert rules query is on this
+    // live worker's page (`up` is Prometheus' own). Consumer lag comes with
+    // librdkafka's statistics, every 5 s: wait for it.
+    let referenced = deploy_names::referenced_metric_names(Path::new(env!("CARGO_MANIFEST_DIR")));
+    let missing = || -> BTreeSet<String> {
+        let exposed = deploy_names::exposed_metric_names(&http_get(&url).1);
+        referenced.keys().filter(|n| *n != "up" && !exposed.contains(*n)).cloned().collect()
+    };
+    assert!(eventually(Duration::from_secs(20), || missing().is_empty()), "not exposed: {:?}", missing());
 }
 
 /// Below `routing.min_confidence` a message goes to the review topic, still

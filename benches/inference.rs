@@ -38,14 +38,14 @@ fn rss_bytes() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let default = root.join("models/triagem");
-            if default.join("model.safetensors").is_file() { default } else { root.join("tests/fixtures/tiny-model") }
-        });
+    let dir = std::env::args().skip(1).find(|a| !a.starts_with('-')).map(PathBuf::from).unwrap_or_else(|| {
+        let default = root.join("models/triagem");
+        if default.join("model.safetensors").is_file() {
+            default
+        } else {
+            root.join("tests/fixtures/tiny-model")
+        }
+    });
     let device = Device::Cpu;
     let rss_before = rss_bytes();
     let classifier = Classifier::load(&dir, &device)?;
@@ -62,8 +62,13 @@ fn main() -> anyhow::Result<()> {
         serde_json::from_str(&std::fs::read_to_string(dir.join(model::CONFIG_FILE))?)?;
     let baseline = candle_transformers::models::bert::BertModel::load(vb, &baseline_cfg)?;
 
-    println!("model {} ({}), {} messages per row, CPU threads {}", dir.display(), classifier.info().version,
-        MESSAGES, candle_core::utils::get_num_threads());
+    println!(
+        "model {} ({}), {} messages per row, CPU threads {}",
+        dir.display(),
+        classifier.info().version,
+        MESSAGES,
+        candle_core::utils::get_num_threads()
+    );
     println!("{:<10} {:>6} {:>12} {:>16}", "impl", "batch", "msg/s", "ms/batch (mean)");
     let mut rows = Vec::new();
     for &batch in &BATCHES {
@@ -96,11 +101,17 @@ fn main() -> anyhow::Result<()> {
             rows.push(json!({"impl": name, "batch": batch, "messages_per_second": msg_s, "ms_per_batch": ms_batch}));
         }
     }
-    println!("resident memory: {:.1} MiB before loading, {:.1} MiB with the model", rss_before as f64 / 1048576.0,
-        rss_loaded as f64 / 1048576.0);
-    println!("{}", json!({
-        "model": dir, "model_version": classifier.info().version, "messages": MESSAGES,
-        "rss_bytes_before_load": rss_before, "rss_bytes_loaded": rss_loaded, "results": rows,
-    }));
+    println!(
+        "resident memory: {:.1} MiB before loading, {:.1} MiB with the model",
+        rss_before as f64 / 1048576.0,
+        rss_loaded as f64 / 1048576.0
+    );
+    println!(
+        "{}",
+        json!({
+            "model": dir, "model_version": classifier.info().version, "messages": MESSAGES,
+            "rss_bytes_before_load": rss_before, "rss_bytes_loaded": rss_loaded, "results": rows,
+        })
+    );
     Ok(())
 }

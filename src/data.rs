@@ -56,8 +56,11 @@ impl Dataset {
             if raw.trim().is_empty() {
                 continue;
             }
-            let example = parse_line(raw, known_labels)
-                .map_err(|reason| DataError::Line { path: path.into(), line: i + 1, reason })?;
+            let example = parse_line(raw, known_labels).map_err(|reason| DataError::Line {
+                path: path.into(),
+                line: i + 1,
+                reason,
+            })?;
             examples.push(example);
         }
         if examples.is_empty() {

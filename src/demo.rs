@@ -192,7 +192,10 @@ fn ensure_model(dir: &Path) -> Result<(), DemoError> {
     if dir.join(model::CONFIG_FILE).is_file() && dir.join(model::WEIGHTS_FILE).is_file() {
         return Ok(());
     }
-    println!("no model in {}: training one with the `triagem train` defaults (about 2 minutes on 2 cores)", dir.display());
+    println!(
+        "no model in {}: training one with the `triagem train` defaults (about 2 minutes on 2 cores)",
+        dir.display()
+    );
     let summary = train::train(&TrainArgs::defaults(dir.to_path_buf()).options()?)?;
     println!(
         "trained {} (test accuracy {:.3}, macro-F1 {:.3})",

@@ -124,10 +124,15 @@ impl Report {
     /// The human-readable report printed by `triagem eval`.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "examples  {}\naccuracy  {:.4}\nmacro-F1  {:.4}\n", self.examples, self.accuracy, self.macro_f1);
+        let _ = writeln!(
+            s,
+            "examples  {}\naccuracy  {:.4}\nmacro-F1  {:.4}\n",
+            self.examples, self.accuracy, self.macro_f1
+        );
         let _ = writeln!(s, "{:<14} {:>9} {:>9} {:>9} {:>9}", "label", "precision", "recall", "f1", "support");
         for (label, st) in &self.per_label {
-            let _ = writeln!(s, "{label:<14} {:>9.4} {:>9.4} {:>9.4} {:>9}", st.precision, st.recall, st.f1, st.support);
+            let _ =
+                writeln!(s, "{label:<14} {:>9.4} {:>9.4} {:>9.4} {:>9}", st.precision, st.recall, st.f1, st.support);
         }
         let _ = writeln!(s, "\nconfusion (rows: true, columns: predicted)");
         let _ = write!(s, "{:<14}", "");

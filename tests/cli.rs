@@ -85,7 +85,8 @@ fn unknown_base_is_one_error() {
 
 #[test]
 fn classify_reads_arguments_and_stdin() {
-    let out = triagem(&["classify", "--model", &fixture(), "--json", "quero comprar uma geladeira", "minha tv quebrou"]);
+    let out =
+        triagem(&["classify", "--model", &fixture(), "--json", "quero comprar uma geladeira", "minha tv quebrou"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> =
         String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -130,9 +131,28 @@ fn same_seed_same_model_and_metrics() {
     let run = |out: &PathBuf| {
         let out_s = out.display().to_string();
         let o = triagem(&[
-            "train", "--base", "none", "--train", &train, "--test", "data/teste.jsonl", "--out", &out_s,
-            "--epochs", "3", "--scratch-hidden", "32", "--scratch-layers", "1", "--vocab-size", "500",
-            "--lr", "2e-3", "--seed", "7", "--quiet",
+            "train",
+            "--base",
+            "none",
+            "--train",
+            &train,
+            "--test",
+            "data/teste.jsonl",
+            "--out",
+            &out_s,
+            "--epochs",
+            "3",
+            "--scratch-hidden",
+            "32",
+            "--scratch-layers",
+            "1",
+            "--vocab-size",
+            "500",
+            "--lr",
+            "2e-3",
+            "--seed",
+            "7",
+            "--quiet",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let metrics: serde_json::Value =

@@ -1,10 +1,10 @@
 //! The worker against a real Kafka-protocol broker (`tansu`, see
 //! scripts/install-tansu.sh): where each message lands and what it carries.
 
-mod worker_common;
 #[path = "common/deploy_names.rs"]
 #[allow(dead_code)]
 mod deploy_names;
+mod worker_common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

@@ -34,9 +34,8 @@ impl Mode<'_> {
         }
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
-            .collect();
+        let mask: Vec<f32> =
+            (0..xs.elem_count()).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs.mul(&mask)
     }
@@ -151,10 +150,7 @@ impl Attention {
     fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         if h % cfg.num_attention_heads != 0 {
-            candle_core::bail!(
-                "hidden_size {h} is not a multiple of num_attention_heads {}",
-                cfg.num_attention_heads
-            );
+            candle_core::bail!("hidden_size {h} is not a multiple of num_attention_heads {}", cfg.num_attention_heads);
         }
         let sa = vb.pp("self");
         let out = vb.pp("output");
@@ -270,10 +266,7 @@ pub fn batch_tensors(ids: &[Vec<u32>], masks: &[Vec<u32>], device: &Device) -> R
     let len = ids.first().map_or(0, Vec::len);
     let flat_ids: Vec<u32> = ids.iter().flatten().copied().collect();
     let flat_mask: Vec<u32> = masks.iter().flatten().copied().collect();
-    Ok((
-        Tensor::from_vec(flat_ids, (rows, len), device)?,
-        Tensor::from_vec(flat_mask, (rows, len), device)?,
-    ))
+    Ok((Tensor::from_vec(flat_ids, (rows, len), device)?, Tensor::from_vec(flat_mask, (rows, len), device)?))
 }
 
 /// Softmax over the last dimension, as plain rows.

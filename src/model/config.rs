@@ -89,9 +89,7 @@ impl BertConfig {
         }
         let mut labels = vec![String::new(); n];
         for (id, label) in &self.id2label {
-            let i: usize = id
-                .parse()
-                .map_err(|_| format!("id2label key {id:?} is not a class index"))?;
+            let i: usize = id.parse().map_err(|_| format!("id2label key {id:?} is not a class index"))?;
             if i >= n {
                 return Err(format!("id2label key {i} is out of range for {n} labels"));
             }

@@ -138,10 +138,8 @@ impl TextEncoder {
 
     /// Ids and attention masks of `texts`, padded to the longest one.
     pub fn encode(&self, texts: &[&str]) -> Result<Encoded, ModelError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| ModelError::Tokenize(e.to_string()))?;
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| ModelError::Tokenize(e.to_string()))?;
         Ok(Encoded {
             ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
             masks: encodings.iter().map(|e| e.get_attention_mask().to_vec()).collect(),
@@ -150,11 +148,7 @@ impl TextEncoder {
 
     /// Number of tokens `text` takes after truncation, special tokens included.
     pub fn count_tokens(&self, text: &str) -> usize {
-        self.tokenizer
-            .encode_fast(text, true)
-            .map(|e| e.get_ids().len())
-            .unwrap_or(self.max_len)
-            .min(self.max_len)
+        self.tokenizer.encode_fast(text, true).map(|e| e.get_ids().len()).unwrap_or(self.max_len).min(self.max_len)
     }
 }
 
@@ -204,14 +198,11 @@ impl Classifier {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let cfg = read_config(dir)?;
         let config_path = dir.join(CONFIG_FILE);
-        let labels = cfg
-            .labels()
-            .map_err(|reason| ModelError::BadConfig { path: config_path.clone(), reason })?;
+        let labels = cfg.labels().map_err(|reason| ModelError::BadConfig { path: config_path.clone(), reason })?;
         let encoder = TextEncoder::load(&require(dir, TOKENIZER_FILE)?, None, cfg.pad_token_id)?;
         let max_len = encoder.max_len().min(cfg.max_position_embeddings);
-        let encoder = TextEncoder::new(encoder.tokenizer().clone(), max_len, cfg.pad_token_id).map_err(|reason| {
-            ModelError::BadTokenizer { path: dir.join(TOKENIZER_FILE), reason }
-        })?;
+        let encoder = TextEncoder::new(encoder.tokenizer().clone(), max_len, cfg.pad_token_id)
+            .map_err(|reason| ModelError::BadTokenizer { path: dir.join(TOKENIZER_FILE), reason })?;
         let weights = require(dir, WEIGHTS_FILE)?;
         let bad_weights = |reason: String| ModelError::BadWeights { path: weights.clone(), reason };
         let version = file_version(&weights).map_err(|e| bad_weights(e.to_string()))?;
@@ -277,11 +268,7 @@ impl Classifier {
     }
 
     fn prediction(&self, row: Vec<f32>) -> Prediction {
-        let best = row
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i);
+        let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
         Prediction {
             label: self.labels[best].clone(),
             score: row[best],

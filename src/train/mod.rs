@@ -221,10 +221,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
             let lr = opts.lr * schedule(step, warmup_steps, total_steps);
             decay.set_learning_rate(lr);
             no_decay.set_learning_rate(lr);
-            let texts: Vec<String> = chunk
-                .iter()
-                .map(|&i| augment::augment(&train_examples[i].text, opts.augment, &mut rng))
-                .collect();
+            let texts: Vec<String> =
+                chunk.iter().map(|&i| augment::augment(&train_examples[i].text, opts.augment, &mut rng)).collect();
             let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
             let loss = loss(&trainable, &texts, &targets, &opts.device, &mut rng)?;
             let mut grads = loss.backward()?;
@@ -356,7 +354,16 @@ fn build(opts: &TrainOptions, labels: &[String], train: &[Example], rng: &mut St
         Base::Scratch => {
             let texts: Vec<String> = train.iter().map(|e| e.text.clone()).collect();
             let tokenizer = scratch::train_tokenizer(&texts, opts.vocab_size).map_err(TrainError::Tokenizer)?;
-            (BertConfig::small(tokenizer.get_vocab_size(true), opts.max_len, opts.scratch_hidden, opts.scratch_layers), tokenizer, HashMap::new())
+            (
+                BertConfig::small(
+                    tokenizer.get_vocab_size(true),
+                    opts.max_len,
+                    opts.scratch_hidden,
+                    opts.scratch_layers,
+                ),
+                tokenizer,
+                HashMap::new(),
+            )
         }
         Base::Dir(dir) => {
             let config = model::read_config(dir)?;
@@ -453,14 +460,17 @@ fn optimizers(varmap: &VarMap, opts: &TrainOptions) -> Result<(AdamW, AdamW), Tr
         sorted_vars(varmap).into_iter().partition(|(n, _)| !n.ends_with("bias") && !n.contains("LayerNorm"));
     let vars = |vs: Vec<(String, Var)>| -> Vec<Var> { vs.into_iter().map(|(_, v)| v).collect() };
     let params = |weight_decay| ParamsAdamW { lr: opts.lr, weight_decay, ..Default::default() };
-    Ok((
-        AdamW::new(vars(decay), params(opts.weight_decay))?,
-        AdamW::new(vars(no_decay), params(0.0))?,
-    ))
+    Ok((AdamW::new(vars(decay), params(opts.weight_decay))?, AdamW::new(vars(no_decay), params(0.0))?))
 }
 
 /// Mean cross-entropy of a batch, in training mode.
-fn loss(t: &Trainable, texts: &[String], targets: &[u32], device: &Device, rng: &mut StdRng) -> Result<Tensor, TrainError> {
+fn loss(
+    t: &Trainable,
+    texts: &[String],
+    targets: &[u32],
+    device: &Device,
+    rng: &mut StdRng,
+) -> Result<Tensor, TrainError> {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let encoded = t.encoder.encode(&refs)?;
     let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, device)?;
@@ -490,7 +500,12 @@ fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<
 }
 
 /// Dev-set report of the model as it is now, without writing it to disk.
-fn evaluate_in_memory(t: &Trainable, labels: &[String], dev: &[Example], opts: &TrainOptions) -> Result<Report, TrainError> {
+fn evaluate_in_memory(
+    t: &Trainable,
+    labels: &[String],
+    dev: &[Example],
+    opts: &TrainOptions,
+) -> Result<Report, TrainError> {
     if dev.is_empty() {
         return Ok(Report::new(labels, &[], &[]));
     }
@@ -512,12 +527,7 @@ fn save(t: &Trainable, labels: &[String], out: &Path) -> Result<(), TrainError> 
     let weights = out.join(model::WEIGHTS_FILE);
     t.varmap.save(&weights).map_err(|e| write_error(&weights, e))?;
     let tok_path = out.join(model::TOKENIZER_FILE);
-    t.encoder
-        .tokenizer()
-        .clone()
-        .with_padding(None)
-        .save(&tok_path, false)
-        .map_err(|e| write_error(&tok_path, e))?;
+    t.encoder.tokenizer().clone().with_padding(None).save(&tok_path, false).map_err(|e| write_error(&tok_path, e))?;
     // Lets `AutoTokenizer.from_pretrained` load tokenizer.json as it is.
     let tok_config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -66,14 +66,7 @@ const AGGREGATIONS: &[&str] = &[
     "limit_ratio",
 ];
 /// Keywords followed by a parenthesised list of label names.
-const LABEL_LIST_KEYWORDS: &[&str] = &[
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-];
+const LABEL_LIST_KEYWORDS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
 
 /// Every metric name in one PromQL expression.
 pub fn promql_metric_names(expr: &str) -> BTreeSet<String> {
@@ -102,9 +95,7 @@ pub fn promql_metric_names(expr: &str) -> BTreeSet<String> {
                     }
                 }
             }
-            c if c.is_ascii_digit()
-                || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
-            {
+            c if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) => {
                 // A number or a duration: 0.95, 1e-3, 0x1f, 5m, 1h30m.
                 i += 1;
                 while i < chars.len() {
@@ -131,8 +122,7 @@ pub fn promql_metric_names(expr: &str) -> BTreeSet<String> {
                 // A function call, or an aggregation written `sum by (le) (…)`.
                 let called = j < chars.len()
                     && (chars[j] == '('
-                        || (AGGREGATIONS.contains(&lower.as_str())
-                            && next_word_is_grouping(&chars[j..])));
+                        || (AGGREGATIONS.contains(&lower.as_str()) && next_word_is_grouping(&chars[j..])));
                 if LABEL_LIST_KEYWORDS.contains(&lower.as_str()) {
                     if called {
                         i = skip_until_close(&chars, j, '(', ')');
@@ -214,18 +204,11 @@ pub fn dashboard_exprs(dashboard: &serde_json::Value) -> Vec<String> {
     }
     let mut out = Vec::new();
     panel_exprs(&dashboard["panels"], &mut out);
-    for var in dashboard["templating"]["list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    for var in dashboard["templating"]["list"].as_array().into_iter().flatten() {
         if var["type"] != "query" {
             continue;
         }
-        let query = var["query"]["query"]
-            .as_str()
-            .or(var["query"].as_str())
-            .unwrap_or_default();
+        let query = var["query"]["query"].as_str().or(var["query"].as_str()).unwrap_or_default();
         out.push(grafana_variable_expr(query));
     }
     out
@@ -271,10 +254,8 @@ pub fn rule_exprs(rules_yaml: &str) -> Result<Vec<String>, serde_yaml::Error> {
 /// Metric names the dashboard and the alert rules use, each with where it is used.
 pub fn referenced_metric_names(repo_root: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let dashboard_text =
-        std::fs::read_to_string(repo_root.join(DASHBOARD)).expect("read the dashboard");
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&dashboard_text).expect("dashboard is JSON");
+    let dashboard_text = std::fs::read_to_string(repo_root.join(DASHBOARD)).expect("read the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard_text).expect("dashboard is JSON");
     for expr in dashboard_exprs(&dashboard) {
         for name in promql_metric_names(&expr) {
             names.entry(name).or_default().insert(DASHBOARD.to_string());
@@ -315,10 +296,7 @@ pub fn documented_metrics(markdown: &str) -> BTreeMap<String, String> {
 
 /// The documented metric a queried name belongs to: itself, or the histogram
 /// whose `_bucket`/`_sum`/`_count` series it is. `None` when undocumented.
-pub fn documented_base<'a>(
-    name: &str,
-    documented: &'a BTreeMap<String, String>,
-) -> Option<&'a str> {
+pub fn documented_base<'a>(name: &str, documented: &'a BTreeMap<String, String>) -> Option<&'a str> {
     if let Some((k, _)) = documented.get_key_value(name) {
         return Some(k.as_str());
     }

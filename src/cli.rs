@@ -178,17 +178,12 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
+/// The model a command serves, and how.
 #[derive(Debug, Args)]
-pub struct EvalArgs {
+pub struct ModelArgs {
     /// Model directory.
     #[arg(long, env = "TRIAGEM_MODEL", default_value = "models/triagem")]
     pub model: PathBuf,
-    /// Labelled JSONL file.
-    #[arg(long, default_value = "data/teste.jsonl")]
-    pub data: PathBuf,
-    /// Print one JSON object instead of the report.
-    #[arg(long)]
-    pub json: bool,
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -197,20 +192,32 @@ pub struct EvalArgs {
     pub device: String,
 }
 
+impl ModelArgs {
+    /// Loads the model directory onto the device.
+    pub fn load(&self) -> Result<model::Classifier, model::ModelError> {
+        model::Classifier::load(&self.model, &model::device(&self.device)?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Labelled JSONL file.
+    #[arg(long, default_value = "data/teste.jsonl")]
+    pub data: PathBuf,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct ClassifyArgs {
-    /// Model directory.
-    #[arg(long, env = "TRIAGEM_MODEL", default_value = "models/triagem")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// One JSON object per text (`text`, `label`, `score`, `scores`) instead of tab-separated lines.
     #[arg(long)]
     pub json: bool,
-    /// Texts per forward pass.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Compute device: cpu, cuda or auto.
-    #[arg(long, env = "TRIAGEM_DEVICE", default_value = "cpu")]
-    pub device: String,
     /// Texts to classify; without any, one text per line is read from stdin.
     pub texts: Vec<String>,
 }

@@ -9,7 +9,6 @@ use serde_json::json;
 use triagem::cli::{ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, LoadgenArgs, TrainArgs, WorkerArgs};
 use triagem::config::Config;
 use triagem::data::Dataset;
-use triagem::model::{self, Classifier};
 use triagem::{demo, eval, loadgen, train, worker};
 
 fn main() {
@@ -51,9 +50,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
-    let classifier = Classifier::load(&a.model, &model::device(&a.device)?)?;
+    let classifier = a.model.load()?;
     let data = Dataset::load(&a.data, Some(classifier.labels()))?;
-    let report = eval::evaluate(&classifier, &data.examples, a.batch_size)?;
+    let report = eval::evaluate(&classifier, &data.examples, a.model.batch_size)?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -64,7 +63,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn run_classify(a: ClassifyArgs) -> Result<()> {
-    let classifier = Classifier::load(&a.model, &model::device(&a.device)?)?;
+    let classifier = a.model.load()?;
     let texts: Vec<String> = if a.texts.is_empty() {
         std::io::stdin()
             .lock()
@@ -78,7 +77,7 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
         a.texts
     };
     let mut out = std::io::stdout().lock();
-    for chunk in texts.chunks(a.batch_size.max(1)) {
+    for chunk in texts.chunks(a.model.batch_size.max(1)) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         for (text, p) in chunk.iter().zip(classifier.predict(&refs)?) {
             if a.json {

@@ -117,13 +117,13 @@ impl TextEncoder {
         Ok(Self { tokenizer, max_len })
     }
 
-    /// Reads `tokenizer.json`, keeping the truncation length it declares when there is one.
-    pub fn load(path: &Path, max_len: Option<usize>, pad_id: u32) -> Result<Self, ModelError> {
+    /// Reads `tokenizer.json`, truncating at the length it declares (or
+    /// [`DEFAULT_MAX_LEN`]), never beyond the model's `max_positions`.
+    pub fn load(path: &Path, max_positions: usize, pad_id: u32) -> Result<Self, ModelError> {
         let bad = |reason: String| ModelError::BadTokenizer { path: path.to_path_buf(), reason };
         let tokenizer = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
-        let declared = tokenizer.get_truncation().map(|t| t.max_length);
-        let max_len = max_len.or(declared).unwrap_or(DEFAULT_MAX_LEN);
-        Self::new(tokenizer, max_len, pad_id).map_err(bad)
+        let declared = tokenizer.get_truncation().map_or(DEFAULT_MAX_LEN, |t| t.max_length);
+        Self::new(tokenizer, declared.min(max_positions), pad_id).map_err(bad)
     }
 
     /// The underlying tokenizer, configured.
@@ -186,11 +186,12 @@ pub fn require(dir: &Path, file: &'static str) -> Result<PathBuf, ModelError> {
     }
 }
 
-/// Short content hash of a file, used as the model version.
+/// Short content hash of a file, used as the model version (streamed: the
+/// weights are memory-mapped afterwards, not read into memory twice).
 pub fn file_version(path: &Path) -> std::io::Result<String> {
-    let bytes = std::fs::read(path)?;
-    let digest = Sha256::digest(&bytes);
-    Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
 }
 
 impl Classifier {
@@ -199,15 +200,15 @@ impl Classifier {
         let cfg = read_config(dir)?;
         let config_path = dir.join(CONFIG_FILE);
         let labels = cfg.labels().map_err(|reason| ModelError::BadConfig { path: config_path.clone(), reason })?;
-        let encoder = TextEncoder::load(&require(dir, TOKENIZER_FILE)?, None, cfg.pad_token_id)?;
-        let max_len = encoder.max_len().min(cfg.max_position_embeddings);
-        let encoder = TextEncoder::new(encoder.tokenizer().clone(), max_len, cfg.pad_token_id)
-            .map_err(|reason| ModelError::BadTokenizer { path: dir.join(TOKENIZER_FILE), reason })?;
+        let encoder = TextEncoder::load(&require(dir, TOKENIZER_FILE)?, cfg.max_position_embeddings, cfg.pad_token_id)?;
+        let max_len = encoder.max_len();
         let weights = require(dir, WEIGHTS_FILE)?;
         let bad_weights = |reason: String| ModelError::BadWeights { path: weights.clone(), reason };
         let version = file_version(&weights).map_err(|e| bad_weights(e.to_string()))?;
-        // SAFETY: the file is memory-mapped read-only; triagem never writes a
-        // model directory it is serving from (training writes a new directory).
+        // SAFETY: the file is memory-mapped read-only, and only while loading:
+        // candle copies each tensor out of the mapping. `triagem train`
+        // replaces the files of its output directory by rename, never in
+        // place, so a load racing a retrain never maps a half-written file.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
             .map_err(|e| bad_weights(e.to_string()))?;
         let model = BertClassifier::load(&cfg, labels.len(), vb).map_err(|e| bad_weights(e.to_string()))?;

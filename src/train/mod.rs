@@ -282,9 +282,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         model_bytes: std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0),
         triagem_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let metrics_path = opts.out.join("metrics.json");
-    let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
-    std::fs::write(&metrics_path, json + "\n").map_err(|e| write_error(&metrics_path, e))?;
+    let json = serde_json::to_string_pretty(&summary).expect("summary serialises") + "\n";
+    replace_file(&opts.out.join("metrics.json"), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
     Ok(summary)
 }
 
@@ -521,13 +520,11 @@ fn save(t: &Trainable, labels: &[String], out: &Path) -> Result<(), TrainError> 
     let mut config = t.config.clone();
     config.set_labels(labels);
     config.extra.insert("torch_dtype".into(), "float32".into());
-    let config_path = out.join(model::CONFIG_FILE);
-    let json = serde_json::to_string_pretty(&config).expect("config serialises");
-    std::fs::write(&config_path, json + "\n").map_err(|e| write_error(&config_path, e))?;
-    let weights = out.join(model::WEIGHTS_FILE);
-    t.varmap.save(&weights).map_err(|e| write_error(&weights, e))?;
-    let tok_path = out.join(model::TOKENIZER_FILE);
-    t.encoder.tokenizer().clone().with_padding(None).save(&tok_path, false).map_err(|e| write_error(&tok_path, e))?;
+    let json = serde_json::to_string_pretty(&config).expect("config serialises") + "\n";
+    replace_file(&out.join(model::CONFIG_FILE), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
+    replace_file(&out.join(model::WEIGHTS_FILE), |p| t.varmap.save(p).map_err(|e| e.to_string()))?;
+    let tokenizer = t.encoder.tokenizer().clone().with_padding(None).clone();
+    replace_file(&out.join(model::TOKENIZER_FILE), |p| tokenizer.save(p, false).map_err(|e| e.to_string()))?;
     // Lets `AutoTokenizer.from_pretrained` load tokenizer.json as it is.
     let tok_config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -535,10 +532,19 @@ fn save(t: &Trainable, labels: &[String], out: &Path) -> Result<(), TrainError> 
         "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
         "unk_token": "[UNK]", "mask_token": "[MASK]",
     });
-    let tc_path = out.join("tokenizer_config.json");
-    std::fs::write(&tc_path, serde_json::to_string_pretty(&tok_config).expect("json") + "\n")
-        .map_err(|e| write_error(&tc_path, e))?;
-    Ok(())
+    let json = serde_json::to_string_pretty(&tok_config).expect("json") + "\n";
+    replace_file(&out.join("tokenizer_config.json"), |p| std::fs::write(p, json).map_err(|e| e.to_string()))
+}
+
+/// Writes `path` through a temporary file in the same directory and renames
+/// it into place, so that a worker (re)starting during a retrain into the
+/// directory it serves never reads a half-written file.
+fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), TrainError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write(&tmp).map_err(|e| write_error(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| write_error(path, e))
 }
 
 fn progress_bar(quiet: bool, len: u64, epoch: usize, epochs: usize) -> ProgressBar {

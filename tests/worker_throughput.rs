@@ -24,15 +24,6 @@ const POISON: &[(&str, &[u8])] = &[
     ("invalid_utf8", b"{\"text\": \"\xff\xfe\"}"),
 ];
 
-fn test_texts() -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/teste.jsonl");
-    let text = std::fs::read_to_string(path).expect("data/teste.jsonl");
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["prompt"].as_str().map(str::to_string))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "10,000 messages: run with --ignored --nocapture (release build recommended)"]
 async fn ten_thousand_mixed_messages_survive_a_sigkill() {
@@ -52,7 +43,9 @@ async fn ten_thousand_mixed_messages_survive_a_sigkill() {
         ("TRIAGEM__KAFKA__COMMIT_INTERVAL_MS", "1000"),
     ];
 
-    let texts = test_texts();
+    let texts =
+        triagem::loadgen::read_texts(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/teste.jsonl")))
+            .expect("data/teste.jsonl");
     let mut inputs = Vec::with_capacity(n);
     let mut poison_ids = HashMap::new();
     for i in 0..n {

@@ -73,14 +73,14 @@ pub struct LoadgenArgs {
     /// Messages to send (1000 when neither --count nor --duration is given).
     #[arg(long, env = "TRIAGEM_LOADGEN_COUNT", conflicts_with = "duration")]
     pub count: Option<u64>,
-    /// Send for this long instead of a count: 500ms, 60s, 5m, 1h.
-    #[arg(long, env = "TRIAGEM_LOADGEN_DURATION", value_parser = crate::loadgen::parse_duration)]
+    /// Send for this long instead of a count: 500ms, 60s, 5m, 1h, 1m30s.
+    #[arg(long, env = "TRIAGEM_LOADGEN_DURATION", value_parser = humantime::parse_duration)]
     pub duration: Option<std::time::Duration>,
     /// Percentage (0-100) of poison messages mixed in: invalid JSON, missing text and invalid UTF-8 in turn.
     #[arg(long, env = "TRIAGEM_LOADGEN_POISON_PERCENT", default_value_t = 0.0)]
     pub poison_percent: f64,
     /// How long to wait after the last send for outputs still missing before reporting them missing.
-    #[arg(long, env = "TRIAGEM_LOADGEN_SETTLE_TIMEOUT", default_value = "30s", value_parser = crate::loadgen::parse_duration)]
+    #[arg(long, env = "TRIAGEM_LOADGEN_SETTLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub settle_timeout: std::time::Duration,
     /// librdkafka setting for the producer and the consumer, key=value (repeatable; comma-separated in the
     /// environment), e.g. --client security.protocol=SASL_SSL --client sasl.mechanisms=SCRAM-SHA-512.
@@ -88,7 +88,7 @@ pub struct LoadgenArgs {
         long = "client",
         env = "TRIAGEM_LOADGEN_CLIENT",
         value_delimiter = ',',
-        value_parser = crate::loadgen::parse_key_value
+        value_parser = parse_key_value
     )]
     pub client: Vec<(String, String)>,
     /// Print the report as one JSON object on stdout instead of the table.
@@ -254,5 +254,42 @@ impl TrainArgs {
             scratch_layers: self.scratch_layers,
             quiet: self.quiet,
         })
+    }
+}
+
+/// Parses `key=value` (a librdkafka setting).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn loadgen_durations_and_settings() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["triagem", "loadgen"], args].concat());
+        let loadgen = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Loadgen(a) => a,
+            other => panic!("not loadgen: {other:?}"),
+        };
+        assert_eq!(loadgen(&["--duration", "60s"]).duration, Some(Duration::from_secs(60)));
+        assert_eq!(loadgen(&["--duration", "1m30s"]).duration, Some(Duration::from_secs(90)));
+        assert_eq!(loadgen(&["--settle-timeout", "500ms"]).settle_timeout, Duration::from_millis(500));
+        assert_eq!(loadgen(&[]).settle_timeout, Duration::from_secs(30));
+        assert!(parse(&["--duration", "soon"]).is_err());
+        assert_eq!(
+            loadgen(&["--client", "sasl.password=a=b", "--client", "linger.ms=5"]).client,
+            [("sasl.password".into(), "a=b".into()), ("linger.ms".into(), "5".into())]
+        );
+        assert_eq!(parse_key_value("sasl.password=a=b"), Ok(("sasl.password".into(), "a=b".into())));
+        assert!(parse_key_value("linger.ms").is_err());
+        assert!(parse_key_value("=1").is_err());
+        assert!(parse(&["--client", "linger.ms"]).is_err());
     }
 }

@@ -1,0 +1,68 @@
+//! loadgen's Kafka clients: the settings shared by its producer and consumer,
+//! and the consumer that reads the outputs from their current end.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{kafka_error, LoadgenError, LoadgenOptions};
+
+/// Time allowed for each metadata and watermark request at start-up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The settings of a client: `defaults`, then the user's `client` settings over them.
+pub(super) fn client_config(opts: &LoadgenOptions, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &opts.brokers);
+    for (k, v) in defaults {
+        cfg.set(*k, *v);
+    }
+    for (k, v) in &opts.client {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// A consumer assigned to every partition of `topics` at its high watermark,
+/// after checking that `input_topic` exists. Blocking.
+pub(super) fn consumer_at_end(
+    opts: &LoadgenOptions,
+    run_id: &str,
+    topics: &[String],
+) -> Result<StreamConsumer, LoadgenError> {
+    // A short fetch wait: a broker that answers a fetch only when the wait is
+    // over, rather than when data arrives, would otherwise add up to 500 ms
+    // (the librdkafka default) to every latency measured here.
+    let mut cfg = client_config(opts, &[("fetch.wait.max.ms", "10")]);
+    cfg.set("group.id", format!("triagem-loadgen-{run_id}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("allow.auto.create.topics", "false");
+    let consumer: StreamConsumer = cfg.create().map_err(kafka_error("creating the consumer"))?;
+    let partitions = |topic: &str| -> Result<Vec<i32>, LoadgenError> {
+        let md = consumer
+            .fetch_metadata(Some(topic), SETUP_TIMEOUT)
+            .map_err(kafka_error(format!("metadata of {topic} from {}", opts.brokers)))?;
+        let t = md.topics().iter().find(|t| t.name() == topic);
+        match t {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                Ok(t.partitions().iter().map(|p| p.id()).collect())
+            }
+            _ => Err(LoadgenError::TopicMissing { topic: topic.into(), brokers: opts.brokers.clone() }),
+        }
+    };
+    partitions(&opts.input_topic)?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        for p in partitions(topic)? {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, SETUP_TIMEOUT)
+                .map_err(kafka_error(format!("high watermark of {topic}/{p}")))?;
+            assignment.add_partition_offset(topic, p, Offset::Offset(high)).map_err(kafka_error("assignment"))?;
+        }
+    }
+    consumer.assign(&assignment).map_err(kafka_error("assigning the output partitions"))?;
+    Ok(consumer)
+}

@@ -14,6 +14,10 @@ use crate::train::{Base, TrainError, TrainOptions};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as readable text or as one JSON object each (for log pipelines); overrides the worker's
+    /// `[log] format`. Colour codes only when stderr is a terminal; RUST_LOG sets the levels.
+    #[arg(long, global = true, env = "TRIAGEM_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -54,6 +54,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// How long a graceful stop may take.
     pub shutdown: ShutdownConfig,
+    /// How the worker's log lines are written.
+    pub log: LogConfig,
 }
 
 /// `[kafka]`
@@ -273,6 +275,26 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (one readable line per event) or `json` (one JSON object per line, for log pipelines).
+    /// The `--log-format` flag and `TRIAGEM_LOG_FORMAT` take precedence; `RUST_LOG` sets the levels.
+    pub format: LogFormat,
+}
+
+/// How log lines are written. Colour codes are used only when stderr is a terminal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per event, with its span fields.
+    Json,
+}
+
 impl Config {
     /// Reads `file` (when given), then the `TRIAGEM__…` environment, then checks the values.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -465,6 +487,7 @@ mod tests {
         assert_eq!(cfg.batch.max_messages, builtin.batch.max_messages);
         assert_eq!(cfg.routing.topics, builtin.routing.topics);
         assert_eq!(cfg.shutdown.timeout_ms, builtin.shutdown.timeout_ms);
+        assert_eq!(cfg.log.format, builtin.log.format);
     }
 
     #[test]

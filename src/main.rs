@@ -1,36 +1,65 @@
 //! The binary edge: parses the command line, sets up logging, runs one
 //! subcommand and turns its error into one line on stderr and exit code 1.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::json;
 use triagem::cli::{ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, LoadgenArgs, TrainArgs, WorkerArgs};
-use triagem::config::Config;
+use triagem::config::{Config, LogFormat};
 use triagem::data::Dataset;
 use triagem::{demo, eval, loadgen, train, worker};
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => run_train(args),
-        Command::Eval(args) => run_eval(args),
-        Command::Classify(args) => run_classify(args),
-        Command::Worker(args) => run_worker(args),
-        Command::Demo(args) => run_demo(args),
-        Command::Loadgen(args) => run_loadgen(args),
+        Command::Train(args) => logged(cli.log_format, || run_train(args)),
+        Command::Eval(args) => logged(cli.log_format, || run_eval(args)),
+        Command::Classify(args) => logged(cli.log_format, || run_classify(args)),
+        Command::Worker(args) => run_worker(args, cli.log_format),
+        Command::Demo(args) => logged(cli.log_format, || run_demo(args)),
+        Command::Loadgen(args) => logged(cli.log_format, || run_loadgen(args)),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// Sets up logging in `format` (text when none is given), then runs `job`.
+fn logged(format: Option<LogFormat>, job: impl FnOnce() -> Result<()>) -> Result<()> {
+    init_logging(format.unwrap_or_default());
+    job()
+}
+
+/// Log lines on stderr, at the levels of `RUST_LOG` (default `info`); colour
+/// codes only when stderr is a terminal, so files and container logs stay plain.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
+}
+
+/// The error and its causes, `: `-separated, each cause once: a cause whose
+/// text the message already contains (an error that prints its source) is
+/// not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
@@ -92,8 +121,11 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_worker(a: WorkerArgs) -> Result<()> {
+/// The worker's log format comes from its config file unless the flag gives one,
+/// so the config is read before logging starts (its errors go to stderr as any error).
+fn run_worker(a: WorkerArgs, log_format: Option<LogFormat>) -> Result<()> {
     let cfg = Config::load(a.config.as_deref())?;
+    init_logging(log_format.unwrap_or(cfg.log.format));
     worker::run(cfg)?;
     Ok(())
 }

@@ -56,6 +56,46 @@ fn bad_data_line_names_file_and_line() {
 }
 
 #[test]
+fn an_error_prints_its_cause_once() {
+    let out = triagem(&["eval", "--model", &fixture(), "--data", "/nonexistent/data.jsonl"]);
+    assert_one_error(&out, "cannot read /nonexistent/data.jsonl: ");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("os error 2").count(), 1, "the cause is repeated: {stderr}");
+}
+
+#[test]
+fn log_lines_are_plain_text_or_json_off_a_terminal() {
+    // A worker with a missing model fails after logging has started; its
+    // log line (the config summary) goes to stderr, which is a pipe here.
+    let run = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_triagem"))
+            .args(["--log-format", format, "worker"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("RUST_LOG", "info")
+            .env("TRIAGEM__MODEL__PATH", "/nonexistent/model")
+            .env("TRIAGEM__METRICS__LISTEN", "127.0.0.1:0")
+            .output()
+            .expect("run triagem")
+    };
+    let text = run("text");
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(!text.status.success(), "{stderr}");
+    assert!(stderr.lines().any(|l| l.contains("INFO")), "no log line: {stderr}");
+    assert!(!stderr.contains('\x1b'), "colour codes off a terminal: {stderr:?}");
+
+    let json = run("json");
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    let logs: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .collect();
+    assert!(!logs.is_empty(), "no JSON log line: {stderr}");
+    assert!(logs.iter().all(|v| v["level"].is_string() && v["fields"].is_object()), "{logs:?}");
+    assert!(stderr.lines().last().unwrap().starts_with("error: "), "{stderr}");
+}
+
+#[test]
 fn missing_and_corrupt_model_directories_are_one_error_each() {
     let out = triagem(&["classify", "--model", "/nonexistent/model", "oi"]);
     assert_one_error(&out, "model directory /nonexistent/model has no config.json");

@@ -324,7 +324,7 @@ impl Config {
             Some(path) => ConfigError::File { path: path.to_path_buf(), reason: e.to_string() },
             None => ConfigError::key("environment", e.to_string()),
         })?;
-        let cfg: Config = raw.try_deserialize().map_err(keyed)?;
+        let cfg: Config = serde_path_to_error::deserialize(raw).map_err(keyed)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -407,47 +407,26 @@ impl Config {
     }
 }
 
-/// Rewrites the `config` crate's error as `key: problem`.
-fn keyed(e: config::ConfigError) -> ConfigError {
-    match e {
-        config::ConfigError::Type { unexpected, expected, key, .. } => ConfigError::Key {
-            key: key.unwrap_or_else(|| "(root)".into()),
-            reason: format!("invalid type: {unexpected}, expected {expected}"),
-        },
-        config::ConfigError::At { error, key, .. } => {
-            let prefix = key.unwrap_or_default();
-            match *error {
-                config::ConfigError::Type { unexpected, expected, key: inner, .. } => ConfigError::Key {
-                    key: join_key(&prefix, inner.as_deref().unwrap_or("")),
-                    reason: format!("invalid type: {unexpected}, expected {expected}"),
-                },
-                other => message_with_key(&prefix, &other.to_string()),
-            }
+/// The deserialisation error as `key: problem`, the key being the path
+/// `serde_path_to_error` tracked to the failing value (an unknown key included).
+fn keyed(e: serde_path_to_error::Error<config::ConfigError>) -> ConfigError {
+    let key = match e.path().to_string() {
+        root if root == "." => "(root)".to_string(),
+        path => path,
+    };
+    let reason = match e.into_inner() {
+        config::ConfigError::Type { unexpected, expected, .. } => {
+            format!("invalid type: {unexpected}, expected {expected}")
         }
-        other => message_with_key("", &other.to_string()),
-    }
-}
-
-fn join_key(a: &str, b: &str) -> String {
-    match (a.is_empty(), b.is_empty()) {
-        (true, _) => b.to_string(),
-        (_, true) => a.to_string(),
-        _ => format!("{a}.{b}"),
-    }
-}
-
-/// `unknown field `x`, expected …` under `prefix` becomes `prefix.x: unknown key (expected …)`.
-fn message_with_key(prefix: &str, msg: &str) -> ConfigError {
-    if let Some(rest) = msg.strip_prefix("unknown field `") {
-        if let Some((field, tail)) = rest.split_once('`') {
-            let expected = tail.trim_start_matches(',').trim();
-            return ConfigError::Key { key: join_key(prefix, field), reason: format!("unknown key ({expected})") };
-        }
-    }
-    ConfigError::Key {
-        key: if prefix.is_empty() { "(root)".into() } else { prefix.to_string() },
-        reason: msg.to_string(),
-    }
+        config::ConfigError::At { error, .. } => error.to_string(),
+        other => other.to_string(),
+    };
+    // serde's own wording, "unknown field `x`, expected one of …", names a key here.
+    let reason = match reason.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')) {
+        Some((_, expected)) => format!("unknown key ({})", expected.trim_start_matches(',').trim()),
+        None => reason,
+    };
+    ConfigError::Key { key, reason }
 }
 
 #[cfg(test)]

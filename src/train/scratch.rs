@@ -43,6 +43,7 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer,
     let mut tokenizer = Tokenizer::new(model);
     tokenizer
         .with_normalizer(Some(normalizer))
+        .map_err(|e| e.to_string())?
         .with_pre_tokenizer(Some(BertPreTokenizer))
         .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))))
         .with_decoder(Some(WordPieceDecoder::default()));

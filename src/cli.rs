@@ -174,9 +174,9 @@ pub struct TrainArgs {
     /// Encoder layers of the BERT trained with `--base none`.
     #[arg(long, default_value_t = 2)]
     pub scratch_layers: usize,
-    /// Compute device: cpu, cuda or auto.
-    #[arg(long, env = "TRIAGEM_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// Compute device: cpu, cuda (needs the `cuda` build) or auto (the GPU when there is one).
+    #[arg(long, env = "TRIAGEM_DEVICE", value_enum, default_value_t = model::ComputeDevice::Cpu)]
+    pub device: model::ComputeDevice,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -191,15 +191,15 @@ pub struct ModelArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Compute device: cpu, cuda or auto.
-    #[arg(long, env = "TRIAGEM_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// Compute device: cpu, cuda (needs the `cuda` build) or auto (the GPU when there is one).
+    #[arg(long, env = "TRIAGEM_DEVICE", value_enum, default_value_t = model::ComputeDevice::Cpu)]
+    pub device: model::ComputeDevice,
 }
 
 impl ModelArgs {
     /// Loads the model directory onto the device.
     pub fn load(&self) -> Result<model::Classifier, model::ModelError> {
-        model::Classifier::load(&self.model, &model::device(&self.device)?)
+        model::Classifier::load(&self.model, &self.device.open()?)
     }
 }
 
@@ -240,7 +240,7 @@ impl TrainArgs {
     pub fn options(self) -> Result<TrainOptions, TrainError> {
         Ok(TrainOptions {
             base: Base::parse(&self.base)?,
-            device: model::device(&self.device)?,
+            device: self.device.open()?,
             train: self.train,
             test: self.test,
             out: self.out,

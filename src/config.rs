@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::ComputeDevice;
+
 /// Prefix of the environment overrides: `TRIAGEM__KAFKA__BROKERS=...`.
 pub const ENV_PREFIX: &str = "TRIAGEM";
 /// Separator between the prefix, sections and keys in environment overrides.
@@ -237,13 +239,13 @@ impl Default for BatchConfig {
 pub struct ModelConfig {
     /// Hugging Face model directory written by `triagem train`.
     pub path: PathBuf,
-    /// `cpu`, `cuda` or `auto`.
-    pub device: String,
+    /// `cpu`, `cuda` (needs the `cuda` build) or `auto`.
+    pub device: ComputeDevice,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { path: "models/triagem".into(), device: "cpu".into() }
+        Self { path: "models/triagem".into(), device: ComputeDevice::Cpu }
     }
 }
 
@@ -369,12 +371,6 @@ impl Config {
         positive("batch.max_messages", self.batch.max_messages as u64)?;
         positive("batch.max_tokens", self.batch.max_tokens as u64)?;
         positive("shutdown.timeout_ms", self.shutdown.timeout_ms)?;
-        if !matches!(self.model.device.as_str(), "cpu" | "cuda" | "auto") {
-            return Err(ConfigError::key(
-                "model.device",
-                format!("{:?}: expected cpu, cuda or auto", self.model.device),
-            ));
-        }
         self.metrics_addr()?;
         Ok(())
     }

@@ -597,7 +597,7 @@ fn configmap_and_env_overrides_load_with_the_workers_own_loader() {
         assert_eq!(cfg.model.path, Path::new("/models/triagem"), "where deploy/Dockerfile puts the model");
         assert_eq!(cfg.kafka.input_topic, "atendimento.mensagens");
         let want = if rel.contains("gpu") { "cuda" } else { "cpu" };
-        assert_eq!(cfg.model.device, want, "{rel}");
+        assert_eq!(cfg.model.device.as_str(), want, "{rel}");
         assert_eq!(cfg.shutdown.timeout_ms.to_string(), configmap_toml()["shutdown.timeout_ms"]);
     }
     // Compose: the image's config/default.toml plus the worker's environment.

@@ -50,15 +50,55 @@ pub enum ModelError {
     Inference(#[from] candle_core::Error),
 }
 
-/// Picks the compute device: `cpu`, `cuda` (GPU 0; needs the `cuda` build) or `auto`.
-pub fn device(spec: &str) -> Result<Device, ModelError> {
-    let err = |reason: String| ModelError::Device { spec: spec.to_string(), reason };
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| err(format!("{e} (build with `--features cuda`)"))),
-        "auto" if candle_core::utils::cuda_is_available() => Device::new_cuda(0).map_err(|e| err(e.to_string())),
-        "auto" => Ok(Device::Cpu),
-        _ => Err(err("expected cpu, cuda or auto".into())),
+/// Where the model runs, as the user names it (`--device`, `model.device`):
+/// parsed once, by clap or serde, and turned into a candle device by [`ComputeDevice::open`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(try_from = "String")]
+pub enum ComputeDevice {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// GPU 0; needs the `cuda` build.
+    Cuda,
+    /// GPU 0 when a CUDA build finds one, else the CPU.
+    Auto,
+}
+
+impl ComputeDevice {
+    /// Its name in settings and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComputeDevice::Cpu => "cpu",
+            ComputeDevice::Cuda => "cuda",
+            ComputeDevice::Auto => "auto",
+        }
+    }
+
+    /// The candle device.
+    pub fn open(self) -> Result<Device, ModelError> {
+        let err = |reason: String| ModelError::Device { spec: self.as_str().to_string(), reason };
+        match self {
+            ComputeDevice::Cpu => Ok(Device::Cpu),
+            ComputeDevice::Cuda => Device::new_cuda(0).map_err(|e| err(format!("{e} (build with `--features cuda`)"))),
+            ComputeDevice::Auto if candle_core::utils::cuda_is_available() => {
+                Device::new_cuda(0).map_err(|e| err(e.to_string()))
+            }
+            ComputeDevice::Auto => Ok(Device::Cpu),
+        }
+    }
+}
+
+impl TryFrom<String> for ComputeDevice {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(&name, false).map_err(|_| format!("{name:?}: expected cpu, cuda or auto"))
+    }
+}
+
+impl std::fmt::Display for ComputeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsError};
-use crate::model::{self, Classifier, ModelError};
+use crate::model::{Classifier, ModelError};
 use consume::{ConsumeStage, WorkerConsumer, WorkerContext};
 use infer::Predict;
 use offsets::OffsetTracker;
@@ -131,7 +131,7 @@ pub fn run(cfg: Config) -> Result<(), WorkerError> {
 pub fn load_model(cfg: &Config) -> Result<Classifier, WorkerError> {
     let path = cfg.model.path.display().to_string();
     let err = |source| WorkerError::Model { path: path.clone(), source };
-    let device = model::device(&cfg.model.device).map_err(err)?;
+    let device = cfg.model.device.open().map_err(err)?;
     let classifier = Classifier::load(&cfg.model.path, &device).map_err(err)?;
     check_routing(cfg, &classifier.info().labels)?;
     Ok(classifier)
@@ -233,7 +233,7 @@ impl Worker {
         let metrics = Metrics::new()?;
         metrics
             .model_info
-            .with_label_values(&[&info.name, &info.version, &info.labels.join(","), &cfg.model.device])
+            .with_label_values(&[&info.name, &info.version, &info.labels.join(","), cfg.model.device.as_str()])
             .set(1);
         let routes: Vec<(String, String)> = info
             .labels

@@ -183,7 +183,7 @@ pub fn tiny_model() -> PathBuf {
 
 /// Label and score the worker will assign to each text, computed in-process with the same model.
 pub fn expected_predictions(texts: &[&str]) -> Vec<triagem::model::Prediction> {
-    let device = triagem::model::device("cpu").unwrap();
+    let device = triagem::model::ComputeDevice::Cpu.open().unwrap();
     let classifier = triagem::model::Classifier::load(&tiny_model(), &device).unwrap();
     texts.chunks(32).flat_map(|c| classifier.predict(c).unwrap()).collect()
 }

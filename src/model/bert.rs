@@ -273,3 +273,49 @@ pub fn batch_tensors(ids: &[Vec<u32>], masks: &[Vec<u32>], device: &Device) -> R
 pub fn probabilities(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::model::{read_config, TextEncoder};
+
+    /// The training path (every op differentiable) and the inference path
+    /// (fused layer norm, softmax and GELU) are two implementations of one
+    /// model: with dropout off they must give the same logits.
+    #[test]
+    fn training_path_without_dropout_gives_the_inference_logits() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
+        let mut cfg = read_config(&dir).unwrap();
+        cfg.hidden_dropout_prob = 0.0;
+        cfg.attention_probs_dropout_prob = 0.0;
+        let labels = cfg.labels().unwrap();
+        // SAFETY: a read-only fixture, mapped only while loading.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+        };
+        let model = BertClassifier::load(&cfg, labels.len(), vb).unwrap();
+        let encoder =
+            TextEncoder::load(&dir.join("tokenizer.json"), cfg.max_position_embeddings, cfg.pad_token_id).unwrap();
+        // Different lengths, so the shorter rows are padded and the mask matters.
+        let texts = ["quero comprar uma geladeira", "meu pedido chegou quebrado e ninguém responde", "oi"];
+        let encoded = encoder.encode(&texts).unwrap();
+        let (ids, masks) = batch_tensors(&encoded.ids, &encoded.masks, &Device::Cpu).unwrap();
+
+        let inference = model.forward(&ids, &masks, &mut Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+        let mut rng = StdRng::seed_from_u64(0);
+        let training = model.forward(&ids, &masks, &mut Mode::Train(&mut rng)).unwrap().to_vec2::<f32>().unwrap();
+
+        let spread = inference
+            .iter()
+            .map(|row| row[0] - row[1])
+            .fold((f32::MAX, f32::MIN), |(lo, hi), d| (lo.min(d), hi.max(d)));
+        assert!(spread.1 - spread.0 > 0.1, "the fixture's logits barely depend on the text: {inference:?}");
+        for (a, b) in inference.iter().flatten().zip(training.iter().flatten()) {
+            assert!((a - b).abs() < 1e-4, "inference {inference:?} vs training {training:?}");
+        }
+    }
+}

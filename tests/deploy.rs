@@ -119,6 +119,8 @@ fn promql_names_are_read_correctly() {
     assert_eq!(names("time() - start_seconds{instance=~\"${instance:regex}\"}"), ["start_seconds"]);
     assert_eq!(names("sum(x) without (instance, pod)"), ["x"]);
     assert_eq!(names("max without (pod) (y) + count by(a)(z) + sum"), ["sum", "y", "z"], "a bare `sum` is a metric");
+    assert_eq!(names(r#"{__name__="by_matcher", job="x"}"#), ["by_matcher"]);
+    assert!(std::panic::catch_unwind(|| promql_metric_names("sum(rate(x[5m])")).is_err(), "unbalanced: not PromQL");
     let dash = serde_json::json!({
         "panels": [{"targets": [{"expr": "a"}]}, {"type": "row", "panels": [{"targets": [{"expr": "b"}]}]}],
         "templating": {"list": [

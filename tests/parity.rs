@@ -3,7 +3,10 @@
 //! The reference values come from `tests/reference/make_reference.py`
 //! (committed with its outputs): one tiny model created and saved by
 //! `transformers`, served here; one trained and saved by `triagem train`,
-//! loaded there. Token ids must match exactly, logits within 1e-4.
+//! loaded there. Token ids must match exactly; the encoder's last hidden
+//! states and the logits within 1e-4. Each fixture's logits must also differ
+//! between texts by far more than that tolerance, and its predictions must
+//! not all be one label, so that a model ignoring its input could not pass.
 
 use std::path::Path;
 
@@ -17,6 +20,12 @@ struct Reference {
     input_ids: Vec<Vec<u32>>,
     logits: Vec<Vec<f32>>,
     predictions: Vec<String>,
+    last_hidden_state: Vec<Vec<Vec<f32>>>,
+}
+
+/// The largest absolute difference between two equally shaped lists of numbers.
+fn max_difference<'a>(ours: impl Iterator<Item = &'a f32>, theirs: impl Iterator<Item = &'a f32>) -> f32 {
+    ours.zip(theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
 }
 
 fn check(fixture: &str) {
@@ -29,14 +38,32 @@ fn check(fixture: &str) {
     let encoded = classifier.encoder().encode(&texts).unwrap();
     assert_eq!(encoded.ids, reference.input_ids, "{fixture}: token ids differ from transformers'");
 
-    let logits = classifier.logits(&texts).unwrap();
-    let mut worst = 0f32;
-    for (ours, theirs) in logits.iter().zip(&reference.logits) {
-        assert_eq!(ours.len(), theirs.len());
-        for (a, b) in ours.iter().zip(theirs) {
-            worst = worst.max((a - b).abs());
-        }
+    // The fixture itself: texts must get visibly different logits and more than one label.
+    let spread = (0..reference.logits[0].len())
+        .map(|j| {
+            let column = reference.logits.iter().map(|row| row[j]);
+            column.clone().fold(f32::MIN, f32::max) - column.fold(f32::MAX, f32::min)
+        })
+        .fold(0.0, f32::max);
+    assert!(spread > 0.1, "{fixture}: logits barely depend on the text (spread {spread}); regenerate the fixture");
+    let mut labels = reference.predictions.clone();
+    labels.dedup();
+    assert!(labels.len() > 1, "{fixture}: every text gets {labels:?}; regenerate the fixture");
+
+    let hidden = classifier.hidden_states(&texts).unwrap();
+    assert_eq!(hidden.len(), reference.last_hidden_state.len());
+    for (ours, theirs) in hidden.iter().zip(&reference.last_hidden_state) {
+        assert_eq!((ours.len(), ours[0].len()), (theirs.len(), theirs[0].len()), "{fixture}: hidden state shape");
     }
+    let flat = |h: &Vec<Vec<Vec<f32>>>| h.iter().flatten().flatten().copied().collect::<Vec<f32>>();
+    let (ours, theirs) = (flat(&hidden), flat(&reference.last_hidden_state));
+    let worst_hidden = max_difference(ours.iter(), theirs.iter());
+    println!("{fixture}: max |last hidden state difference| = {worst_hidden:e}");
+    assert!(worst_hidden < 1e-4, "{fixture}: hidden states differ from transformers' by {worst_hidden}");
+
+    let logits = classifier.logits(&texts).unwrap();
+    assert_eq!(logits.len(), reference.logits.len());
+    let worst = max_difference(logits.iter().flatten(), reference.logits.iter().flatten());
     println!("{fixture}: max |logit difference| = {worst:e}");
     assert!(worst < 1e-4, "{fixture}: logits differ from transformers' by {worst}");
 

@@ -244,8 +244,8 @@ impl BertClassifier {
         })
     }
 
-    /// Logits shaped (batch, labels) for `input_ids` and `attention_mask`, both (batch, seq) u32.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+    /// The encoder's output, (batch, seq, hidden), for `input_ids` and `attention_mask`, both (batch, seq) u32.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let dtype = self.pooler.weight().dtype();
         // 0 for tokens, -10000 for padding, shaped to broadcast over heads and query positions.
         let mask = attention_mask.to_dtype(dtype)?.affine(10_000.0, -10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
@@ -253,6 +253,12 @@ impl BertClassifier {
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask, mode)?;
         }
+        Ok(xs)
+    }
+
+    /// Logits shaped (batch, labels) for `input_ids` and `attention_mask`, both (batch, seq) u32.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let xs = self.hidden_states(input_ids, attention_mask, mode)?;
         let cls = xs.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         let pooled = mode.dropout(&pooled, self.dropout)?;

@@ -293,6 +293,14 @@ impl Classifier {
         Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?)
     }
 
+    /// The encoder's last hidden states, (text, token, hidden), padded to the
+    /// longest text: what `transformers` calls `last_hidden_state`.
+    pub fn hidden_states(&self, texts: &[&str]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+        let encoded = self.encoder.encode(texts)?;
+        let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, &self.device)?;
+        Ok(self.model.hidden_states(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?.to_vec3()?)
+    }
+
     fn logits_tensor(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
         let encoded = self.encoder.encode(texts)?;
         let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, &self.device)?;

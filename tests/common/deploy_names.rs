@@ -9,16 +9,16 @@
 //! mod deploy_names;
 //! ```
 //!
-//! The PromQL reading here is a small lexer, not a parser: it finds every
-//! identifier that is not a function, a keyword, a label name in a grouping
-//! clause, or inside `{…}` (label matchers), `[…]` (ranges), strings or
-//! Grafana `$variables`. That is exactly the set of metric names, for the
-//! expressions the dashboard and the rules contain.
+//! PromQL is read with `promql-parser`: the metric names are those of the
+//! selectors in the parsed expression, so an expression that does not parse
+//! fails the test that reads it.
 
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+
+use promql_parser::parser::{Expr, VectorSelector};
 
 /// The dashboard, relative to the repository root.
 pub const DASHBOARD: &str = "deploy/grafana/dashboards/triagem.json";
@@ -31,161 +31,74 @@ pub const PROMETHEUS_SERIES: &[&str] = &["up"];
 /// Suffixes Prometheus adds to a histogram's name.
 pub const HISTOGRAM_SUFFIXES: &[&str] = &["_bucket", "_sum", "_count"];
 
-/// PromQL words that look like identifiers but are not metric names.
-const KEYWORDS: &[&str] = &[
-    "and",
-    "or",
-    "unless",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "offset",
-    "bool",
-    "inf",
-    "nan",
-    "atan2",
-];
-/// Aggregation operators: `sum by (x) (…)` puts a grouping clause between the name and `(`.
-const AGGREGATIONS: &[&str] = &[
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "group",
-    "stddev",
-    "stdvar",
-    "count",
-    "count_values",
-    "bottomk",
-    "topk",
-    "quantile",
-    "limitk",
-    "limit_ratio",
-];
-/// Keywords followed by a parenthesised list of label names.
-const LABEL_LIST_KEYWORDS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
-
-/// Every metric name in one PromQL expression.
+/// Every metric name in one PromQL expression, from the `promql-parser` AST:
+/// the names of its vector and matrix selectors (a bare name or
+/// `{__name__="…"}`). Grafana's variables are first replaced by values of the
+/// same kind (`$__rate_interval` and other `$__…` by a duration, `$var` by a
+/// label value), so a dashboard query parses as Prometheus would see it.
+/// Panics with the expression when it is not valid PromQL.
 pub fn promql_metric_names(expr: &str) -> BTreeSet<String> {
-    let chars: Vec<char> = expr.chars().collect();
-    let mut names = BTreeSet::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        match c {
-            '"' | '\'' | '`' => i = skip_string(&chars, i),
-            '{' => i = skip_until_close(&chars, i, '{', '}'),
-            '[' => i = skip_until_close(&chars, i, '[', ']'),
-            '#' => {
-                while i < chars.len() && chars[i] != '\n' {
-                    i += 1;
-                }
-            }
-            '$' => {
-                // Grafana variable: $name, ${name}, ${name:format}.
-                i += 1;
-                if i < chars.len() && chars[i] == '{' {
-                    i = skip_until_close(&chars, i, '{', '}');
-                } else {
-                    while i < chars.len() && is_ident_char(chars[i]) {
-                        i += 1;
-                    }
-                }
-            }
-            c if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) => {
-                // A number or a duration: 0.95, 1e-3, 0x1f, 5m, 1h30m.
-                i += 1;
-                while i < chars.len() {
-                    let d = chars[i];
-                    let exponent_sign = (d == '+' || d == '-') && matches!(chars[i - 1], 'e' | 'E');
-                    if d.is_ascii_alphanumeric() || d == '.' || d == '_' || exponent_sign {
-                        i += 1;
-                    } else {
-                        break;
-                    }
-                }
-            }
-            c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
-                let start = i;
-                while i < chars.len() && is_ident_char(chars[i]) {
-                    i += 1;
-                }
-                let word: String = chars[start..i].iter().collect();
-                let mut j = i;
-                while j < chars.len() && chars[j].is_whitespace() {
-                    j += 1;
-                }
-                let lower = word.to_ascii_lowercase();
-                // A function call, or an aggregation written `sum by (le) (…)`.
-                let called = j < chars.len()
-                    && (chars[j] == '('
-                        || (AGGREGATIONS.contains(&lower.as_str()) && next_word_is_grouping(&chars[j..])));
-                if LABEL_LIST_KEYWORDS.contains(&lower.as_str()) {
-                    if called {
-                        i = skip_until_close(&chars, j, '(', ')');
-                    }
-                } else if !called && !KEYWORDS.contains(&lower.as_str()) {
-                    names.insert(word);
-                }
-            }
-            _ => i += 1,
-        }
+    if expr.trim().is_empty() {
+        return BTreeSet::new(); // a Grafana variable query with no selector, e.g. label_values(job)
     }
+    let promql = grafana_variables_substituted(expr);
+    let ast = promql_parser::parser::parse(&promql).unwrap_or_else(|e| panic!("invalid PromQL {expr:?}: {e}"));
+    let mut names = BTreeSet::new();
+    collect_names(&ast, &mut names);
     names
 }
 
-/// Whether `rest` starts with `by` or `without` followed by `(`.
-fn next_word_is_grouping(rest: &[char]) -> bool {
-    let word: String = rest.iter().take_while(|c| is_ident_char(**c)).collect();
-    let after = rest[word.len()..].iter().find(|c| !c.is_whitespace());
-    matches!(word.to_ascii_lowercase().as_str(), "by" | "without") && after == Some(&'(')
-}
-
-fn is_ident_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == ':'
-}
-
-/// Index just past the string literal opening at `start`.
-fn skip_string(chars: &[char], start: usize) -> usize {
-    let quote = chars[start];
-    let mut i = start + 1;
-    while i < chars.len() {
-        if chars[i] == '\\' && quote != '`' {
-            i += 2;
-            continue;
-        }
-        if chars[i] == quote {
-            return i + 1;
-        }
-        i += 1;
-    }
-    i
-}
-
-/// Index just past the bracket that closes the one at `start` (strings inside are skipped).
-fn skip_until_close(chars: &[char], start: usize, open: char, close: char) -> usize {
-    let mut depth = 0;
-    let mut i = start;
-    while i < chars.len() {
-        let c = chars[i];
-        if c == '"' || c == '\'' || c == '`' {
-            i = skip_string(chars, i);
-            continue;
-        }
-        if c == open {
-            depth += 1;
-        } else if c == close {
-            depth -= 1;
-            if depth == 0 {
-                return i + 1;
+fn collect_names(expr: &Expr, names: &mut BTreeSet<String>) {
+    match expr {
+        Expr::VectorSelector(vs) => selector_name(vs, names),
+        Expr::MatrixSelector(ms) => selector_name(&ms.vs, names),
+        Expr::Aggregate(a) => {
+            collect_names(&a.expr, names);
+            if let Some(param) = &a.param {
+                collect_names(param, names);
             }
         }
-        i += 1;
+        Expr::Unary(u) => collect_names(&u.expr, names),
+        Expr::Binary(b) => {
+            collect_names(&b.lhs, names);
+            collect_names(&b.rhs, names);
+        }
+        Expr::Paren(p) => collect_names(&p.expr, names),
+        Expr::Subquery(s) => collect_names(&s.expr, names),
+        Expr::Call(c) => c.args.args.iter().for_each(|arg| collect_names(arg, names)),
+        Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
     }
-    i
+}
+
+fn selector_name(vs: &VectorSelector, names: &mut BTreeSet<String>) {
+    let by_matcher = vs.matchers.matchers.iter().find(|m| m.name == "__name__").map(|m| m.value.clone());
+    names.extend(vs.name.clone().or(by_matcher));
+}
+
+/// `expr` with Grafana's `$__interval`-style variables as `5m` and any other
+/// `$name` / `${name}` / `${name:format}` as `x` (they stand inside label
+/// matchers' strings, where any value parses).
+fn grafana_variables_substituted(expr: &str) -> String {
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, len) = match after.strip_prefix('{') {
+            Some(braced) => {
+                let end = braced.find('}').map_or(braced.len(), |e| e + 1);
+                (braced[..end.saturating_sub(1)].split(':').next().unwrap_or(""), end + 1)
+            }
+            None => {
+                let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        out.push_str(if name.starts_with("__") { "5m" } else { "x" });
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Every PromQL expression of a Grafana dashboard: panel targets (also inside

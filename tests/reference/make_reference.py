@@ -4,8 +4,10 @@
 Two directions, both checked by the Rust test within 1e-4:
 
 1. tests/fixtures/hf-tiny-bert: a tiny BertForSequenceClassification created
-   and saved here by `transformers` (random weights, seed 0, three labels) with
-   the WordPiece tokenizer of the triagem fixture. triagem must serve it.
+   and saved here by `transformers` (8 heads, three labels, random weights drawn
+   wide enough that every text gets its own logits and the texts do not all
+   get one label: a model that ignored its input would fail) with the
+   WordPiece tokenizer of the triagem fixture. triagem must serve it.
 2. tests/fixtures/tiny-model: a model trained and saved by `triagem train`.
    `transformers` must load it (AutoModelForSequenceClassification,
    AutoTokenizer) and give the same logits and predictions as triagem.
@@ -40,16 +42,29 @@ def logits_for(model_dir, max_length):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
-        logits = model(**batch).logits
-    labels = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
+        out = model(**batch, output_hidden_states=True)
+    labels = [model.config.id2label[i] for i in out.logits.argmax(-1).tolist()]
+    hidden = [[[round(v, 7) for v in token] for token in text] for text in out.hidden_states[-1].tolist()]
     return {"texts": TEXTS, "max_length": max_length, "input_ids": batch["input_ids"].tolist(),
-            "logits": logits.tolist(), "predictions": labels}
+            "logits": out.logits.tolist(), "predictions": labels, "last_hidden_state": hidden}
+
+
+def widen_initialisation(model):
+    """Weights drawn wide (std 0.3, layer-norm scales around 1), so that the
+    tiny random model's output depends visibly on its input."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3)
 
 
 def write(path, obj):
+    """One top-level key a line, each value compact."""
+    lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in obj.items()]
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def main():
@@ -62,17 +77,23 @@ def main():
     # 1. Saved by transformers, served by triagem.
     hf_dir = os.path.join(FIXTURES, "hf-tiny-bert")
     os.makedirs(hf_dir, exist_ok=True)
-    torch.manual_seed(0)
     labels = ["financeiro", "suporte", "venda"]
-    config = BertConfig(vocab_size=triagem_cfg["vocab_size"], hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+    config = BertConfig(vocab_size=triagem_cfg["vocab_size"], hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=8, intermediate_size=128, max_position_embeddings=64,
                         hidden_act="gelu", id2label=dict(enumerate(labels)),
                         label2id={l: i for i, l in enumerate(labels)})
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(hf_dir, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(triagem_dir, name), os.path.join(hf_dir, name))
-    write(os.path.join(hf_dir, "reference.json"), logits_for(hf_dir, 64))
+    for seed in range(100):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config).eval()
+        widen_initialisation(model)
+        model.save_pretrained(hf_dir, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(triagem_dir, name), os.path.join(hf_dir, name))
+        reference = logits_for(hf_dir, 64)
+        if len(set(reference["predictions"])) >= 2:
+            break
+    print("hf-tiny-bert: seed", seed, "predictions", reference["predictions"])
+    write(os.path.join(hf_dir, "reference.json"), reference)
 
     # 2. Saved by triagem, loaded by transformers.
     write(os.path.join(triagem_dir, "reference.json"), logits_for(triagem_dir, max_length))

@@ -208,11 +208,18 @@ async fn sigkill_restart_repeated() {
         let mut worker = WorkerProc::start(&config, &env);
         produce_all(&p, &topics.input, &inputs(first, more)).await;
         let url = worker.metrics_url(Duration::from_secs(30));
-        let started = tokio::task::spawn_blocking(move || eventually(LIMIT, || outputs_acknowledged(&url) >= 700.0))
-            .await
-            .unwrap();
-        assert!(started, "run {run}: the worker produced nothing:\n{}", worker.log_text());
+        // About 700 outputs, and a commit made: the restart resumes from committed offsets inside batches.
+        let started = tokio::task::spawn_blocking(move || {
+            eventually(LIMIT, || {
+                outputs_acknowledged(&url) >= 700.0 && metric_sum(&url, "triagem_commits_total{result=\"ok\"}") >= 1.0
+            })
+        })
+        .await
+        .unwrap();
+        assert!(started, "run {run}: the worker produced or committed nothing:\n{}", worker.log_text());
         worker.kill();
+        let committed_at_kill: i64 =
+            committed(&broker.addr, &group, &topics.input, partitions).iter().map(|c| c.unwrap_or(0)).sum();
         let restart = std::time::Instant::now();
         let restarted = WorkerProc::start(&config, &env);
 
@@ -231,8 +238,8 @@ async fn sigkill_restart_repeated() {
         let duplicates = outs.len() - seen.len();
         let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)), "triagem_offset_gaps_total");
         println!(
-            "run {run:2}: {n} inputs, {} outputs, lost {lost}, duplicates {duplicates}, offset gaps {gaps}, \
-             all routed {took:.1} s after the restart",
+            "run {run:2}: {n} inputs, SIGKILL with {committed_at_kill} committed, {} outputs, lost {lost}, \
+             duplicates {duplicates}, offset gaps {gaps}, all routed {took:.1} s after the restart",
             outs.len()
         );
         totals = (totals.0 + lost, totals.1 + duplicates, totals.2 + gaps);

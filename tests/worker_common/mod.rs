@@ -390,12 +390,16 @@ pub struct WorkerProc {
 }
 
 impl WorkerProc {
-    /// Starts `triagem worker --config CONFIG` with extra environment.
+    /// Starts `triagem worker --config CONFIG` with extra environment. The
+    /// consumer's `session.timeout.ms` is 6 s (librdkafka's default is 45 s),
+    /// so that a restart after a SIGKILL does not wait long for the group to
+    /// drop the killed member; `env` may override it.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> WorkerProc {
         let log = config.with_extension(format!("{}.log", unique("w")));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_triagem"));
         cmd.args(["worker", "--config"]).arg(config).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(out);
+        cmd.env("TRIAGEM__KAFKA__CONSUMER__SESSION__TIMEOUT__MS", "6000");
         for (k, v) in env {
             cmd.env(k, v);
         }

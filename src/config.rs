@@ -76,6 +76,9 @@ pub struct KafkaConfig {
     pub commit_interval_ms: u64,
     /// Wait between retries of an output the broker rejected or timed out.
     pub produce_retry_backoff_ms: u64,
+    /// How long this member may hold no input partition while its group's lag stands still before it
+    /// reports not ready (`/readyz` 503, `triagem_idle_with_lag` 1).
+    pub unassigned_timeout_ms: u64,
     /// librdkafka settings for both consumer and producer (security.protocol, sasl.*, ssl.*, …).
     pub client: ClientOptions,
     /// librdkafka settings for the consumer only (override `client`).
@@ -93,6 +96,7 @@ impl Default for KafkaConfig {
             max_in_flight: 2000,
             commit_interval_ms: 1000,
             produce_retry_backoff_ms: 500,
+            unassigned_timeout_ms: 60_000,
             client: ClientOptions::default(),
             consumer: ClientOptions::default(),
             producer: ClientOptions::default(),
@@ -367,6 +371,7 @@ impl Config {
         };
         positive("kafka.max_in_flight", self.kafka.max_in_flight as u64)?;
         positive("kafka.commit_interval_ms", self.kafka.commit_interval_ms)?;
+        positive("kafka.unassigned_timeout_ms", self.kafka.unassigned_timeout_ms)?;
         positive("input.max_bytes", self.input.max_bytes as u64)?;
         positive("batch.max_messages", self.batch.max_messages as u64)?;
         positive("batch.max_tokens", self.batch.max_tokens as u64)?;

@@ -20,6 +20,11 @@
 //! - **Foundations**, which know nothing of Kafka or the command line:
 //!   [`model`] (BERT, tokenizer, batched prediction), [`data`] (JSONL data
 //!   sets), [`config`] (the worker's settings) and [`metrics`].
+//!
+//! Beside them, `src/bin/triagem-test-broker.rs` is test tooling, not part of
+//! the service: librdkafka's mock cluster served by its own process, the
+//! broker of the integration tests (`tests/broker_conformance.rs` checks it
+//! first).
 
 pub mod cli;
 pub mod config;

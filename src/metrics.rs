@@ -67,6 +67,14 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     /// `triagem_ready`
     pub ready: IntGauge,
+    /// `triagem_offset_gaps_total{topic,partition}`
+    pub offset_gaps: IntCounterVec,
+    /// `triagem_offsets_skipped_total{topic,partition}`
+    pub offsets_skipped: IntCounterVec,
+    /// `triagem_assigned_partitions`
+    pub assigned_partitions: IntGauge,
+    /// `triagem_idle_with_lag`
+    pub idle_with_lag: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -168,7 +176,31 @@ impl Metrics {
                 "The model being served (always 1).",
                 &["name", "version", "labels", "device"],
             )?,
-            ready: gauge(&r, "ready", "1 when the model is loaded and the broker reachable.")?,
+            ready: gauge(
+                &r,
+                "ready",
+                "1 when the model is loaded, the broker reachable, and not idle while the group's lag stands still.",
+            )?,
+            offset_gaps: counter(
+                &r,
+                "offset_gaps_total",
+                "Gaps between consecutive consumed offsets of a partition (or between the committed offset and the \
+                 first message after an assignment).",
+                &["topic", "partition"],
+            )?,
+            offsets_skipped: counter(
+                &r,
+                "offsets_skipped_total",
+                "Offsets inside those gaps: records the broker never returned.",
+                &["topic", "partition"],
+            )?,
+            assigned_partitions: gauge(&r, "assigned_partitions", "Input partitions assigned to this worker.")?,
+            idle_with_lag: gauge(
+                &r,
+                "idle_with_lag",
+                "1 while this worker holds no partition and its group's lag has stood still for \
+                 kafka.unassigned_timeout_ms.",
+            )?,
             registry: r,
         };
         for q in [QUEUE_BATCHER, QUEUE_INFERENCE, QUEUE_PRODUCER] {
@@ -220,7 +252,7 @@ pub const QUEUE_INFERENCE: &str = "inference";
 pub const QUEUE_PRODUCER: &str = "producer";
 
 /// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (200 when
-/// `triagem_ready` is 1, else 503) on `listener` until `shutdown` resolves.
+/// `triagem_ready` is 1, else 503 with the reason) on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
@@ -247,8 +279,13 @@ pub async fn serve(
                 async move {
                     if r.ready.get() == 1 {
                         (StatusCode::OK, "ready\n")
+                    } else if r.idle_with_lag.get() == 1 {
+                        let why = "not ready: no input partition assigned while the group's lag stands still \
+                                   (triagem_idle_with_lag)\n";
+                        (StatusCode::SERVICE_UNAVAILABLE, why)
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        let why = "not ready: the model is loading, the broker does not answer, or the worker stops\n";
+                        (StatusCode::SERVICE_UNAVAILABLE, why)
                     }
                 }
             }),
@@ -278,6 +315,8 @@ mod tests {
         m.commits.with_label_values(&["ok"]).inc();
         m.consumer_lag.with_label_values(&["t", "0"]).set(3);
         m.model_info.with_label_values(&["n", "v", "a,b", "cpu"]).set(1);
+        m.offset_gaps.with_label_values(&["t", "0"]).inc();
+        m.offsets_skipped.with_label_values(&["t", "0"]).inc();
         let text = m.render();
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
         let mut names = Vec::new();

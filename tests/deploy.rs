@@ -34,6 +34,7 @@ const ALERTS: &[&str] = &[
     "TriagemHighLatency",
     "TriagemDown",
     "TriagemNotReady",
+    "TriagemIdleWhileGroupLags",
 ];
 
 fn root() -> PathBuf {

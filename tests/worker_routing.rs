@@ -1,5 +1,6 @@
-//! The worker against a real Kafka-protocol broker (`tansu`, see
-//! scripts/install-tansu.sh): where each message lands and what it carries.
+//! The worker against a Kafka-protocol broker in its own process (the test
+//! broker, `triagem-test-broker`; see tests/worker_common): where each message
+//! lands and what it carries.
 
 #[path = "common/deploy_names.rs"]
 #[allow(dead_code)]
@@ -21,7 +22,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 async fn mixed_batch_lands_once_in_the_right_topic_intact() {
     let broker = Broker::start();
     let topics = Topics::new("mixed");
-    create_topics(&broker.addr, &topics, 2).await;
+    broker.create_topics(&topics, 2).await;
     let dir = tempfile::tempdir().unwrap();
     let group = unique("g-mixed");
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
@@ -79,7 +80,7 @@ async fn mixed_batch_lands_once_in_the_right_topic_intact() {
 async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
     let broker = Broker::start();
     let topics = Topics::new("poison");
-    create_topics(&broker.addr, &topics, 1).await;
+    broker.create_topics(&topics, 1).await;
     let dir = tempfile::tempdir().unwrap();
     let group = unique("g-poison");
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
@@ -159,7 +160,7 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
 async fn low_confidence_goes_to_review() {
     let broker = Broker::start();
     let topics = Topics::new("review");
-    create_topics(&broker.addr, &topics, 1).await;
+    broker.create_topics(&topics, 1).await;
     let expected = expected_predictions(TEXTS);
     // A threshold between two distinct scores, far from both, so both sides are exercised.
     let mut scores: Vec<f32> = expected.iter().map(|p| p.score).collect();

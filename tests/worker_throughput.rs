@@ -1,4 +1,5 @@
-//! The acceptance run, against a real Kafka-protocol broker (`tansu`):
+//! The acceptance run, against a Kafka-protocol broker in its own
+//! process (the test broker; `TRIAGEM_TEST_BROKER=tansu` for tansu):
 //! 10,000 mixed messages (1% poison) all arrive where they belong, with
 //! nothing lost across a SIGKILL and restart; prints the end-to-end
 //! throughput. Heavy for CI, so ignored by default:
@@ -31,7 +32,7 @@ async fn ten_thousand_mixed_messages_survive_a_sigkill() {
     let broker = Broker::start();
     let topics = Topics::new("bulk");
     let partitions = 4;
-    create_topics(&broker.addr, &topics, partitions).await;
+    broker.create_topics(&topics, partitions).await;
     let dir = tempfile::tempdir().unwrap();
     let group = unique("g-bulk");
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");

@@ -10,10 +10,19 @@
 //! waits (up to `shutdown.timeout_ms`) until every message taken from them has
 //! its output acknowledged, then commits them synchronously, so the next owner
 //! starts exactly where this worker stopped.
+//!
+//! Gaps: [`GapWatch`] checks that each partition's consumed offsets follow one
+//! another, and that the first one after an assignment is the group's
+//! committed offset. A gap is a warning and `triagem_offset_gaps_total` /
+//! `triagem_offsets_skipped_total`. With Apache Kafka only compaction,
+//! transaction markers (and aborted transactions) and retention deleting
+//! records before they were read make gaps; a broker that returns a later
+//! batch than asked for (tansu 0.6.0, see the README) makes them too.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
@@ -39,6 +48,8 @@ pub struct WorkerContext {
     pub revoke_timeout: Duration,
     /// Set once the worker is closing: revokes then commit what is done without waiting.
     pub closing: AtomicBool,
+    /// Where each assigned partition's next offset is expected.
+    pub gaps: Arc<GapWatch>,
 }
 
 /// The worker's consumer type.
@@ -84,9 +95,23 @@ impl ConsumerContext for WorkerContext {
                     _ => finish(),
                 }
             }
-            Rebalance::Assign(tpl) => tracing::info!(partitions = ?partitions(tpl), "partitions assigned"),
+            Rebalance::Assign(tpl) => {
+                let parts = partitions(tpl);
+                tracing::info!(partitions = ?parts, "partitions assigned");
+                self.expect_committed(consumer, tpl);
+                for (topic, partition) in &parts {
+                    let labels = [topic.as_str(), &partition.to_string()];
+                    self.metrics.offset_gaps.with_label_values(&labels);
+                    self.metrics.offsets_skipped.with_label_values(&labels);
+                }
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(assigned as i64);
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
@@ -115,8 +140,30 @@ impl WorkerContext {
         let offsets = self.tracker.committable(Some(parts));
         commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
         self.tracker.remove(parts);
+        self.gaps.forget(parts);
         for (topic, partition) in parts {
             let _ = self.metrics.consumer_lag.remove_label_values(&[topic.as_str(), &partition.to_string()]);
+        }
+    }
+}
+
+impl WorkerContext {
+    /// After an assignment: the group's committed offsets are where each
+    /// partition's first message must be (a partition without one starts
+    /// wherever `auto.offset.reset` says, and is not checked).
+    fn expect_committed(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        if tpl.count() == 0 {
+            return;
+        }
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+            Ok(committed) => {
+                for e in committed.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        self.gaps.expect(e.topic(), e.partition(), o);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "committed offsets unknown: the first offsets are not checked"),
         }
     }
 }
@@ -190,6 +237,8 @@ pub struct ConsumeStage {
     pub tracker: Arc<OffsetTracker>,
     /// Consumed counter and the batcher queue gauge.
     pub metrics: Arc<Metrics>,
+    /// Checks that consumed offsets follow one another.
+    pub gaps: Arc<GapWatch>,
     /// Decoded messages, to the batcher.
     pub to_batcher: mpsc::Sender<Pending>,
     /// Poison messages, straight to the router.
@@ -221,6 +270,9 @@ impl ConsumeStage {
             };
             self.metrics.consumed.with_label_values(&[envelope.topic.as_str(), &envelope.partition.to_string()]).inc();
             self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
+            if let Some(gap) = self.gaps.observe(&envelope.topic, envelope.partition, envelope.offset) {
+                gap.emit(&envelope.topic, envelope.partition, &self.metrics);
+            }
             match decode(envelope.payload.as_deref(), &self.input) {
                 Ok(decoded) => {
                     self.metrics.queue(QUEUE_BATCHER).inc();
@@ -238,5 +290,262 @@ impl ConsumeStage {
             }
         }
         tracing::info!("stopped fetching");
+    }
+}
+
+/// Offsets missing between two consumed messages of a partition (or between
+/// the committed offset and the first message after an assignment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// The offset expected next.
+    pub expected: i64,
+    /// The offset received.
+    pub got: i64,
+    /// Whether `expected` was the committed offset (the first message after an assignment).
+    pub at_start: bool,
+}
+
+impl Gap {
+    /// Offsets skipped.
+    pub fn skipped(&self) -> i64 {
+        self.got - self.expected
+    }
+
+    /// A warning and the two counters.
+    pub fn emit(&self, topic: &str, partition: i32, metrics: &Metrics) {
+        let labels = [topic, &partition.to_string()];
+        metrics.offset_gaps.with_label_values(&labels).inc();
+        metrics.offsets_skipped.with_label_values(&labels).inc_by(self.skipped() as u64);
+        let after = if self.at_start { "the committed offset" } else { "the previous message" };
+        tracing::warn!(
+            topic, partition, expected = self.expected, got = self.got, skipped = self.skipped(),
+            "offset gap: expected offset {} after {after}, the broker returned {}; {} offsets never reached the worker \
+             (with Apache Kafka only compaction, transaction markers and retention make gaps)",
+            self.expected, self.got, self.skipped()
+        );
+    }
+}
+
+/// Where each partition's next consumed offset is expected.
+#[derive(Debug, Default)]
+pub struct GapWatch {
+    /// Per partition: the next offset, and whether it is the committed offset (nothing consumed since).
+    next: Mutex<HashMap<TopicPartition, (i64, bool)>>,
+}
+
+impl GapWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, (i64, bool)>> {
+        self.next.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After an assignment: the first message of the partition should be at `committed`.
+    pub fn expect(&self, topic: &str, partition: i32, committed: i64) {
+        self.lock().insert((topic.to_string(), partition), (committed, true));
+    }
+
+    /// Forgets revoked partitions.
+    pub fn forget(&self, parts: &[TopicPartition]) {
+        let mut next = self.lock();
+        for p in parts {
+            next.remove(p);
+        }
+    }
+
+    /// A consumed offset: the gap before it, if any. An offset below the
+    /// expected one (a redelivery after a seek) is no gap.
+    pub fn observe(&self, topic: &str, partition: i32, offset: i64) -> Option<Gap> {
+        let mut next = self.lock();
+        let key = (topic.to_string(), partition);
+        let gap = match next.get(&key) {
+            Some(&(expected, at_start)) if offset > expected => Some(Gap { expected, got: offset, at_start }),
+            _ => None,
+        };
+        next.insert(key, (offset + 1, false));
+        gap
+    }
+}
+
+/// What one readiness probe saw of the broker and the group.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    /// The broker answered a metadata request for the input topic.
+    pub reachable: bool,
+    /// Input partitions assigned to this worker.
+    pub assigned: usize,
+    /// When none is assigned: each input partition's (partition, group position, high watermark);
+    /// the position is the committed offset, or the low watermark where nothing is committed.
+    pub group: Option<Vec<(i32, i64, i64)>>,
+}
+
+/// Asks the broker (blocking: run it off the async threads).
+pub fn probe<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, timeout: Duration) -> Probe {
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), timeout) else {
+        return Probe::default();
+    };
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let assigned =
+        consumer.assignment().map(|a| a.elements().iter().filter(|e| e.topic() == topic).count()).unwrap_or(0);
+    let mut probe = Probe { reachable: true, assigned, group: None };
+    if assigned > 0 || partitions.is_empty() {
+        return probe;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, timeout) else {
+        return probe;
+    };
+    let mut group = Vec::with_capacity(partitions.len());
+    for p in partitions {
+        let Ok((low, high)) = consumer.fetch_watermarks(topic, p, timeout) else {
+            return probe;
+        };
+        let position = match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o.max(low),
+            _ => low,
+        };
+        group.push((p, position, high));
+    }
+    probe.group = Some(group);
+    probe
+}
+
+/// Decides whether a worker without partitions sits idle while its group's
+/// lag stands still: no partition assigned for `timeout`, and some partition
+/// with lag whose group position has not moved for `timeout`. A replica beyond
+/// the partition count, idle while the others work the lag off, is not.
+#[derive(Debug)]
+pub struct IdleWatch {
+    /// `kafka.unassigned_timeout_ms`.
+    timeout: Duration,
+    /// Since when no partition is assigned.
+    idle_since: Option<Instant>,
+    /// Each partition's group position and since when it has not moved.
+    positions: HashMap<i32, (i64, Instant)>,
+}
+
+impl IdleWatch {
+    /// A watch with `kafka.unassigned_timeout_ms`.
+    pub fn new(timeout: Duration) -> Self {
+        IdleWatch { timeout, idle_since: None, positions: HashMap::new() }
+    }
+
+    /// Takes a probe made at `now`; returns the lag that nobody works off
+    /// (messages) when this worker is idle while it stands still.
+    pub fn update(&mut self, now: Instant, probe: &Probe) -> Option<i64> {
+        if probe.assigned > 0 || !probe.reachable {
+            self.idle_since = None;
+            self.positions.clear();
+            return None;
+        }
+        let idle_since = *self.idle_since.get_or_insert(now);
+        let group = probe.group.as_ref()?;
+        let mut stuck = 0;
+        for &(partition, position, high) in group {
+            let since = match self.positions.get(&partition) {
+                Some(&(seen, since)) if seen == position => since,
+                _ => {
+                    self.positions.insert(partition, (position, now));
+                    now
+                }
+            };
+            if high > position && now.duration_since(since) >= self.timeout {
+                stuck += high - position;
+            }
+        }
+        (now.duration_since(idle_since) >= self.timeout && stuck > 0).then_some(stuck)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_offsets_make_no_gap() {
+        let w = GapWatch::default();
+        for o in 0..5 {
+            assert_eq!(w.observe("t", 0, o), None);
+        }
+        // Partitions are independent.
+        assert_eq!(w.observe("t", 1, 40), None, "the first offset of a partition without a commit is not checked");
+        assert_eq!(w.observe("t", 1, 41), None);
+    }
+
+    #[test]
+    fn a_jump_is_a_gap_and_the_watch_goes_on_from_there() {
+        let w = GapWatch::default();
+        w.observe("t", 0, 10);
+        let gap = w.observe("t", 0, 14).unwrap();
+        assert_eq!(gap, Gap { expected: 11, got: 14, at_start: false });
+        assert_eq!(gap.skipped(), 3);
+        assert_eq!(w.observe("t", 0, 15), None);
+    }
+
+    #[test]
+    fn the_first_offset_after_an_assignment_is_checked_against_the_commit() {
+        let w = GapWatch::default();
+        w.expect("t", 2, 300);
+        assert_eq!(w.observe("t", 2, 1346), Some(Gap { expected: 300, got: 1346, at_start: true }));
+        w.expect("t", 3, 161);
+        assert_eq!(w.observe("t", 3, 161), None);
+    }
+
+    #[test]
+    fn a_redelivery_is_no_gap_and_forgotten_partitions_start_afresh() {
+        let w = GapWatch::default();
+        w.observe("t", 0, 10);
+        assert_eq!(w.observe("t", 0, 4), None, "going back (a seek, a reset) is no gap");
+        assert_eq!(w.observe("t", 0, 5), None);
+        w.forget(&[("t".to_string(), 0)]);
+        assert_eq!(w.observe("t", 0, 90), None);
+    }
+
+    fn idle(group: Vec<(i32, i64, i64)>) -> Probe {
+        Probe { reachable: true, assigned: 0, group: Some(group) }
+    }
+
+    #[test]
+    fn idle_while_the_lag_stands_still_is_flagged_after_the_timeout() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut w = IdleWatch::new(10 * s);
+        assert_eq!(w.update(t0, &idle(vec![(0, 5, 100), (1, 0, 0)])), None);
+        assert_eq!(w.update(t0 + 9 * s, &idle(vec![(0, 5, 100), (1, 0, 0)])), None);
+        assert_eq!(w.update(t0 + 10 * s, &idle(vec![(0, 5, 120), (1, 0, 0)])), Some(115));
+        // Partitions assigned again: ready at once.
+        assert_eq!(w.update(t0 + 11 * s, &Probe { reachable: true, assigned: 1, group: None }), None);
+        assert_eq!(w.update(t0 + 12 * s, &idle(vec![(0, 5, 120)])), None, "the timeout starts again");
+    }
+
+    #[test]
+    fn idle_while_others_work_the_lag_off_is_fine() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut w = IdleWatch::new(10 * s);
+        for i in 0..30 {
+            // Another member commits: the position moves every few seconds.
+            let position = 5 + (i / 3) * 50;
+            assert_eq!(w.update(t0 + i * s, &idle(vec![(0, position as i64, 10_000)])), None, "at {i} s");
+        }
+        // No lag at all.
+        let mut w = IdleWatch::new(10 * s);
+        assert_eq!(w.update(t0, &idle(vec![(0, 50, 50)])), None);
+        assert_eq!(w.update(t0 + 60 * s, &idle(vec![(0, 50, 50)])), None);
+    }
+
+    #[test]
+    fn a_gap_is_counted() {
+        let m = Metrics::new().unwrap();
+        Gap { expected: 11, got: 14, at_start: false }.emit("t", 0, &m);
+        Gap { expected: 20, got: 21, at_start: false }.emit("t", 0, &m);
+        assert_eq!(m.offset_gaps.with_label_values(&["t", "0"]).get(), 2);
+        assert_eq!(m.offsets_skipped.with_label_values(&["t", "0"]).get(), 4);
     }
 }

@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsError};
 use crate::model::{Classifier, ModelError};
-use consume::{ConsumeStage, WorkerConsumer, WorkerContext};
+use consume::{ConsumeStage, GapWatch, IdleWatch, WorkerConsumer, WorkerContext};
 use infer::Predict;
 use offsets::OffsetTracker;
 use route::{Outcome, Router};
@@ -249,11 +249,13 @@ impl Worker {
             listener.local_addr().map_err(|source| WorkerError::Start { what: "the metrics endpoint", source })?;
 
         let tracker = Arc::new(OffsetTracker::new());
+        let gaps = Arc::new(GapWatch::default());
         let context = WorkerContext {
             tracker: tracker.clone(),
             metrics: metrics.clone(),
             revoke_timeout: cfg.shutdown_timeout(),
             closing: Default::default(),
+            gaps: gaps.clone(),
         };
         let consumer: WorkerConsumer = consumer_config(&cfg)
             .create_with_context(context)
@@ -303,6 +305,7 @@ impl Worker {
                 input: cfg.input.clone(),
                 tracker: tracker.clone(),
                 metrics: metrics.clone(),
+                gaps,
                 to_batcher,
                 to_router,
             }
@@ -331,6 +334,7 @@ impl Worker {
             consumer.clone(),
             cfg.kafka.input_topic.clone(),
             metrics.clone(),
+            Duration::from_millis(cfg.kafka.unassigned_timeout_ms),
             background_shutdown,
         )));
         tracing::info!(
@@ -439,21 +443,49 @@ async fn commit_loop(
     }
 }
 
-/// `triagem_ready`: 1 while the broker answers a metadata request (the model is loaded by then).
-async fn readiness_loop(consumer: Arc<WorkerConsumer>, topic: String, metrics: Arc<Metrics>, mut stop: Shutdown) {
+/// `triagem_ready`: 1 while the broker answers a metadata request (the model is
+/// loaded by then) and this worker is not idle while its group's lag stands
+/// still ([`IdleWatch`]); `triagem_assigned_partitions` and
+/// `triagem_idle_with_lag` with it.
+async fn readiness_loop(
+    consumer: Arc<WorkerConsumer>,
+    topic: String,
+    metrics: Arc<Metrics>,
+    unassigned_timeout: Duration,
+    mut stop: Shutdown,
+) {
+    let mut idle = IdleWatch::new(unassigned_timeout);
+    let period = (unassigned_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         let (c, t) = (consumer.clone(), topic.clone());
-        let reachable = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), Duration::from_secs(5)).is_ok())
+        let probe = tokio::task::spawn_blocking(move || consume::probe(&*c, &t, Duration::from_secs(5)))
             .await
-            .unwrap_or(false);
+            .unwrap_or_default();
+        let stuck = idle.update(std::time::Instant::now(), &probe);
+        if probe.reachable {
+            metrics.assigned_partitions.set(probe.assigned as i64);
+        }
+        let was_idle = metrics.idle_with_lag.get() == 1;
+        metrics.idle_with_lag.set(stuck.is_some() as i64);
+        match (was_idle, stuck) {
+            (false, Some(lag)) => tracing::warn!(
+                topic, lag,
+                "no partition of {topic} assigned for {} s while the group has {lag} messages of lag that no member \
+                 works off: not ready (a group coordinator that never assigns the partitions; see TriagemIdleWhileGroupLags)",
+                unassigned_timeout.as_secs()
+            ),
+            (true, None) => tracing::info!(topic, "no longer idle while the group lags"),
+            _ => {}
+        }
+        let ready = probe.reachable && stuck.is_none();
         let was = metrics.ready.get();
-        metrics.ready.set(reachable as i64);
-        if was != reachable as i64 {
-            tracing::info!(ready = reachable, "readiness changed");
+        metrics.ready.set(ready as i64);
+        if was != ready as i64 {
+            tracing::info!(ready, reachable = probe.reachable, "readiness changed");
         }
         tokio::select! {
             _ = stop.wait() => break,
-            _ = tokio::time::sleep(Duration::from_secs(if reachable { 5 } else { 1 })) => {}
+            _ = tokio::time::sleep(if ready { period } else { Duration::from_secs(1).min(period) }) => {}
         }
     }
     metrics.ready.set(0);

@@ -1,28 +1,54 @@
-//! Shared harness of the worker's integration tests: a real Kafka-protocol
-//! broker process (`tansu`, in-memory storage, a free port), topics created
-//! with the admin API, the `triagem worker` binary as a child process,
+//! Shared harness of the worker's integration tests: a Kafka-protocol broker in
+//! its own process ([`Broker`]: `triagem-test-broker`, librdkafka's mock cluster
+//! served over TCP, by default; `TRIAGEM_TEST_BROKER=tansu` for tansu), its
+//! topics, the `triagem worker` binary as a child process,
 //! rdkafka producers and readers, and the expected labels computed by loading
 //! the same model in-process.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-/// Where the broker binary is looked for, in order: `$TANSU`, `PATH`, `~/.cargo/bin`.
+/// Which broker the tests start: `TRIAGEM_TEST_BROKER=test` (the default,
+/// `triagem-test-broker`: librdkafka's mock cluster in its own process) or
+/// `tansu` (which fails the conformance test: see the README's known issues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// `triagem-test-broker serve`, the faithful broker.
+    Test,
+    /// `tansu broker` with in-memory storage.
+    Tansu,
+}
+
+impl BrokerKind {
+    /// The kind named by `TRIAGEM_TEST_BROKER` (default `test`).
+    pub fn from_env() -> BrokerKind {
+        match std::env::var("TRIAGEM_TEST_BROKER").as_deref() {
+            Err(_) | Ok("") | Ok("test") => BrokerKind::Test,
+            Ok("tansu") => BrokerKind::Tansu,
+            Ok(other) => panic!("TRIAGEM_TEST_BROKER={other:?}: expected `test` or `tansu`"),
+        }
+    }
+}
+
+/// Where the tansu binary is looked for, in order: `$TANSU`, `PATH`, `~/.cargo/bin`.
 pub fn tansu_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("TANSU") {
         return PathBuf::from(p);
@@ -41,7 +67,7 @@ pub fn tansu_binary() -> PathBuf {
         return candidate;
     }
     panic!(
-        "the worker's integration tests need the `tansu` Kafka-protocol broker, which is not installed: \
+        "TRIAGEM_TEST_BROKER=tansu needs the `tansu` Kafka-protocol broker, which is not installed: \
          run scripts/install-tansu.sh (about 20 minutes on 2 cores), or set TANSU=/path/to/tansu"
     );
 }
@@ -51,17 +77,71 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A `tansu broker` process with in-memory storage; killed on drop.
+/// The control channel of a `triagem-test-broker serve --control`: its stdin and stdout.
+struct Control {
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// A broker process (see [`BrokerKind`]); killed on drop.
 pub struct Broker {
     child: Child,
-    /// `127.0.0.1:PORT`
+    /// `127.0.0.1:PORT`: the bootstrap servers.
     pub addr: String,
+    /// Which broker this is.
+    pub kind: BrokerKind,
+    /// Its stderr.
     log: PathBuf,
+    /// Commands to the test broker (None for tansu).
+    control: Option<Mutex<Control>>,
 }
 
 impl Broker {
-    /// Starts a broker on a free port and waits until it accepts connections.
+    /// Starts the broker `TRIAGEM_TEST_BROKER` names (the test broker by default).
     pub fn start() -> Broker {
+        Broker::start_kind(BrokerKind::from_env())
+    }
+
+    /// Starts a broker of `kind`.
+    pub fn start_kind(kind: BrokerKind) -> Broker {
+        match kind {
+            BrokerKind::Test => Broker::test_broker(1),
+            BrokerKind::Tansu => Broker::tansu(),
+        }
+    }
+
+    /// `triagem-test-broker serve --control` with `brokers` brokers; waits for its address.
+    pub fn test_broker(brokers: i32) -> Broker {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("test-broker")));
+        let err = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_triagem-test-broker"))
+            .args(["serve", "--control", "--brokers", &brokers.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .expect("run triagem-test-broker");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let Some(addr) = line.trim().strip_prefix("bootstrap.servers=").map(str::to_string) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("triagem-test-broker printed {line:?}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        };
+        let broker =
+            Broker { child, addr, kind: BrokerKind::Test, log, control: Some(Mutex::new(Control { stdin, stdout })) };
+        let first = broker.addr.split(',').next().unwrap().to_string();
+        assert!(
+            eventually(Duration::from_secs(10), || TcpStream::connect(&first).is_ok()),
+            "triagem-test-broker does not accept connections on {first}"
+        );
+        broker
+    }
+
+    /// A `tansu broker` with in-memory storage on a free port; waits until it accepts connections.
+    pub fn tansu() -> Broker {
         let bin = tansu_binary();
         for _attempt in 0..3 {
             let port = free_port();
@@ -76,7 +156,8 @@ impl Broker {
                 .stderr(out)
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}; run scripts/install-tansu.sh", bin.display()));
-            let mut broker = Broker { child, addr: format!("127.0.0.1:{port}"), log };
+            let mut broker =
+                Broker { child, addr: format!("127.0.0.1:{port}"), kind: BrokerKind::Tansu, log, control: None };
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if TcpStream::connect(&broker.addr).is_ok() {
@@ -97,13 +178,80 @@ impl Broker {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Sends one control command to the test broker and returns its answer (`Err` with its error line).
+    pub fn command(&self, line: &str) -> Result<(), String> {
+        let control = self.control.as_ref().unwrap_or_else(|| panic!("{:?} has no control channel", self.kind));
+        let mut c = control.lock().unwrap();
+        writeln!(c.stdin, "{line}").and_then(|_| c.stdin.flush()).expect("write to triagem-test-broker");
+        let mut reply = String::new();
+        c.stdout.read_line(&mut reply).expect("read from triagem-test-broker");
+        match reply.trim() {
+            "ok" => Ok(()),
+            "" => Err(format!("triagem-test-broker exited:\n{}", self.log_text())),
+            other => Err(other.strip_prefix("error: ").unwrap_or(other).to_string()),
+        }
+    }
+
+    /// Creates a topic (test broker: a control command; tansu: the admin API).
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        match self.kind {
+            BrokerKind::Test => self
+                .command(&format!("create {name} {partitions}"))
+                .unwrap_or_else(|e| panic!("create topic {name}: {e}")),
+            BrokerKind::Tansu => admin_create_topics(&self.addr, &[(name, partitions)]).await,
+        }
+    }
+
+    /// Creates the input topic with `input_partitions` and each output topic with one partition.
+    pub async fn create_topics(&self, topics: &Topics, input_partitions: i32) {
+        self.create_topic(&topics.input, input_partitions).await;
+        for t in topics.outputs() {
+            self.create_topic(&t, 1).await;
+        }
+    }
+
+    /// Test broker: drops every connection and refuses new ones until [`Broker::up`].
+    pub fn down(&self) {
+        self.command("down all").expect("broker down");
+    }
+
+    /// Test broker: accepts connections again.
+    pub fn up(&self) {
+        self.command("up all").expect("broker up");
+    }
+
+    /// The broker process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- broker log {} ----\n{}", self.log.display(), self.log_text());
+        }
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Creates topics with the admin API (CreateTopics), for brokers that have it.
+pub async fn admin_create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let new: Vec<NewTopic> = topics.iter().map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new, &opts).await.expect("create topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
 }
 
@@ -148,22 +296,6 @@ impl Topics {
             "suporte" => &self.suporte,
             other => panic!("unexpected label {other}"),
         }
-    }
-}
-
-/// Creates the input topic with `input_partitions` and each output topic with one partition.
-pub async fn create_topics(brokers: &str, topics: &Topics, input_partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
-    let mut new = vec![NewTopic::new(&topics.input, input_partitions, TopicReplication::Fixed(1))];
-    let outputs = topics.outputs();
-    for t in &outputs {
-        new.push(NewTopic::new(t, 1, TopicReplication::Fixed(1)));
-    }
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_topics(&new, &opts).await.expect("create topics");
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
 }
 
@@ -258,12 +390,16 @@ pub struct WorkerProc {
 }
 
 impl WorkerProc {
-    /// Starts `triagem worker --config CONFIG` with extra environment.
+    /// Starts `triagem worker --config CONFIG` with extra environment. The
+    /// consumer's `session.timeout.ms` is 6 s (librdkafka's default is 45 s),
+    /// so that a restart after a SIGKILL does not wait long for the group to
+    /// drop the killed member; `env` may override it.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> WorkerProc {
         let log = config.with_extension(format!("{}.log", unique("w")));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_triagem"));
         cmd.args(["worker", "--config"]).arg(config).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(out);
+        cmd.env("TRIAGEM__KAFKA__CONSUMER__SESSION__TIMEOUT__MS", "6000");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -331,7 +467,6 @@ pub fn http_get(url: &str) -> (u16, String) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let mut s = TcpStream::connect(host).unwrap();
-    use std::io::Write;
     write!(s, "GET {} HTTP/1.0\r\nHost: {host}\r\n\r\n", if path.is_empty() { "/" } else { path }).unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
@@ -369,16 +504,35 @@ pub async fn produce(p: &FutureProducer, topic: &str, key: &str, payload: &[u8],
         .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
 }
 
-/// Produces many messages concurrently, waiting for every acknowledgement.
-/// Returns the end offset (last offset + 1) written to each partition.
+/// Hands a record to the producer at once and returns its delivery future.
+/// (`FutureProducer::send` enqueues only when its future is first polled, so
+/// awaiting sends one by one makes one-record batches, each after `linger.ms`.)
+pub fn enqueue<K, P>(p: &FutureProducer, mut record: FutureRecord<'_, K, P>) -> DeliveryFuture
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match p.send_result(record) {
+            Ok(delivery) => return delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((e, r)) => panic!("produce to {}: {e}", r.topic),
+        }
+    }
+}
+
+/// Produces many messages at once (so that batches hold many of them),
+/// waiting for every acknowledgement. Returns the end offset (last offset + 1)
+/// written to each partition.
 pub async fn produce_all(p: &FutureProducer, topic: &str, messages: &[(String, Vec<u8>)]) -> HashMap<i32, i64> {
-    let futures: Vec<_> = messages
-        .iter()
-        .map(|(key, payload)| p.send(FutureRecord::to(topic).key(key).payload(payload), Timeout::Never))
-        .collect();
+    let deliveries: Vec<_> =
+        messages.iter().map(|(key, payload)| enqueue(p, FutureRecord::to(topic).key(key).payload(payload))).collect();
     let mut ends = HashMap::new();
-    for f in futures {
-        let d = f.await.unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+    for f in deliveries {
+        let d = f.await.expect("producer dropped").unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
         let end = ends.entry(d.partition).or_insert(0);
         *end = (*end).max(d.offset + 1);
     }
@@ -518,4 +672,13 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     f()
+}
+
+/// Sum of every series of the metric `name` (e.g. `triagem_offset_gaps_total`) on a metrics page.
+pub fn metric_sum(metrics_url: &str, name: &str) -> f64 {
+    let (_, page) = http_get(metrics_url);
+    page.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs promtool, which checks and unit-tests the alert rules
-# (deploy/prometheus/rules; `cargo test --test deploy` runs it), when it is not
-# already on PATH. It comes from Debian's `prometheus` package; only the tool
-# is wanted, so the package's daemon is kept from starting. Idempotent: run it
+# (deploy/prometheus/rules; `cargo test --test deploy` runs it), and the
+# prometheus server that tests/prometheus.rs starts on a free port, when they
+# are not already on PATH. Both come from Debian's `prometheus` package; the
+# package's own daemon is kept from starting. Idempotent: run it
 # as often as you like (CI runs it on every fresh machine).
 set -euo pipefail
 
-if command -v promtool >/dev/null 2>&1; then
+if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
   echo "promtool is installed: $(promtool --version 2>&1 | head -n1)"
   exit 0
 fi

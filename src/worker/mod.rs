@@ -25,6 +25,10 @@ pub mod infer;
 pub mod message;
 pub mod offsets;
 pub mod route;
+mod shutdown;
+
+use shutdown::wait_for_signal;
+pub use shutdown::{Shutdown, ShutdownTrigger};
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -35,7 +39,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
@@ -68,42 +72,6 @@ pub enum WorkerError {
          the rest will be consumed again"
     )]
     ShutdownTimeout { timeout_ms: u64, pending: usize },
-}
-
-/// Tells every task to stop: a watch flag that starts false and is set once.
-#[derive(Clone)]
-pub struct Shutdown {
-    rx: watch::Receiver<bool>,
-}
-
-/// The sending half of [`Shutdown`].
-pub struct ShutdownTrigger {
-    tx: watch::Sender<bool>,
-}
-
-impl Shutdown {
-    /// A new flag and its trigger.
-    pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (ShutdownTrigger { tx }, Shutdown { rx })
-    }
-
-    /// Resolves once shutdown is triggered (or its trigger is dropped).
-    pub async fn wait(&mut self) {
-        let _ = self.rx.wait_for(|stop| *stop).await;
-    }
-
-    /// Whether shutdown has been triggered.
-    pub fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
-    }
-}
-
-impl ShutdownTrigger {
-    /// Triggers shutdown.
-    pub fn trigger(&self) {
-        let _ = self.tx.send(true);
-    }
 }
 
 /// `triagem worker`: loads the model, checks it against the routing, and runs
@@ -145,28 +113,6 @@ pub fn check_routing(cfg: &Config, labels: &[String]) -> Result<(), WorkerError>
         }
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 /// librdkafka settings: ours first, then `[kafka.client]`, then the role's table.

@@ -4,6 +4,10 @@
 //! offset is acknowledged to the [`OffsetTracker`] only when the broker has
 //! acknowledged the output; a rejected or timed-out produce is counted and
 //! retried, never dropped.
+//!
+//! The output value is the input JSON object plus a `triagem` object (for
+//! text input, `{"text": ..., "triagem": ...}`); its headers are the input's
+//! plus the ones named below.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +20,26 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
 use super::infer::Classified;
-use super::message::{self, Envelope, Poison};
+use serde_json::{json, Map, Value};
+
+use super::message::{Body, Decoded, Envelope, Poison};
 use super::offsets::OffsetTracker;
 use crate::config::RoutingConfig;
 use crate::metrics::{Metrics, QUEUE_PRODUCER};
-use crate::model::ModelInfo;
+use crate::model::{ModelInfo, Prediction};
+
+/// Header carrying the predicted label on a routed message.
+pub const HEADER_LABEL: &str = "triagem-label";
+/// Header carrying the label's probability on a routed message.
+pub const HEADER_SCORE: &str = "triagem-score";
+/// Header carrying the dead-letter reason.
+pub const HEADER_ERROR: &str = "triagem-error";
+/// Header carrying the input topic of a dead letter.
+pub const HEADER_SOURCE_TOPIC: &str = "triagem-source-topic";
+/// Header carrying the input partition of a dead letter.
+pub const HEADER_SOURCE_PARTITION: &str = "triagem-source-partition";
+/// Header carrying the input offset of a dead letter.
+pub const HEADER_SOURCE_OFFSET: &str = "triagem-source-offset";
 
 /// What reaches the router.
 pub enum Outcome {
@@ -94,8 +113,8 @@ impl Router {
                                 Output {
                                     topic,
                                     destination,
-                                    payload: message::render_output(&pending.decoded, &prediction, &self.model, &now),
-                                    headers: message::output_headers(&pending.envelope, &prediction),
+                                    payload: render_output(&pending.decoded, &prediction, &self.model, &now),
+                                    headers: output_headers(&pending.envelope, &prediction),
                                     envelope: pending.envelope,
                                     permit: pending.permit,
                                 }
@@ -128,7 +147,7 @@ impl Router {
             topic: self.routing.dead_letter_topic.clone(),
             destination: Destination::DeadLetter(poison.reason()),
             payload: envelope.payload.clone().unwrap_or_default(),
-            headers: message::dead_letter_headers(&envelope, &poison),
+            headers: dead_letter_headers(&envelope, &poison),
             envelope,
             permit,
         }
@@ -190,5 +209,99 @@ impl Router {
             while deliveries.try_join_next().is_some() {}
         }
         while deliveries.join_next().await.is_some() {}
+    }
+}
+
+/// The output value: the body plus `"triagem": {label, score, scores, model, model_version, classified_at}`.
+pub fn render_output(decoded: &Decoded, prediction: &Prediction, model: &ModelInfo, classified_at: &str) -> Vec<u8> {
+    let scores: Map<String, Value> = prediction.scores.iter().map(|(l, s)| (l.clone(), json!(s))).collect();
+    let triagem = json!({
+        "label": prediction.label,
+        "score": prediction.score,
+        "scores": scores,
+        "model": model.name,
+        "model_version": model.version,
+        "classified_at": classified_at,
+    });
+    let mut object = match &decoded.body {
+        Body::Json(map) => map.clone(),
+        Body::Text => {
+            let mut m = Map::new();
+            m.insert("text".into(), Value::String(decoded.text.clone()));
+            m
+        }
+    };
+    object.insert("triagem".into(), triagem);
+    serde_json::to_vec(&Value::Object(object)).expect("a JSON map always serializes")
+}
+
+/// Headers of a routed output: the input's, then `triagem-label` and `triagem-score`.
+pub fn output_headers(envelope: &Envelope, prediction: &Prediction) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut headers = envelope.headers.clone();
+    headers.push((HEADER_LABEL.into(), Some(prediction.label.clone().into_bytes())));
+    headers.push((HEADER_SCORE.into(), Some(format!("{:.6}", prediction.score).into_bytes())));
+    headers
+}
+
+/// Headers of a dead letter: the input's, then the reason and the source coordinates.
+pub fn dead_letter_headers(envelope: &Envelope, poison: &Poison) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut headers = envelope.headers.clone();
+    headers.push((HEADER_ERROR.into(), Some(poison.header().into_bytes())));
+    headers.push((HEADER_SOURCE_TOPIC.into(), Some(envelope.topic.clone().into_bytes())));
+    headers.push((HEADER_SOURCE_PARTITION.into(), Some(envelope.partition.to_string().into_bytes())));
+    headers.push((HEADER_SOURCE_OFFSET.into(), Some(envelope.offset.to_string().into_bytes())));
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InputConfig, InputFormat};
+    use crate::worker::message::decode;
+
+    fn json_cfg() -> InputConfig {
+        InputConfig { format: InputFormat::Json, text_field: "text".into(), max_bytes: 100 }
+    }
+
+    #[test]
+    fn output_adds_triagem_object() {
+        let info = ModelInfo {
+            name: "m".into(),
+            version: "abc".into(),
+            labels: vec!["venda".into(), "suporte".into()],
+            path: Default::default(),
+            max_len: 8,
+        };
+        let p = Prediction {
+            label: "venda".into(),
+            score: 0.9,
+            scores: vec![("venda".into(), 0.9), ("suporte".into(), 0.1)],
+        };
+        let d = decode(Some(br#"{"text":"oi","id":1}"#), &json_cfg()).unwrap();
+        let out: Value = serde_json::from_slice(&render_output(&d, &p, &info, "2026-01-01T00:00:00Z")).unwrap();
+        assert_eq!(out["id"], 1);
+        assert_eq!(out["text"], "oi");
+        assert_eq!(out["triagem"]["label"], "venda");
+        assert_eq!(out["triagem"]["model_version"], "abc");
+        assert!(out["triagem"]["scores"]["suporte"].is_number());
+        let t = Decoded { text: "oi".into(), body: Body::Text };
+        let out: Value = serde_json::from_slice(&render_output(&t, &p, &info, "now")).unwrap();
+        assert_eq!(out["text"], "oi");
+        assert_eq!(out["triagem"]["model"], "m");
+
+        let env = Envelope {
+            topic: "in".into(),
+            partition: 2,
+            offset: 9,
+            headers: vec![("trace".into(), Some(b"x".to_vec()))],
+            ..Default::default()
+        };
+        let h = output_headers(&env, &p);
+        assert_eq!(h[0].0, "trace");
+        assert_eq!(h[1], (HEADER_LABEL.to_string(), Some(b"venda".to_vec())));
+        let h = dead_letter_headers(&env, &Poison::EmptyText);
+        assert_eq!(h[1].1.as_deref(), Some(&b"empty_text: text is empty"[..]));
+        assert_eq!(h[3].1.as_deref(), Some(&b"2"[..]));
+        assert_eq!(h[4].1.as_deref(), Some(&b"9"[..]));
     }
 }

@@ -194,7 +194,8 @@ fn spawn_member(broker: &Broker, group: &str, topic: &str) -> (std::process::Chi
     let mut child = Command::new(env!("CARGO_BIN_EXE_triagem-test-broker"))
         .args(["member", "--bootstrap", &broker.addr, "--group", group, "--topic", topic])
         .args(["--session-timeout-ms", &SESSION_TIMEOUT.as_millis().to_string()])
-        .stdin(Stdio::null())
+        // Kept open by the `Child`: the member exits if this test process dies.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("run triagem-test-broker member");

@@ -50,10 +50,10 @@ def read_from(args, partition, start, keys):
         c.assign([tp])
         c.seek(tp, start)
         nxt, end = start, len(keys)
-        deadline = time.time() + 20
+        deadline = time.time() + 10
         while nxt < end:
             if time.time() > deadline:
-                return f"only offsets {start}..{nxt} of {start}..{end} arrived within 20 s"
+                return f"only offsets {start}..{nxt} of {start}..{end} arrived within 10 s"
             for records in c.poll(timeout_ms=200).values():
                 for r in records:
                     key = (r.key or b"").decode("utf-8", "replace")

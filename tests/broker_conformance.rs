@@ -6,8 +6,9 @@
 //!
 //! - A fetch that starts inside a produced batch returns every record from
 //!   exactly that offset (every partition, several offsets; produced with
-//!   `linger.ms` so that batches hold many records). tansu 0.6.0 returns
-//!   records of a later batch instead: see the README's known issues.
+//!   `linger.ms`, in waves, so that each partition has several batches of
+//!   many records). tansu 0.6.0 returns records of a later batch instead, or
+//!   none at all inside the last batch: see the README's known issues.
 //! - A group member SIGKILLed (a separate process) and a new one joining: the
 //!   new one gets every partition within the session timeout (plus the
 //!   allowance of [`FAILOVER_SLACK`]).
@@ -42,6 +43,8 @@ use worker_common::{enqueue, unique, Broker, BrokerKind};
 const PARTITIONS: i32 = 3;
 /// Records produced to it.
 const RECORDS: usize = 6000;
+/// Records handed to the producer at once (about 167 a partition: one batch each).
+const WAVE: usize = 500;
 /// Session timeout of the group members of the failover check.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// What the failover may take beyond the session timeout. Apache Kafka
@@ -70,7 +73,8 @@ fn verdict(broker: &Broker, check: &str, problems: Vec<String>) {
 }
 
 /// Creates `topic` and produces [`RECORDS`] keyed records, spread over the
-/// partitions, all at once with `linger.ms` 50 so that batches hold many
+/// partitions, in waves of [`WAVE`] handed to the producer at once with
+/// `linger.ms` 50, so that each partition gets several batches of many
 /// records. Returns the keys by partition and offset.
 async fn produce_batches(broker: &Broker, topic: &str) -> Result<Expected, String> {
     broker.create_topic(topic, PARTITIONS).await;
@@ -80,17 +84,29 @@ async fn produce_batches(broker: &Broker, topic: &str) -> Result<Expected, Strin
         .set("message.timeout.ms", "30000")
         .create()
         .expect("producer");
+    let started = Instant::now();
     let keys: Vec<String> = (0..RECORDS).map(|i| format!("k-{i}")).collect();
-    let sends: Vec<_> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| enqueue(&p, FutureRecord::to(topic).key(k).payload(k).partition(i as i32 % PARTITIONS)))
-        .collect();
     let mut placed: HashMap<i32, Vec<(i64, String)>> = HashMap::new();
-    for (send, key) in sends.into_iter().zip(&keys) {
-        let d = send.await.expect("producer dropped").map_err(|(e, _)| format!("produce {key}: {e}"))?;
-        placed.entry(d.partition).or_default().push((d.offset, key.clone()));
+    // In waves, each handed to the producer at once: every wave makes at least
+    // one batch per partition, and a batch holds many records.
+    for (w, wave) in keys.chunks(WAVE).enumerate() {
+        let sends: Vec<_> = wave
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let partition = (w * WAVE + i) as i32 % PARTITIONS;
+                enqueue(&p, FutureRecord::to(topic).key(k).payload(k).partition(partition))
+            })
+            .collect();
+        for (send, key) in sends.into_iter().zip(wave) {
+            let d = send.await.expect("producer dropped").map_err(|(e, _)| format!("produce {key}: {e}"))?;
+            placed.entry(d.partition).or_default().push((d.offset, key.clone()));
+        }
     }
+    println!(
+        "produced {RECORDS} records to {topic} ({PARTITIONS} partitions) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let mut expected = Expected::new();
     for (partition, mut records) in placed {
         records.sort();
@@ -123,7 +139,9 @@ fn check_seeks(broker: &Broker, topic: &str, expected: &Expected) -> Vec<String>
     for partition in partitions {
         let keys = &expected[&partition];
         for from in seek_targets(keys.len()) {
-            if let Err(p) = read_from(broker, topic, partition, from, keys) {
+            let result = read_from(broker, topic, partition, from, keys);
+            println!("rdkafka: partition {partition}: seek to offset {from}: {result:?}");
+            if let Err(p) = result {
                 problems.push(format!("rdkafka: partition {partition}: seek to offset {from}: {p}"));
             }
         }
@@ -144,10 +162,10 @@ fn read_from(broker: &Broker, topic: &str, partition: i32, from: i64, keys: &[St
     c.assign(&tpl).unwrap();
     let end = keys.len() as i64;
     let mut next = from;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while next < end {
         if Instant::now() > deadline {
-            return Err(format!("only offsets {from}..{next} of {from}..{end} arrived within 20 s"));
+            return Err(format!("only offsets {from}..{next} of {from}..{end} arrived within 10 s"));
         }
         let m = match c.poll(Duration::from_millis(200)) {
             None => continue,
@@ -176,7 +194,8 @@ fn spawn_member(broker: &Broker, group: &str, topic: &str) -> (std::process::Chi
     let mut child = Command::new(env!("CARGO_BIN_EXE_triagem-test-broker"))
         .args(["member", "--bootstrap", &broker.addr, "--group", group, "--topic", topic])
         .args(["--session-timeout-ms", &SESSION_TIMEOUT.as_millis().to_string()])
-        .stdin(Stdio::null())
+        // Kept open by the `Child`: the member exits if this test process dies.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("run triagem-test-broker member");

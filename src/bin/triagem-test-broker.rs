@@ -28,7 +28,8 @@
 //!
 //! `member` is a consumer-group member in its own process (for tests that
 //! SIGKILL one): it joins `--group`, prints `assigned P,P,…` (partitions of
-//! `--topic`, possibly empty) after each rebalance and polls until killed.
+//! `--topic`, possibly empty) after each rebalance and polls until killed or
+//! until its stdin closes (so that it does not outlive the test that started it).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -61,7 +62,7 @@ enum Cmd {
         #[arg(long)]
         control: bool,
     },
-    /// A consumer-group member that prints its assignments and polls until killed.
+    /// A consumer-group member that prints its assignments and polls until killed or its stdin closes.
     Member {
         /// Bootstrap servers.
         #[arg(long)]
@@ -196,6 +197,10 @@ fn member(bootstrap: &str, group: &str, topic: &str, session_timeout_ms: u32) ->
         .create_with_context(Printer { topic: topic.to_string() })
         .context("cannot create the consumer")?;
     consumer.subscribe(&[topic]).with_context(|| format!("subscribe to {topic}"))?;
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        std::process::exit(0);
+    });
     loop {
         if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
             eprintln!("member: {e}");

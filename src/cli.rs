@@ -181,7 +181,7 @@ pub struct TrainArgs {
     pub label_smoothing: f64,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
-    #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = 0)]
+    #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = 2)]
     pub ensemble: usize,
     /// Weight of the teachers' soft targets in the loss (the labels get 1 minus this).
     #[arg(long, default_value_t = 0.5)]

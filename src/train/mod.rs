@@ -185,6 +185,8 @@ pub struct CalibrationLog {
     pub dev_ece_before: f64,
     /// The same with the temperature applied.
     pub dev_ece_after: f64,
+    /// The review curve of the dev split with calibrated scores: where to set `routing.min_confidence`.
+    pub dev_review: Vec<eval::ReviewPoint>,
 }
 
 /// A data file's identity in `metrics.json`.
@@ -279,8 +281,8 @@ fn calibrate(classifier: &mut Classifier, dev: &[Example], out: &Path) -> Result
         .iter()
         .map(|e| labels.iter().position(|l| l == &e.label).expect("dev labels are training labels"))
         .collect();
-    let ece_at = |t: f64| {
-        let (conf, right): (Vec<f32>, Vec<bool>) = logits
+    let scored = |t: f64| -> (Vec<f32>, Vec<bool>) {
+        logits
             .iter()
             .zip(&targets)
             .map(|(row, &y)| {
@@ -290,7 +292,10 @@ fn calibrate(classifier: &mut Classifier, dev: &[Example], out: &Path) -> Result
                 let best = scaled.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
                 ((1.0 / sum) as f32, best == y)
             })
-            .unzip();
+            .unzip()
+    };
+    let ece_at = |t: f64| {
+        let (conf, right) = scored(t);
         eval::expected_calibration_error(&conf, &right, eval::ECE_BINS)
     };
     let temperature = calibrate::fit_temperature(&logits, &targets);
@@ -299,6 +304,10 @@ fn calibrate(classifier: &mut Classifier, dev: &[Example], out: &Path) -> Result
         dev_examples: dev.len(),
         dev_ece_before: ece_at(1.0),
         dev_ece_after: ece_at(temperature),
+        dev_review: {
+            let (conf, right) = scored(temperature);
+            eval::review_curve(&conf, &right, &eval::REVIEW_THRESHOLDS)
+        },
     };
     if !dev.is_empty() {
         let mut config = model::read_config(out)?;

@@ -180,6 +180,19 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Label smoothing: this much of each hard target's probability is spread evenly over the labels.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
+    /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
+    #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = 2)]
+    pub ensemble: usize,
+    /// Weight of the teachers' soft targets in the loss (the labels get 1 minus this).
+    #[arg(long, default_value_t = 0.5)]
+    pub distill_weight: f64,
+    /// Softmax temperature of the soft targets.
+    #[arg(long, default_value_t = 2.0)]
+    pub distill_temperature: f64,
 }
 
 /// The model a command serves, and how.
@@ -257,6 +270,10 @@ impl TrainArgs {
             scratch_hidden: self.scratch_hidden,
             scratch_layers: self.scratch_layers,
             quiet: self.quiet,
+            label_smoothing: self.label_smoothing,
+            ensemble: self.ensemble,
+            distill_weight: self.distill_weight,
+            distill_temperature: self.distill_temperature,
         })
     }
 }

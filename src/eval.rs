@@ -1,6 +1,9 @@
 //! Scores a classifier on a labelled data set: accuracy, per-label
-//! precision/recall/F1/support, macro-F1, the confusion matrix and the
-//! mistakes the model was most sure of.
+//! precision/recall/F1/support, macro-F1, the confusion matrix, the
+//! mistakes the model was most sure of, and how far its scores can be
+//! trusted: expected calibration error and, per review threshold, the share
+//! of messages a `routing.min_confidence` sends to review and the share of
+//! the errors among them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,6 +39,23 @@ pub struct Confusion {
     pub matrix: Vec<Vec<usize>>,
 }
 
+/// Equal-width confidence bins of the expected calibration error.
+pub const ECE_BINS: usize = 10;
+
+/// The `routing.min_confidence` values the review curve is reported for.
+pub const REVIEW_THRESHOLDS: [f32; 12] = [0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99];
+
+/// What one review threshold does on a data set.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReviewPoint {
+    /// The threshold: messages scored below it go to review.
+    pub min_confidence: f32,
+    /// Share of all messages sent to review.
+    pub sent_to_review: f64,
+    /// Share of the wrong predictions that are among them (0 when there are no errors).
+    pub errors_caught: f64,
+}
+
 /// Everything `triagem eval` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -46,6 +66,51 @@ pub struct Report {
     pub confusion: Confusion,
     /// Wrong predictions, most confident first (at most 10).
     pub mistakes: Vec<Mistake>,
+    /// Expected calibration error of the top score over [`ECE_BINS`] equal-width bins.
+    pub ece: f64,
+    /// Review share and errors caught for each of [`REVIEW_THRESHOLDS`].
+    pub review: Vec<ReviewPoint>,
+}
+
+/// Expected calibration error: the examples are put in `bins` equal-width
+/// bins of confidence over (0, 1]; the error is the sum over bins of the
+/// bin's share of the examples times |its accuracy − its mean confidence|.
+pub fn expected_calibration_error(confidences: &[f32], correct: &[bool], bins: usize) -> f64 {
+    let n = confidences.len();
+    if n == 0 || bins == 0 {
+        return 0.0;
+    }
+    let mut count = vec![0usize; bins];
+    let mut hits = vec![0usize; bins];
+    let mut conf_sum = vec![0f64; bins];
+    for (&c, &ok) in confidences.iter().zip(correct) {
+        // Bin b holds (b/bins, (b+1)/bins]; 0 goes to the first bin.
+        let b = ((c * bins as f32).ceil() as usize).clamp(1, bins) - 1;
+        count[b] += 1;
+        hits[b] += ok as usize;
+        conf_sum[b] += c as f64;
+    }
+    (0..bins)
+        .filter(|&b| count[b] > 0)
+        .map(|b| {
+            (count[b] as f64 / n as f64) * (hits[b] as f64 / count[b] as f64 - conf_sum[b] / count[b] as f64).abs()
+        })
+        .sum()
+}
+
+/// For each threshold: the share of examples scored below it, and the share of the wrong ones among those.
+pub fn review_curve(confidences: &[f32], correct: &[bool], thresholds: &[f32]) -> Vec<ReviewPoint> {
+    let n = confidences.len();
+    let errors = correct.iter().filter(|&&ok| !ok).count();
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    thresholds
+        .iter()
+        .map(|&t| {
+            let sent = confidences.iter().filter(|&&c| c < t).count();
+            let caught = confidences.iter().zip(correct).filter(|&(&c, &ok)| c < t && !ok).count();
+            ReviewPoint { min_confidence: t, sent_to_review: ratio(sent, n), errors_caught: ratio(caught, errors) }
+        })
+        .collect()
 }
 
 /// Predicts `examples` in batches of `batch_size` (shortest texts together, to pad less).
@@ -111,6 +176,8 @@ impl Report {
             })
             .collect();
         let correct: usize = (0..n).map(|i| matrix[i][i]).sum();
+        let confidences: Vec<f32> = predictions.iter().map(|p| p.score).collect();
+        let right: Vec<bool> = examples.iter().zip(predictions).map(|(e, p)| e.label == p.label).collect();
         Report {
             examples: examples.len(),
             accuracy: ratio(correct, examples.len()),
@@ -118,6 +185,8 @@ impl Report {
             per_label,
             confusion: Confusion { labels: labels.to_vec(), matrix },
             mistakes,
+            ece: expected_calibration_error(&confidences, &right, ECE_BINS),
+            review: review_curve(&confidences, &right, &REVIEW_THRESHOLDS),
         }
     }
 
@@ -145,8 +214,24 @@ impl Report {
                 let _ = write!(s, " {c:>9}");
             }
         }
+        let errors =
+            self.examples - (0..self.confusion.labels.len()).map(|i| self.confusion.matrix[i][i]).sum::<usize>();
+        let _ = writeln!(s, "\n\nexpected calibration error ({ECE_BINS} bins)  {:.4}", self.ece);
+        let _ = writeln!(
+            s,
+            "review threshold (routing.min_confidence): share sent to review, share of the {errors} errors caught"
+        );
+        for p in &self.review {
+            let _ = writeln!(
+                s,
+                "  < {:.2}  {:>6.1} %  {:>6.1} %",
+                p.min_confidence,
+                100.0 * p.sent_to_review,
+                100.0 * p.errors_caught
+            );
+        }
         if !self.mistakes.is_empty() {
-            let _ = writeln!(s, "\n\nworst mistakes (most confident first)");
+            let _ = writeln!(s, "\nworst mistakes (most confident first)");
             for m in &self.mistakes {
                 let _ = writeln!(s, "  {:.3} {} → {}  {}", m.score, m.label, m.predicted, m.text);
             }
@@ -168,7 +253,7 @@ mod tests {
         let labels = vec!["suporte".to_string(), "venda".to_string()];
         let ex = |t: &str, l: &str| Example { text: t.into(), label: l.into() };
         let examples = [ex("a", "venda"), ex("b", "venda"), ex("c", "suporte"), ex("d", "suporte")];
-        let preds = [pred("venda", 0.9), pred("suporte", 0.8), pred("suporte", 0.7), pred("suporte", 0.6)];
+        let preds = [pred("venda", 0.92), pred("suporte", 0.84), pred("suporte", 0.72), pred("suporte", 0.61)];
         let r = Report::new(&labels, &examples, &preds);
         assert_eq!(r.confusion.matrix, vec![vec![2, 0], vec![1, 1]]);
         assert!((r.accuracy - 0.75).abs() < 1e-9);
@@ -179,5 +264,40 @@ mod tests {
         assert!((r.macro_f1 - (0.8 + 2.0 / 3.0) / 2.0).abs() < 1e-9);
         assert_eq!(r.mistakes.len(), 1);
         assert_eq!(r.mistakes[0].text, "b");
+        // One example in each of four bins: |1-0.92| + |0-0.84| + |1-0.72| + |1-0.61|, over 4.
+        assert!((r.ece - (0.08 + 0.84 + 0.28 + 0.39) / 4.0).abs() < 1e-6, "{}", r.ece);
+        let at = |t: f32| r.review.iter().find(|p| p.min_confidence == t).unwrap().clone();
+        assert_eq!((at(0.7).sent_to_review, at(0.7).errors_caught), (0.25, 0.0));
+        assert_eq!((at(0.85).sent_to_review, at(0.85).errors_caught), (0.75, 1.0));
+    }
+
+    #[test]
+    fn ece_is_zero_when_confidence_matches_accuracy() {
+        // Ten at 0.8 with eight right, ten at 1.0 all right.
+        let mut conf = vec![0.8f32; 10];
+        conf.extend([1.0f32; 10]);
+        let mut right = vec![true; 8];
+        right.extend([false; 2]);
+        right.extend([true; 10]);
+        assert!(expected_calibration_error(&conf, &right, 10) < 1e-6);
+        // Over-confident: all at 0.99, half right: |0.5 - 0.99|.
+        let ece = expected_calibration_error(&[0.99; 4], &[true, false, true, false], 10);
+        assert!((ece - 0.49).abs() < 1e-6, "{ece}");
+        // Boundaries: 0.6 belongs to (0.5, 0.6], 0 to the first bin; nothing is lost.
+        let ece = expected_calibration_error(&[0.6, 0.0], &[true, true], 10);
+        assert!((ece - (0.5 * 0.4 + 0.5 * 1.0)).abs() < 1e-6, "{ece}");
+        assert_eq!(expected_calibration_error(&[], &[], 10), 0.0);
+    }
+
+    #[test]
+    fn review_curve_counts_strictly_below_the_threshold() {
+        let conf = [0.5f32, 0.7, 0.7, 0.9, 0.99];
+        let right = [false, true, false, true, false];
+        let curve = review_curve(&conf, &right, &[0.5, 0.7, 0.71, 1.0]);
+        let got: Vec<(f64, f64)> = curve.iter().map(|p| (p.sent_to_review, p.errors_caught)).collect();
+        assert_eq!(got, vec![(0.0, 0.0), (0.2, 1.0 / 3.0), (0.6, 2.0 / 3.0), (1.0, 1.0)]);
+        // No errors: nothing to catch, reported as 0, never NaN.
+        let curve = review_curve(&[0.6], &[true], &[0.9]);
+        assert_eq!((curve[0].sent_to_review, curve[0].errors_caught), (1.0, 0.0));
     }
 }

@@ -56,6 +56,12 @@ pub struct BertConfig {
     /// Label name → class index.
     #[serde(default)]
     pub label2id: BTreeMap<String, usize>,
+    /// Calibration (triagem's key; `transformers` keeps it as an attribute and ignores it): the
+    /// logits are divided by this temperature before the softmax, so that the scores match the
+    /// accuracy observed on the dev split it was fitted on. The arg-max, hence every predicted
+    /// label, is the same with or without it. Absent: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triagem_temperature: Option<f64>,
     /// Everything else the file holds, written back as it was read.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -128,6 +134,7 @@ impl BertConfig {
             pad_token_id: 0,
             id2label: BTreeMap::new(),
             label2id: BTreeMap::new(),
+            triagem_temperature: None,
             extra: serde_json::Map::new(),
         }
     }

@@ -199,6 +199,8 @@ pub struct Classifier {
     labels: Vec<String>,
     device: Device,
     info: ModelInfo,
+    /// Calibration temperature from `config.json` (1 when absent): scores are softmax(logits / T).
+    temperature: f32,
 }
 
 /// Reads and checks `config.json` of a model directory.
@@ -240,6 +242,14 @@ impl Classifier {
         let cfg = read_config(dir)?;
         let config_path = dir.join(CONFIG_FILE);
         let labels = cfg.labels().map_err(|reason| ModelError::BadConfig { path: config_path.clone(), reason })?;
+        let temperature = match cfg.triagem_temperature {
+            None => 1.0,
+            Some(t) if t.is_finite() && t > 0.0 => t as f32,
+            Some(t) => {
+                let reason = format!("triagem_temperature is {t}; it must be a positive number");
+                return Err(ModelError::BadConfig { path: config_path, reason });
+            }
+        };
         let encoder = TextEncoder::load(&require(dir, TOKENIZER_FILE)?, cfg.max_position_embeddings, cfg.pad_token_id)?;
         let max_len = encoder.max_len();
         let weights = require(dir, WEIGHTS_FILE)?;
@@ -258,7 +268,7 @@ impl Classifier {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| dir.display().to_string());
         let info = ModelInfo { name, version, labels: labels.clone(), path: dir.to_path_buf(), max_len };
-        Ok(Self { model, encoder, labels, device: device.clone(), info })
+        Ok(Self { model, encoder, labels, device: device.clone(), info, temperature })
     }
 
     /// Wraps an in-memory model (used by training to evaluate without a round trip to disk).
@@ -270,7 +280,17 @@ impl Classifier {
             path: PathBuf::new(),
             max_len: encoder.max_len(),
         };
-        Self { model, encoder, labels, device, info }
+        Self { model, encoder, labels, device, info, temperature: 1.0 }
+    }
+
+    /// The calibration temperature the scores are computed with (1: none).
+    pub fn temperature(&self) -> f32 {
+        self.temperature
+    }
+
+    /// Computes scores with temperature `t` from now on (training sets the one it fitted).
+    pub fn set_temperature(&mut self, t: f32) {
+        self.temperature = t;
     }
 
     /// Name, version and labels.
@@ -288,7 +308,7 @@ impl Classifier {
         &self.encoder
     }
 
-    /// Raw logits, one row per text, in one forward pass.
+    /// Raw logits, one row per text, in one forward pass (before calibration: what `transformers` computes).
     pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
         Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?)
     }
@@ -307,12 +327,18 @@ impl Classifier {
         Ok(self.model.forward(&ids, &masks, &mut Mode::Eval)?)
     }
 
-    /// Predictions for `texts`, in one forward pass. An empty slice gives an empty result.
+    /// Predictions for `texts`, in one forward pass, with calibrated scores
+    /// (softmax of the logits divided by the model's temperature). An empty
+    /// slice gives an empty result.
     pub fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, ModelError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let probs = bert::probabilities(&self.logits_tensor(texts)?)?;
+        let mut logits = self.logits_tensor(texts)?;
+        if self.temperature != 1.0 {
+            logits = (logits.to_dtype(DType::F32)? / self.temperature as f64)?;
+        }
+        let probs = bert::probabilities(&logits)?;
         Ok(probs.into_iter().map(|row| self.prediction(row)).collect())
     }
 
@@ -323,5 +349,62 @@ impl Classifier {
             score: row[best],
             scores: self.labels.iter().cloned().zip(row).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy of the test fixture with `triagem_temperature` set to `value` (absent for `None`).
+    fn fixture_with_temperature(value: Option<serde_json::Value>) -> tempfile::TempDir {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
+        let dir = tempfile::tempdir().unwrap();
+        for file in [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
+            std::fs::copy(src.join(file), dir.path().join(file)).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join(CONFIG_FILE)).unwrap()).unwrap();
+        if let Some(v) = value {
+            config["triagem_temperature"] = v;
+        }
+        std::fs::write(dir.path().join(CONFIG_FILE), config.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn calibration_temperature_is_loaded_and_applied_to_scores_only() {
+        let texts = ["comprei semana passada e veio com defeito", "quero comprar uma geladeira", "oi"];
+        let plain_dir = fixture_with_temperature(None);
+        let plain = Classifier::load(plain_dir.path(), &Device::Cpu).unwrap();
+        let dir = fixture_with_temperature(Some(serde_json::json!(2.5)));
+        let calibrated = Classifier::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(plain.temperature(), 1.0);
+        assert_eq!(calibrated.temperature(), 2.5);
+        // Logits are what transformers computes: untouched.
+        assert_eq!(plain.logits(&texts).unwrap(), calibrated.logits(&texts).unwrap());
+        let logits = calibrated.logits(&texts).unwrap();
+        for ((p, c), z) in plain.predict(&texts).unwrap().iter().zip(calibrated.predict(&texts).unwrap()).zip(logits) {
+            assert_eq!(p.label, c.label, "calibration must not change the label");
+            let e: Vec<f64> = z.iter().map(|&v| (v as f64 / 2.5).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for ((_, got), want) in c.scores.iter().zip(e.iter().map(|v| v / sum)) {
+                assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+            }
+            // T > 1 pulls the top score towards 1/2.
+            assert!(c.score <= p.score && c.score >= 0.5, "{} vs {}", c.score, p.score);
+        }
+    }
+
+    #[test]
+    fn a_bad_temperature_is_one_clear_error() {
+        for bad in [serde_json::json!(0.0), serde_json::json!(-1.0)] {
+            let dir = fixture_with_temperature(Some(bad));
+            let err = Classifier::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+            assert!(err.contains("config.json") && err.contains("triagem_temperature"), "{err}");
+        }
+        let dir = fixture_with_temperature(Some(serde_json::json!("hot")));
+        let err = Classifier::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("config.json"), "{err}");
     }
 }

@@ -11,6 +11,7 @@
 //! same seed and data give the same model and metrics.
 
 pub mod augment;
+pub mod calibrate;
 pub mod scratch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -131,6 +132,15 @@ pub struct TrainOptions {
     pub device: Device,
     /// Hide the progress bar (tests, CI logs).
     pub quiet: bool,
+    /// Label smoothing of the hard targets: this much probability is spread evenly over the labels.
+    pub label_smoothing: f64,
+    /// Teachers trained first (seeds `seed+1` … `seed+N`, same split, same options) whose averaged
+    /// scores the model also learns from (ensemble distillation); 0: none.
+    pub ensemble: usize,
+    /// Weight of the teachers' soft targets in the loss (the hard labels get 1 minus this).
+    pub distill_weight: f64,
+    /// Softmax temperature of the soft targets (the soft loss is scaled by its square).
+    pub distill_temperature: f64,
 }
 
 /// Per-epoch figures, printed and stored in `metrics.json`.
@@ -160,6 +170,23 @@ pub struct TrainSummary {
     pub parameters: usize,
     pub model_bytes: u64,
     pub triagem_version: String,
+    /// The temperature fitted on the dev split and the dev ECE before and after it.
+    pub calibration: CalibrationLog,
+}
+
+/// Temperature scaling as fitted by this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationLog {
+    /// Stored in `config.json` as `triagem_temperature` (1: no dev split to fit on).
+    pub temperature: f64,
+    /// Dev examples it was fitted on.
+    pub dev_examples: usize,
+    /// Dev expected calibration error (10 bins) with raw softmax scores.
+    pub dev_ece_before: f64,
+    /// The same with the temperature applied.
+    pub dev_ece_after: f64,
+    /// The review curve of the dev split with calibrated scores: where to set `routing.min_confidence`.
+    pub dev_review: Vec<eval::ReviewPoint>,
 }
 
 /// A data file's identity in `metrics.json`.
@@ -197,68 +224,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         "data loaded"
     );
 
-    let trainable = build(opts, &labels, &train_examples, &mut rng)?;
-    let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
-    tracing::info!(parameters, base = ?opts.base, "model built");
     std::fs::create_dir_all(&opts.out).map_err(|e| write_error(&opts.out, e))?;
-
-    let (mut decay, mut no_decay) = optimizers(&trainable.varmap, opts)?;
-    let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
-    let total_steps = steps_per_epoch * opts.epochs;
-    let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
-    let label_index: HashMap<&str, u32> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
-
-    let mut epochs = Vec::new();
-    let mut best: Option<(usize, f64)> = None;
-    let mut step = 0usize;
-    let mut order: Vec<usize> = (0..train_examples.len()).collect();
-    for epoch in 1..=opts.epochs {
-        let epoch_start = Instant::now();
-        order.shuffle(&mut rng);
-        let bar = progress_bar(opts.quiet, train_examples.len() as u64, epoch, opts.epochs);
-        let mut loss_sum = 0.0;
-        for chunk in order.chunks(opts.batch_size) {
-            let lr = opts.lr * schedule(step, warmup_steps, total_steps);
-            decay.set_learning_rate(lr);
-            no_decay.set_learning_rate(lr);
-            let texts: Vec<String> =
-                chunk.iter().map(|&i| augment::augment(&train_examples[i].text, opts.augment, &mut rng)).collect();
-            let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
-            let loss = loss(&trainable, &texts, &targets, &opts.device, &mut rng)?;
-            let mut grads = loss.backward()?;
-            clip_gradients(&mut grads, &trainable.vars, 1.0)?;
-            decay.step(&grads)?;
-            no_decay.step(&grads)?;
-            step += 1;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
-            loss_sum += loss_value * chunk.len() as f64;
-            bar.inc(chunk.len() as u64);
-            bar.set_message(format!("loss {loss_value:.4} lr {lr:.2e}"));
-        }
-        bar.finish_and_clear();
-        let seconds = epoch_start.elapsed().as_secs_f64();
-        let dev = evaluate_in_memory(&trainable, &labels, &dev_examples, opts)?;
-        let log = EpochLog {
-            epoch,
-            train_loss: loss_sum / train_examples.len() as f64,
-            dev_accuracy: dev.accuracy,
-            dev_macro_f1: dev.macro_f1,
-            seconds,
-            examples_per_second: train_examples.len() as f64 / seconds,
-        };
-        eprintln!(
-            "epoch {epoch}/{}  loss {:.4}  dev accuracy {:.4}  dev macro-F1 {:.4}  ({:.0}s, {:.1} examples/s)",
-            opts.epochs, log.train_loss, log.dev_accuracy, log.dev_macro_f1, log.seconds, log.examples_per_second
-        );
-        if best.is_none_or(|(_, f1)| dev.macro_f1 > f1) {
-            best = Some((epoch, dev.macro_f1));
-            save(&trainable, &labels, &opts.out)?;
-        }
-        epochs.push(log);
+    let teachers = train_teachers(opts, &labels, &train_examples, &dev_examples)?;
+    let (epochs, best, parameters) = fit(opts, &labels, &train_examples, &dev_examples, &teachers, &mut rng)?;
+    drop(teachers);
+    if opts.ensemble > 0 {
+        let _ = std::fs::remove_dir_all(teachers_dir(&opts.out));
     }
 
     let best_epoch = best.map_or(0, |(e, _)| e);
-    let classifier = Classifier::load(&opts.out, &opts.device)?;
+    let mut classifier = Classifier::load(&opts.out, &opts.device)?;
+    let calibration = calibrate(&mut classifier, &dev_examples, &opts.out)?;
+    eprintln!(
+        "calibration: temperature {:.3}, dev ECE {:.4} → {:.4}",
+        calibration.temperature, calibration.dev_ece_before, calibration.dev_ece_after
+    );
     let test = eval::evaluate(&classifier, &test_set.examples, 64)?;
     let weights = opts.out.join(model::WEIGHTS_FILE);
     let summary = TrainSummary {
@@ -281,10 +261,192 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         parameters,
         model_bytes: std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0),
         triagem_version: env!("CARGO_PKG_VERSION").to_string(),
+        calibration,
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises") + "\n";
     replace_file(&opts.out.join("metrics.json"), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
     Ok(summary)
+}
+
+/// Fits the temperature on the dev split, writes it into `out/config.json`
+/// and sets it on `classifier`.
+fn calibrate(classifier: &mut Classifier, dev: &[Example], out: &Path) -> Result<CalibrationLog, TrainError> {
+    let labels = classifier.labels().to_vec();
+    let texts: Vec<&str> = dev.iter().map(|e| e.text.as_str()).collect();
+    let mut logits = Vec::with_capacity(dev.len());
+    for chunk in texts.chunks(64) {
+        logits.extend(classifier.logits(chunk)?);
+    }
+    let targets: Vec<usize> = dev
+        .iter()
+        .map(|e| labels.iter().position(|l| l == &e.label).expect("dev labels are training labels"))
+        .collect();
+    let scored = |t: f64| -> (Vec<f32>, Vec<bool>) {
+        logits
+            .iter()
+            .zip(&targets)
+            .map(|(row, &y)| {
+                let scaled: Vec<f64> = row.iter().map(|&z| z as f64 / t).collect();
+                let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scaled.iter().map(|z| (z - max).exp()).sum();
+                let best = scaled.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+                ((1.0 / sum) as f32, best == y)
+            })
+            .unzip()
+    };
+    let ece_at = |t: f64| {
+        let (conf, right) = scored(t);
+        eval::expected_calibration_error(&conf, &right, eval::ECE_BINS)
+    };
+    let temperature = calibrate::fit_temperature(&logits, &targets);
+    let log = CalibrationLog {
+        temperature,
+        dev_examples: dev.len(),
+        dev_ece_before: ece_at(1.0),
+        dev_ece_after: ece_at(temperature),
+        dev_review: {
+            let (conf, right) = scored(temperature);
+            eval::review_curve(&conf, &right, &eval::REVIEW_THRESHOLDS)
+        },
+    };
+    if !dev.is_empty() {
+        let mut config = model::read_config(out)?;
+        config.triagem_temperature = Some(temperature);
+        let json = serde_json::to_string_pretty(&config).expect("config serialises") + "\n";
+        replace_file(&out.join(model::CONFIG_FILE), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
+        classifier.set_temperature(temperature as f32);
+    }
+    Ok(log)
+}
+
+/// Where the teachers of an ensemble are written while the model trains (removed afterwards).
+fn teachers_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".teachers");
+    out.with_file_name(name)
+}
+
+/// Trains `opts.ensemble` teachers on the same split, each with its own seed, and loads them.
+fn train_teachers(
+    opts: &TrainOptions,
+    labels: &[String],
+    train: &[Example],
+    dev: &[Example],
+) -> Result<Vec<Classifier>, TrainError> {
+    let mut teachers = Vec::new();
+    for k in 1..=opts.ensemble {
+        let seed = opts.seed.wrapping_add(k as u64);
+        let out = teachers_dir(&opts.out).join(format!("seed-{seed}"));
+        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
+        let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, ..opts.clone() };
+        eprintln!("teacher {k}/{} (seed {seed})", opts.ensemble);
+        let mut rng = StdRng::seed_from_u64(seed);
+        fit(&teacher_opts, labels, train, dev, &[], &mut rng)?;
+        teachers.push(Classifier::load(&out, &opts.device)?);
+    }
+    Ok(teachers)
+}
+
+/// Trains a model on `train` (learning from `teachers` too, when there are
+/// any), keeps the epoch with the best dev macro-F1 in `opts.out`, and
+/// returns the per-epoch log, the best epoch and the parameter count.
+fn fit(
+    opts: &TrainOptions,
+    labels: &[String],
+    train_examples: &[Example],
+    dev_examples: &[Example],
+    teachers: &[Classifier],
+    rng: &mut StdRng,
+) -> Result<(Vec<EpochLog>, Option<(usize, f64)>, usize), TrainError> {
+    let trainable = build(opts, labels, train_examples, rng)?;
+    let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
+    tracing::info!(parameters, base = ?opts.base, "model built");
+
+    let (mut decay, mut no_decay) = optimizers(&trainable.varmap, opts)?;
+    let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
+    let total_steps = steps_per_epoch * opts.epochs;
+    let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
+    let label_index: HashMap<&str, u32> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
+
+    let mut epochs = Vec::new();
+    let mut best: Option<(usize, f64)> = None;
+    let mut step = 0usize;
+    let mut order: Vec<usize> = (0..train_examples.len()).collect();
+    for epoch in 1..=opts.epochs {
+        let epoch_start = Instant::now();
+        order.shuffle(rng);
+        let bar = progress_bar(opts.quiet, train_examples.len() as u64, epoch, opts.epochs);
+        let mut loss_sum = 0.0;
+        for chunk in order.chunks(opts.batch_size) {
+            let lr = opts.lr * schedule(step, warmup_steps, total_steps);
+            decay.set_learning_rate(lr);
+            no_decay.set_learning_rate(lr);
+            let texts: Vec<String> =
+                chunk.iter().map(|&i| augment::augment(&train_examples[i].text, opts.augment, rng)).collect();
+            let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
+            let soft = soft_targets(teachers, &texts, opts.distill_temperature)?;
+            let loss = loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)?;
+            let mut grads = loss.backward()?;
+            clip_gradients(&mut grads, &trainable.vars, 1.0)?;
+            decay.step(&grads)?;
+            no_decay.step(&grads)?;
+            step += 1;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            loss_sum += loss_value * chunk.len() as f64;
+            bar.inc(chunk.len() as u64);
+            bar.set_message(format!("loss {loss_value:.4} lr {lr:.2e}"));
+        }
+        bar.finish_and_clear();
+        let seconds = epoch_start.elapsed().as_secs_f64();
+        let dev = evaluate_in_memory(&trainable, labels, dev_examples, opts)?;
+        let log = EpochLog {
+            epoch,
+            train_loss: loss_sum / train_examples.len() as f64,
+            dev_accuracy: dev.accuracy,
+            dev_macro_f1: dev.macro_f1,
+            seconds,
+            examples_per_second: train_examples.len() as f64 / seconds,
+        };
+        eprintln!(
+            "epoch {epoch}/{}  loss {:.4}  dev accuracy {:.4}  dev macro-F1 {:.4}  ({:.0}s, {:.1} examples/s)",
+            opts.epochs, log.train_loss, log.dev_accuracy, log.dev_macro_f1, log.seconds, log.examples_per_second
+        );
+        if best.is_none_or(|(_, f1)| dev.macro_f1 > f1) {
+            best = Some((epoch, dev.macro_f1));
+            save(&trainable, labels, &opts.out)?;
+        }
+        epochs.push(log);
+    }
+    Ok((epochs, best, parameters))
+}
+
+/// The teachers' mean probabilities for `texts` at `temperature`, or `None` without teachers.
+fn soft_targets(teachers: &[Classifier], texts: &[String], temperature: f64) -> Result<Option<Vec<f32>>, TrainError> {
+    if teachers.is_empty() {
+        return Ok(None);
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut mean: Vec<f32> = Vec::new();
+    for teacher in teachers {
+        let logits = teacher.logits(&refs)?;
+        let flat: Vec<f32> = logits.iter().flat_map(|row| softmax(row, temperature)).collect();
+        if mean.is_empty() {
+            mean = vec![0.0; flat.len()];
+        }
+        for (m, p) in mean.iter_mut().zip(flat) {
+            *m += p / teachers.len() as f32;
+        }
+    }
+    Ok(Some(mean))
+}
+
+/// softmax(row / temperature).
+fn softmax(row: &[f32], temperature: f64) -> Vec<f32> {
+    let scaled: Vec<f64> = row.iter().map(|&z| z as f64 / temperature).collect();
+    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = scaled.iter().map(|z| (z - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.into_iter().map(|e| (e / sum) as f32).collect()
 }
 
 fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
@@ -304,6 +466,15 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if !(0.0..0.5).contains(&opts.dev_fraction) {
         return bad("--dev-fraction must be in [0, 0.5)");
     }
+    if !(0.0..1.0).contains(&opts.label_smoothing) {
+        return bad("--label-smoothing must be in [0, 1)");
+    }
+    if !(0.0..=1.0).contains(&opts.distill_weight) {
+        return bad("--distill-weight must be in [0, 1]");
+    }
+    if !(opts.distill_temperature > 0.0 && opts.distill_temperature.is_finite()) {
+        return bad("--distill-temperature must be a positive number");
+    }
     Ok(())
 }
 
@@ -321,7 +492,9 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "seed": opts.seed, "dev_fraction": opts.dev_fraction, "warmup": opts.warmup,
         "weight_decay": opts.weight_decay, "augment": opts.augment, "vocab_size": opts.vocab_size,
         "scratch_hidden": opts.scratch_hidden, "scratch_layers": opts.scratch_layers,
-        "train_examples": train, "dev_examples": dev,
+        "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
+        "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
+        "distill_temperature": opts.distill_temperature,
     })
 }
 
@@ -462,20 +635,47 @@ fn optimizers(varmap: &VarMap, opts: &TrainOptions) -> Result<(AdamW, AdamW), Tr
     Ok((AdamW::new(vars(decay), params(opts.weight_decay))?, AdamW::new(vars(no_decay), params(0.0))?))
 }
 
-/// Mean cross-entropy of a batch, in training mode.
+/// The training loss of a batch, in training mode: cross-entropy against
+/// the labels smoothed by `label_smoothing`, and, with soft targets (the
+/// teachers' mean probabilities at `distill_temperature`, row after row),
+/// `distill_weight` of the cross-entropy against those at the same
+/// temperature, scaled by its square.
 fn loss(
     t: &Trainable,
     texts: &[String],
     targets: &[u32],
-    device: &Device,
+    soft: Option<&[f32]>,
+    opts: &TrainOptions,
     rng: &mut StdRng,
 ) -> Result<Tensor, TrainError> {
+    let device = &opts.device;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let encoded = t.encoder.encode(&refs)?;
     let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, device)?;
     let logits = t.model.forward(&ids, &masks, &mut Mode::Train(rng))?;
-    let targets = Tensor::new(targets, device)?;
-    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    let (batch, classes) = logits.dims2()?;
+    let hard = if opts.label_smoothing == 0.0 {
+        candle_nn::loss::cross_entropy(&logits, &Tensor::new(targets, device)?)?
+    } else {
+        let eps = opts.label_smoothing as f32;
+        let mut dist = vec![eps / classes as f32; batch * classes];
+        for (i, &y) in targets.iter().enumerate() {
+            dist[i * classes + y as usize] += 1.0 - eps;
+        }
+        let dist = Tensor::from_vec(dist, (batch, classes), device)?;
+        soft_cross_entropy(&logits, &dist)?
+    };
+    let Some(soft) = soft else { return Ok(hard) };
+    let temp = opts.distill_temperature;
+    let soft = Tensor::from_vec(soft.to_vec(), (batch, classes), device)?;
+    let distill = (soft_cross_entropy(&(&logits / temp)?, &soft)? * (temp * temp))?;
+    Ok(((hard * (1.0 - opts.distill_weight))? + (distill * opts.distill_weight)?)?)
+}
+
+/// Mean over rows of −Σ target · log softmax(logits).
+fn soft_cross_entropy(logits: &Tensor, target: &Tensor) -> Result<Tensor, candle_core::Error> {
+    let log_probs = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    (log_probs * target)?.sum(1)?.mean(0)?.neg()
 }
 
 /// Scales all gradients down so that their global L2 norm is at most `max_norm`.
@@ -586,6 +786,10 @@ mod tests {
             scratch_layers: 2,
             device: Device::Cpu,
             quiet: true,
+            label_smoothing: 0.0,
+            ensemble: 0,
+            distill_weight: 0.5,
+            distill_temperature: 2.0,
         }
     }
 
@@ -606,7 +810,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let t = build(&tiny_options(), &labels, &examples(), &mut rng).unwrap();
         let texts: Vec<String> = examples().into_iter().map(|e| e.text).collect();
-        let loss = loss(&t, &texts, &[1, 0, 1, 0], &Device::Cpu, &mut rng).unwrap();
+        let loss = loss(&t, &texts, &[1, 0, 1, 0], None, &tiny_options(), &mut rng).unwrap();
         let grads = loss.backward().unwrap();
         let data = t.varmap.data().lock().unwrap();
         let mut missing = Vec::new();

@@ -736,15 +736,23 @@ fn save(t: &Trainable, labels: &[String], out: &Path) -> Result<(), TrainError> 
     replace_file(&out.join("tokenizer_config.json"), |p| std::fs::write(p, json).map_err(|e| e.to_string()))
 }
 
-/// Writes `path` through a temporary file in the same directory and renames
-/// it into place, so that a worker (re)starting during a retrain into the
-/// directory it serves never reads a half-written file.
+/// Writes `path` through a uniquely named temporary file in the same
+/// directory, syncs it to disk and renames it into place
+/// (`tempfile::NamedTempFile::persist`), so that a worker (re)starting during
+/// a retrain into the directory it serves never reads a half-written file,
+/// and two runs writing into one directory never share a temporary file.
 fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), TrainError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    write(&tmp).map_err(|e| write_error(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| write_error(path, e))
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".triagem-").suffix(".tmp");
+    // Readable by a worker running as another user, like a file written in place (tempfile's default is 0600).
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let tmp = builder.tempfile_in(dir).map_err(|e| write_error(path, e))?;
+    write(tmp.path()).map_err(|e| write_error(tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| write_error(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| write_error(path, e.error))?;
+    Ok(())
 }
 
 fn progress_bar(quiet: bool, len: u64, epoch: usize, epochs: usize) -> ProgressBar {
@@ -765,6 +773,26 @@ fn progress_bar(quiet: bool, len: u64, epoch: usize, epochs: usize) -> ProgressB
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_replaced_whole_readable_and_without_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, "old").unwrap();
+        replace_file(&path, |p| std::fs::write(p, "new").map_err(|e| e.to_string())).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        }
+        // A failed write leaves the old file and no temporary file behind.
+        let err = replace_file(&path, |_| Err("disk full".to_string())).unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["config.json"]);
+    }
 
     fn tiny_options() -> TrainOptions {
         TrainOptions {

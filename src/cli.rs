@@ -125,13 +125,13 @@ pub struct DemoArgs {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Training data (JSONL, `{"prompt": ..., "completion": label}` per line); a dev split is carved from it.
-    #[arg(long, env = "TRIAGEM_TRAIN", default_value = "data/treino.jsonl")]
+    #[arg(long, env = "TRIAGEM_TRAIN", default_value_os_t = TrainOptions::default().train)]
     pub train: PathBuf,
     /// Test data, used only for the final report.
-    #[arg(long, env = "TRIAGEM_TEST", default_value = "data/teste.jsonl")]
+    #[arg(long, env = "TRIAGEM_TEST", default_value_os_t = TrainOptions::default().test)]
     pub test: PathBuf,
     /// Output model directory.
-    #[arg(long, env = "TRIAGEM_OUT", default_value = "models/triagem")]
+    #[arg(long, env = "TRIAGEM_OUT", default_value_os_t = TrainOptions::default().out)]
     pub out: PathBuf,
     /// Initial weights: `none` (a small BERT and a WordPiece tokenizer trained from scratch on the training
     /// texts), a local Hugging Face BERT directory (e.g. models/base/all-MiniLM-L6-v2, fetched by
@@ -139,40 +139,40 @@ pub struct TrainArgs {
     #[arg(long, env = "TRIAGEM_BASE", default_value = "none")]
     pub base: String,
     /// Passes over the training data.
-    #[arg(long, env = "TRIAGEM_EPOCHS", default_value_t = 4)]
+    #[arg(long, env = "TRIAGEM_EPOCHS", default_value_t = TrainOptions::default().epochs)]
     pub epochs: usize,
     /// Peak learning rate (after warmup, then linear decay to zero).
-    #[arg(long, env = "TRIAGEM_LR", default_value_t = 5e-4)]
+    #[arg(long, env = "TRIAGEM_LR", default_value_t = TrainOptions::default().lr)]
     pub lr: f64,
     /// Examples per optimisation step.
-    #[arg(long, env = "TRIAGEM_BATCH_SIZE", default_value_t = 32)]
+    #[arg(long, env = "TRIAGEM_BATCH_SIZE", default_value_t = TrainOptions::default().batch_size)]
     pub batch_size: usize,
     /// Longest input in tokens; longer messages are truncated.
-    #[arg(long, env = "TRIAGEM_MAX_LEN", default_value_t = 96)]
+    #[arg(long, env = "TRIAGEM_MAX_LEN", default_value_t = TrainOptions::default().max_len)]
     pub max_len: usize,
     /// Seed of every random choice: same seed and data, same model.
-    #[arg(long, env = "TRIAGEM_SEED", default_value_t = 42)]
+    #[arg(long, env = "TRIAGEM_SEED", default_value_t = TrainOptions::default().seed)]
     pub seed: u64,
     /// Share of the training file held out to pick the best epoch.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainOptions::default().dev_fraction)]
     pub dev_fraction: f64,
     /// Share of the steps spent warming the learning rate up.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainOptions::default().warmup)]
     pub warmup: f64,
     /// AdamW weight decay (biases and layer norms excluded).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = TrainOptions::default().weight_decay)]
     pub weight_decay: f64,
     /// Probability of rewriting a training example in chat spelling (no accents, abbreviations, typos) each epoch.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = TrainOptions::default().augment)]
     pub augment: f64,
     /// Vocabulary size of the tokenizer trained with `--base none`.
-    #[arg(long, default_value_t = 8000)]
+    #[arg(long, default_value_t = TrainOptions::default().vocab_size)]
     pub vocab_size: usize,
     /// Hidden size of the BERT trained with `--base none`.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = TrainOptions::default().scratch_hidden)]
     pub scratch_hidden: usize,
     /// Encoder layers of the BERT trained with `--base none`.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = TrainOptions::default().scratch_layers)]
     pub scratch_layers: usize,
     /// Compute device: cpu, cuda (needs the `cuda` build) or auto (the GPU when there is one).
     #[arg(long, env = "TRIAGEM_DEVICE", value_enum, default_value_t = model::ComputeDevice::Cpu)]
@@ -181,17 +181,17 @@ pub struct TrainArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Label smoothing: this much of each hard target's probability is spread evenly over the labels.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = TrainOptions::default().label_smoothing)]
     pub label_smoothing: f64,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
-    #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = 2)]
+    #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = TrainOptions::default().ensemble)]
     pub ensemble: usize,
     /// Weight of the teachers' soft targets in the loss (the labels get 1 minus this).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = TrainOptions::default().distill_weight)]
     pub distill_weight: f64,
     /// Softmax temperature of the soft targets.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = TrainOptions::default().distill_temperature)]
     pub distill_temperature: f64,
 }
 
@@ -240,15 +240,6 @@ pub struct ClassifyArgs {
 }
 
 impl TrainArgs {
-    /// The `triagem train` defaults, as `triagem train --out OUT` would take them.
-    pub fn defaults(out: PathBuf) -> Self {
-        let Command::Train(mut args) = Cli::parse_from(["triagem", "train"]).command else {
-            unreachable!("parsed a train command")
-        };
-        args.out = out;
-        args
-    }
-
     /// Resolves the base and the device into the trainer's options.
     pub fn options(self) -> Result<TrainOptions, TrainError> {
         Ok(TrainOptions {
@@ -291,6 +282,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn train_defaults_are_the_libraries() {
+        let Command::Train(args) = Cli::parse_from(["triagem", "train"]).command else { unreachable!() };
+        assert_eq!(format!("{:?}", args.options().unwrap()), format!("{:?}", TrainOptions::default()));
+    }
 
     #[test]
     fn loadgen_durations_and_settings() {

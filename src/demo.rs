@@ -17,10 +17,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::Value;
 
-use crate::cli::TrainArgs;
 use crate::config::Config;
 use crate::model;
-use crate::train::{self, TrainError};
+use crate::train::{self, TrainError, TrainOptions};
 use crate::worker::{self, Shutdown, Worker, WorkerError};
 
 /// What `triagem demo` takes.
@@ -196,7 +195,7 @@ fn ensure_model(dir: &Path) -> Result<(), DemoError> {
         "no model in {}: training one with the `triagem train` defaults (about 2 minutes on 2 cores)",
         dir.display()
     );
-    let summary = train::train(&TrainArgs::defaults(dir.to_path_buf()).options()?)?;
+    let summary = train::train(&TrainOptions { out: dir.to_path_buf(), ..TrainOptions::default() })?;
     println!(
         "trained {} (test accuracy {:.3}, macro-F1 {:.3})",
         summary.model_dir.display(),

@@ -143,6 +143,38 @@ pub struct TrainOptions {
     pub distill_temperature: f64,
 }
 
+impl Default for TrainOptions {
+    /// The `triagem train` defaults (the CLI takes its defaults from here):
+    /// the project's data files, a small BERT trained from scratch,
+    /// distilled from two seeds, on the CPU.
+    fn default() -> Self {
+        Self {
+            train: "data/treino.jsonl".into(),
+            test: "data/teste.jsonl".into(),
+            out: "models/triagem".into(),
+            base: Base::Scratch,
+            epochs: 4,
+            lr: 5e-4,
+            batch_size: 32,
+            max_len: 96,
+            seed: 42,
+            dev_fraction: 0.1,
+            warmup: 0.1,
+            weight_decay: 0.01,
+            augment: 0.5,
+            vocab_size: 8000,
+            scratch_hidden: 128,
+            scratch_layers: 2,
+            device: Device::Cpu,
+            quiet: false,
+            label_smoothing: 0.0,
+            ensemble: 2,
+            distill_weight: 0.5,
+            distill_temperature: 2.0,
+        }
+    }
+}
+
 /// Per-epoch figures, printed and stored in `metrics.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EpochLog {

@@ -9,10 +9,22 @@
 //! → report on the test file. Every random choice (split, init, shuffling,
 //! dropout, augmentation) comes from one generator seeded by `--seed`, so the
 //! same seed and data give the same model and metrics.
+//!
+//! Files: this one runs the loop (split, fit, distil, calibrate, report);
+//! `base.rs` resolves `--base` and builds and initialises the model from it;
+//! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
+//! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
+//! spelling; `calibrate.rs` fits the temperature.
 
 pub mod augment;
+mod base;
 pub mod calibrate;
+mod checkpoint;
 pub mod scratch;
+
+pub use base::Base;
+use base::{build, sorted_vars, Trainable};
+use checkpoint::{replace_file, save};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,61 +33,12 @@ use std::time::{Duration, Instant};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::Serialize;
-use tokenizers::Tokenizer;
 
 use crate::data::{DataError, Dataset, Example};
 use crate::eval::{self, Report};
-use crate::model::{self, bert, BertClassifier, BertConfig, Classifier, Mode, ModelError, TextEncoder};
-
-/// Where the initial weights come from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Base {
-    /// A small BERT with a tokenizer trained on the training texts.
-    Scratch,
-    /// A local Hugging Face BERT directory (a `BertModel` or a classifier).
-    Dir(PathBuf),
-}
-
-impl Base {
-    /// Resolves `--base`: `none`, a directory, or a Hub id found in the local Hugging Face cache.
-    pub fn parse(spec: &str) -> Result<Self, TrainError> {
-        if spec == "none" {
-            return Ok(Base::Scratch);
-        }
-        let path = Path::new(spec);
-        if path.is_dir() {
-            return Ok(Base::Dir(path.to_path_buf()));
-        }
-        if let Some(dir) = hub_cache_snapshot(spec) {
-            return Ok(Base::Dir(dir));
-        }
-        let reason = if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') {
-            "looks like a Hugging Face Hub id, but it is not in the local Hugging Face cache and triagem does not \
-             download: fetch it first (e.g. `hf download ID --local-dir DIR`, or `scripts/fetch-base-model.sh` for \
-             all-MiniLM-L6-v2) and pass the directory"
-        } else {
-            "is neither `none` nor an existing model directory"
-        };
-        Err(TrainError::Base { spec: spec.to_string(), reason: reason.to_string() })
-    }
-}
-
-/// `~/.cache/huggingface/hub/models--ORG--NAME/snapshots/*/` holding a `config.json`.
-fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
-    let (org, name) = id.split_once('/')?;
-    let hub = std::env::var_os("HF_HUB_CACHE").map(PathBuf::from).or_else(|| {
-        let home = std::env::var_os("HF_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/huggingface")))?;
-        Some(home.join("hub"))
-    })?;
-    let snapshots = hub.join(format!("models--{org}--{name}")).join("snapshots");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(snapshots).ok()?.filter_map(|e| Some(e.ok()?.path())).collect();
-    dirs.sort();
-    dirs.into_iter().rev().find(|d| d.join(model::CONFIG_FILE).is_file())
-}
+use crate::model::{self, bert, BertClassifier, Classifier, Mode, ModelError};
 
 /// Why training stopped.
 #[derive(Debug, thiserror::Error)]
@@ -227,16 +190,6 @@ pub struct DataInfo {
     pub path: PathBuf,
     pub sha256: String,
     pub examples: usize,
-}
-
-/// The model under training.
-struct Trainable {
-    varmap: VarMap,
-    /// Every variable, sorted by name: sums over them must not depend on hash order.
-    vars: Vec<Var>,
-    model: BertClassifier,
-    config: BertConfig,
-    encoder: TextEncoder,
 }
 
 /// Runs a whole training and writes the model directory.
@@ -552,112 +505,6 @@ fn split_dev(examples: &[Example], labels: &[String], fraction: f64, rng: &mut S
     (train, dev)
 }
 
-/// Builds the model and its tokenizer from the base, every variable initialised from `rng` or the base.
-fn build(opts: &TrainOptions, labels: &[String], train: &[Example], rng: &mut StdRng) -> Result<Trainable, TrainError> {
-    let (mut config, tokenizer, base_weights) = match &opts.base {
-        Base::Scratch => {
-            let texts: Vec<String> = train.iter().map(|e| e.text.clone()).collect();
-            let tokenizer = scratch::train_tokenizer(&texts, opts.vocab_size).map_err(TrainError::Tokenizer)?;
-            (
-                BertConfig::small(
-                    tokenizer.get_vocab_size(true),
-                    opts.max_len,
-                    opts.scratch_hidden,
-                    opts.scratch_layers,
-                ),
-                tokenizer,
-                HashMap::new(),
-            )
-        }
-        Base::Dir(dir) => {
-            let config = model::read_config(dir)?;
-            let tok_path = model::require(dir, model::TOKENIZER_FILE)?;
-            let tokenizer = Tokenizer::from_file(&tok_path)
-                .map_err(|e| ModelError::BadTokenizer { path: tok_path.clone(), reason: e.to_string() })?;
-            let weights = model::require(dir, model::WEIGHTS_FILE)?;
-            let tensors = candle_core::safetensors::load(&weights, &opts.device)
-                .map_err(|e| ModelError::BadWeights { path: weights.clone(), reason: e.to_string() })?;
-            (config, tokenizer, tensors)
-        }
-    };
-    config.set_labels(labels);
-    let max_len = opts.max_len.min(config.max_position_embeddings);
-    let encoder = TextEncoder::new(tokenizer, max_len, config.pad_token_id).map_err(TrainError::Tokenizer)?;
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &opts.device);
-    let model = BertClassifier::load(&config, labels.len(), vb)?;
-    initialise(&varmap, &config, &base_weights, matches!(opts.base, Base::Dir(_)), rng).map_err(|reason| {
-        let Base::Dir(dir) = &opts.base else { unreachable!("scratch models never miss base tensors") };
-        ModelError::BadWeights { path: dir.join(model::WEIGHTS_FILE), reason }
-    })?;
-    let vars = sorted_vars(&varmap).into_iter().map(|(_, v)| v).collect();
-    Ok(Trainable { varmap, vars, model, config, encoder })
-}
-
-/// Sets every variable: from the base checkpoint when it has the tensor (with
-/// or without the `bert.` prefix), otherwise as Hugging Face initialises BERT
-/// (normal(0, initializer_range) weights, zero biases, unit layer-norm scales).
-/// With a base, every encoder tensor must come from it.
-fn initialise(
-    varmap: &VarMap,
-    config: &BertConfig,
-    base: &HashMap<String, Tensor>,
-    from_base: bool,
-    rng: &mut StdRng,
-) -> Result<(), String> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    let mut fresh = Vec::new();
-    for name in names {
-        let var = &data[name];
-        let stripped = name.strip_prefix("bert.").unwrap_or(name);
-        let found = base.get(name.as_str()).or_else(|| base.get(stripped));
-        match found {
-            Some(t) if t.dims() == var.dims() => {
-                var.set(&t.to_dtype(DType::F32).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-                continue;
-            }
-            Some(t) => {
-                return Err(format!("tensor {name} has shape {:?}, the config implies {:?}", t.dims(), var.dims()))
-            }
-            None if from_base && name.starts_with("bert.") && !name.starts_with("bert.pooler") => {
-                return Err(format!("the base checkpoint has no tensor {stripped} (is it a BERT model?)"))
-            }
-            None => fresh.push(name.clone()),
-        }
-        let value = if name.ends_with("LayerNorm.weight") {
-            var.ones_like().map_err(|e| e.to_string())?
-        } else if name.ends_with("bias") {
-            var.zeros_like().map_err(|e| e.to_string())?
-        } else {
-            let std = config.initializer_range as f32;
-            let values: Vec<f32> = (0..var.elem_count()).map(|_| normal(rng) * std).collect();
-            Tensor::from_vec(values, var.shape(), var.device()).map_err(|e| e.to_string())?
-        };
-        var.set(&value).map_err(|e| e.to_string())?;
-    }
-    if from_base {
-        tracing::info!(initialised = ?fresh, "tensors not in the base checkpoint were initialised");
-    }
-    Ok(())
-}
-
-/// A standard normal draw (Box–Muller).
-fn normal(rng: &mut StdRng) -> f32 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-}
-
-/// The variables of `varmap` with their names, in name order.
-fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars
-}
-
 /// AdamW with weight decay for weight matrices, and one without for biases and layer norms.
 fn optimizers(varmap: &VarMap, opts: &TrainOptions) -> Result<(AdamW, AdamW), TrainError> {
     let (decay, no_decay): (Vec<_>, Vec<_>) =
@@ -745,46 +592,6 @@ fn evaluate_in_memory(
     let model = BertClassifier::load(&t.config, labels.len(), vb)?;
     let classifier = Classifier::from_parts(model, t.encoder.clone(), labels.to_vec(), opts.device.clone());
     Ok(eval::evaluate(&classifier, dev, 64)?)
-}
-
-/// Writes `config.json`, `model.safetensors`, `tokenizer.json` and `tokenizer_config.json` to `out`.
-fn save(t: &Trainable, labels: &[String], out: &Path) -> Result<(), TrainError> {
-    let mut config = t.config.clone();
-    config.set_labels(labels);
-    config.extra.insert("torch_dtype".into(), "float32".into());
-    let json = serde_json::to_string_pretty(&config).expect("config serialises") + "\n";
-    replace_file(&out.join(model::CONFIG_FILE), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
-    replace_file(&out.join(model::WEIGHTS_FILE), |p| t.varmap.save(p).map_err(|e| e.to_string()))?;
-    let tokenizer = t.encoder.tokenizer().clone().with_padding(None).clone();
-    replace_file(&out.join(model::TOKENIZER_FILE), |p| tokenizer.save(p, false).map_err(|e| e.to_string()))?;
-    // Lets `AutoTokenizer.from_pretrained` load tokenizer.json as it is.
-    let tok_config = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": t.encoder.max_len(),
-        "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-        "unk_token": "[UNK]", "mask_token": "[MASK]",
-    });
-    let json = serde_json::to_string_pretty(&tok_config).expect("json") + "\n";
-    replace_file(&out.join("tokenizer_config.json"), |p| std::fs::write(p, json).map_err(|e| e.to_string()))
-}
-
-/// Writes `path` through a uniquely named temporary file in the same
-/// directory, syncs it to disk and renames it into place
-/// (`tempfile::NamedTempFile::persist`), so that a worker (re)starting during
-/// a retrain into the directory it serves never reads a half-written file,
-/// and two runs writing into one directory never share a temporary file.
-fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), TrainError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".triagem-").suffix(".tmp");
-    // Readable by a worker running as another user, like a file written in place (tempfile's default is 0600).
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-    let tmp = builder.tempfile_in(dir).map_err(|e| write_error(path, e))?;
-    write(tmp.path()).map_err(|e| write_error(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| write_error(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| write_error(path, e.error))?;
-    Ok(())
 }
 
 fn progress_bar(quiet: bool, len: u64, epoch: usize, epochs: usize) -> ProgressBar {

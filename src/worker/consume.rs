@@ -126,6 +126,7 @@ impl WorkerContext {
     /// Before a revoke: lets the revoked partitions' messages finish (up to
     /// `revoke_timeout`), commits them synchronously and forgets them.
     fn finish_revoked(&self, consumer: &BaseConsumer<Self>, parts: &[TopicPartition]) {
+        let _span = tracing::info_span!("revoke", partitions = parts.len()).entered();
         let pending = self.tracker.pending(Some(parts));
         tracing::info!(partitions = ?parts, pending, "partitions revoked: finishing their messages");
         if pending > 0
@@ -193,6 +194,7 @@ pub fn commit_sync<C: ConsumerContext, K: Consumer<C>>(
     if offsets.is_empty() {
         return true;
     }
+    let _span = tracing::debug_span!("commit", partitions = offsets.len()).entered();
     match consumer.commit(&offsets_list(offsets), CommitMode::Sync) {
         Ok(()) => {
             metrics.commits.with_label_values(&["ok"]).inc();

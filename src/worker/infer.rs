@@ -81,6 +81,15 @@ pub fn spawn<P: Predict>(
             metrics.batch_size.observe(n as f64);
             metrics.batch_tokens.observe(batch.padded_tokens() as f64);
             let texts: Vec<&str> = batch.items.iter().map(|p| p.decoded.text.as_str()).collect();
+            // One span per batch: a slow batch can be followed in the logs
+            // (`RUST_LOG=triagem=debug` prints its close with the forward time).
+            let span = tracing::debug_span!(
+                "batch",
+                size = n,
+                tokens = batch.padded_tokens(),
+                forward_ms = tracing::field::Empty
+            );
+            let _entered = span.enter();
             let start = Instant::now();
             let result = match catch_unwind(AssertUnwindSafe(|| model.predict(&texts))) {
                 Ok(Ok(p)) if p.len() == n => Ok(p),
@@ -88,7 +97,10 @@ pub fn spawn<P: Predict>(
                 Ok(Err(e)) => Err(InferError::Model(e)),
                 Err(panic) => Err(InferError::Panic(panic_message(&panic))),
             };
-            metrics.inference_seconds.observe(start.elapsed().as_secs_f64());
+            let forward = start.elapsed();
+            metrics.inference_seconds.observe(forward.as_secs_f64());
+            span.record("forward_ms", forward.as_secs_f64() * 1000.0);
+            tracing::debug!("batch classified");
             let classified: Vec<Classified> = match result {
                 Ok(predictions) => batch
                     .items

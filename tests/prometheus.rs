@@ -35,7 +35,7 @@ struct Prometheus {
 
 impl Prometheus {
     /// Starts Prometheus with `config` (a file in `dir`, which also holds its data).
-    fn start(dir: &Path, config: &Path) -> Prometheus {
+    async fn start(dir: &Path, config: &Path) -> Prometheus {
         let port = free_port();
         let log = dir.join("prometheus.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -50,9 +50,11 @@ impl Prometheus {
                 panic!("cannot run prometheus ({e}): scripts/install-promtool.sh installs Debian's prometheus package")
             });
         let server = Prometheus { child, url: format!("http://127.0.0.1:{port}"), log };
-        let ready = eventually(Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http_get(&server.api("/-/ready")).0 == 200
-        });
+        let ready_url = server.api("/-/ready");
+        let ready = eventually(Duration::from_secs(30), move || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http_get(&ready_url).0 == 200
+        })
+        .await;
         assert!(ready, "prometheus did not become ready:\n{}", server.log_text());
         server
     }
@@ -127,7 +129,7 @@ async fn prometheus_fires_the_dead_letter_alert_and_every_dashboard_query_has_da
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &broker.addr, &unique("g-prom"), &topics, "");
     let worker = WorkerProc::start(&config, &[]);
-    let metrics_url = worker.metrics_url(LIMIT);
+    let metrics_url = worker.metrics_url(LIMIT).await;
     let target = metrics_url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
 
     let alert = "TriagemDeadLetterRate";
@@ -143,13 +145,13 @@ async fn prometheus_fires_the_dead_letter_alert_and_every_dashboard_query_has_da
     });
     let config_path = dir.path().join("prometheus.yml");
     std::fs::write(&config_path, serde_yaml::to_string(&prometheus_yml).unwrap()).unwrap();
-    let prometheus = Prometheus::start(dir.path(), &config_path);
+    let prometheus = Prometheus::start(dir.path(), &config_path).await;
 
     // The target must be up before anything flows: rate() needs samples from before the poison.
     let scraped = tokio::task::spawn_blocking({
         let url = prometheus.url.clone();
         move || {
-            eventually(LIMIT, || {
+            eventually_blocking(LIMIT, || {
                 let (_, body) = http_get(&format!("{url}/api/v1/query?query=up%3D%3D1"));
                 body.contains("\"result\":[{")
             })

@@ -62,12 +62,13 @@ async fn records_deleted_before_they_were_read_are_a_gap() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
     let worker = WorkerProc::start(&config, &[]);
-    let url = worker.metrics_url(Duration::from_secs(30));
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
-    let done =
-        tokio::task::spawn_blocking(move || eventually(LIMIT, || outputs_acknowledged(&u) >= (high - low) as f64))
-            .await
-            .unwrap();
+    let done = tokio::task::spawn_blocking(move || {
+        eventually_blocking(LIMIT, || outputs_acknowledged(&u) >= (high - low) as f64)
+    })
+    .await
+    .unwrap();
     assert!(done, "the worker did not route offsets {low}..{high}");
     let labels = format!("{{partition=\"0\",topic=\"{}\"}}", topics.input);
     assert_eq!(metric(&url, &format!("triagem_offset_gaps_total{labels}")), 1.0);
@@ -125,11 +126,13 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     let extra = "[kafka.consumer]\n\"group.instance.id\" = \"1-worker\"\n\"session.timeout.ms\" = \"6000\"\n";
     let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
     let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT_MS", "2000")]);
-    let url = worker.metrics_url(Duration::from_secs(30));
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
     let readyz = url.replace("/metrics", "/readyz");
     let (u, r) = (url.clone(), readyz.clone());
     let not_ready = tokio::task::spawn_blocking(move || {
-        eventually(Duration::from_secs(60), || metric(&u, "triagem_idle_with_lag") == 1.0 && http_get(&r).0 == 503)
+        eventually_blocking(Duration::from_secs(60), || {
+            metric(&u, "triagem_idle_with_lag") == 1.0 && http_get(&r).0 == 503
+        })
     })
     .await
     .unwrap();
@@ -146,11 +149,15 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     holder.join().unwrap();
     let u = url.clone();
     let routed =
-        tokio::task::spawn_blocking(move || eventually(LIMIT, || outputs_acknowledged(&u) >= n as f64)).await.unwrap();
+        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&u) >= n as f64))
+            .await
+            .unwrap();
     assert!(routed, "the worker never got the partition back:\n{}", worker.log_text());
     let (u, r) = (url.clone(), readyz.clone());
     let ready = tokio::task::spawn_blocking(move || {
-        eventually(Duration::from_secs(30), || metric(&u, "triagem_idle_with_lag") == 0.0 && http_get(&r).0 == 200)
+        eventually_blocking(Duration::from_secs(30), || {
+            metric(&u, "triagem_idle_with_lag") == 0.0 && http_get(&r).0 == 200
+        })
     })
     .await
     .unwrap();

@@ -51,9 +51,11 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     let mut ends = produce_all(&p, &topics.input, &inputs(0, first)).await;
 
     let mut worker = WorkerProc::start(&config, &[]);
-    let url = worker.metrics_url(Duration::from_secs(30));
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
     let started =
-        tokio::task::spawn_blocking(move || eventually(LIMIT, || outputs_acknowledged(&url) >= 40.0)).await.unwrap();
+        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&url) >= 40.0))
+            .await
+            .unwrap();
     assert!(started, "the worker produced nothing:\n{}", worker.log_text());
     worker.kill();
     let committed_at_kill = committed(&broker.addr, &group, &topics.input, 2);
@@ -75,13 +77,13 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     // Everything is eventually committed.
     let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
     let all = tokio::task::spawn_blocking(move || {
-        eventually(Duration::from_secs(30), || committed_as_ends(&b, &g, &t, &ends))
+        eventually_blocking(Duration::from_secs(30), || committed_as_ends(&b, &g, &t, &ends))
     })
     .await
     .unwrap();
     assert!(all, "offsets not committed up to the end");
     // The restarted worker started exactly at the committed offsets and saw every offset after them.
-    let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)), "triagem_offset_gaps_total");
+    let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)).await, "triagem_offset_gaps_total");
     assert_eq!(gaps, 0.0, "the restarted worker saw offset gaps:\n{}", restarted.log_text());
 }
 
@@ -100,8 +102,8 @@ async fn sigterm_finishes_commits_and_exits_0() {
     produce_all(&p, &topics.input, &inputs(0, n)).await;
 
     let mut worker = WorkerProc::start(&config, &[]);
-    let url = worker.metrics_url(Duration::from_secs(30));
-    assert!(tokio::task::spawn_blocking(move || eventually(LIMIT, || outputs_acknowledged(&url) >= 20.0))
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    assert!(tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&url) >= 20.0))
         .await
         .unwrap());
     worker.terminate();
@@ -137,13 +139,10 @@ async fn two_workers_split_partitions_and_route_each_message_once() {
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
     let a = WorkerProc::start(&config, &[]);
     let b = WorkerProc::start(&config, &[]);
-    let assigned = |w: &WorkerProc| w.log_text().contains("partitions assigned");
-    assert!(
-        eventually(LIMIT, || assigned(&a) && assigned(&b)),
-        "workers never got partitions:\n{}\n{}",
-        a.log_text(),
-        b.log_text()
-    );
+    let logs = [a.log.clone(), b.log.clone()];
+    let assigned =
+        move || logs.iter().all(|l| std::fs::read_to_string(l).unwrap_or_default().contains("partitions assigned"));
+    assert!(eventually(LIMIT, assigned).await, "workers never got partitions:\n{}\n{}", a.log_text(), b.log_text());
 
     let n = 200;
     let p = producer(&broker.addr);
@@ -155,8 +154,9 @@ async fn two_workers_split_partitions_and_route_each_message_once() {
     assert_eq!(all.len(), n, "some message was routed twice");
 
     // Each worker consumed a disjoint, non-empty set of partitions, together all of them.
-    let consumed = |w: &WorkerProc| -> Vec<i32> {
-        let (_, page) = http_get(&w.metrics_url(Duration::from_secs(5)));
+    let (url_a, url_b) = (a.metrics_url(Duration::from_secs(5)).await, b.metrics_url(Duration::from_secs(5)).await);
+    let consumed = |url: &str| -> Vec<i32> {
+        let (_, page) = http_get(url);
         (0..partitions)
             .filter(|p| {
                 let s = format!("triagem_messages_consumed_total{{partition=\"{p}\",topic=\"{}\"}}", topics.input);
@@ -164,7 +164,7 @@ async fn two_workers_split_partitions_and_route_each_message_once() {
             })
             .collect()
     };
-    let (pa, pb) = (consumed(&a), consumed(&b));
+    let (pa, pb) = (consumed(&url_a), consumed(&url_b));
     println!("worker A consumed partitions {pa:?}, worker B {pb:?}");
     assert!(!pa.is_empty() && !pb.is_empty(), "one worker did nothing: A {pa:?}, B {pb:?}");
     let mut all: Vec<i32> = pa.iter().chain(&pb).copied().collect();
@@ -207,10 +207,10 @@ async fn sigkill_restart_repeated() {
         produce_all(&p, &topics.input, &inputs(0, first)).await;
         let mut worker = WorkerProc::start(&config, &env);
         produce_all(&p, &topics.input, &inputs(first, more)).await;
-        let url = worker.metrics_url(Duration::from_secs(30));
+        let url = worker.metrics_url(Duration::from_secs(30)).await;
         // About 700 outputs, and a commit made: the restart resumes from committed offsets inside batches.
         let started = tokio::task::spawn_blocking(move || {
-            eventually(LIMIT, || {
+            eventually_blocking(LIMIT, || {
                 outputs_acknowledged(&url) >= 700.0 && metric_sum(&url, "triagem_commits_total{result=\"ok\"}") >= 1.0
             })
         })
@@ -236,7 +236,7 @@ async fn sigkill_restart_repeated() {
         let took = restart.elapsed().as_secs_f64();
         let lost = n - seen.len();
         let duplicates = outs.len() - seen.len();
-        let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)), "triagem_offset_gaps_total");
+        let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)).await, "triagem_offset_gaps_total");
         println!(
             "run {run:2}: {n} inputs, SIGKILL with {committed_at_kill} committed, {} outputs, lost {lost}, \
              duplicates {duplicates}, offset gaps {gaps}, all routed {took:.1} s after the restart",

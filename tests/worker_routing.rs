@@ -129,29 +129,34 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
     assert_eq!(ids, (0..good as u64).collect::<Vec<_>>());
 
     // Each reason is counted.
-    let url = worker.metrics_url(Duration::from_secs(5));
+    let url = worker.metrics_url(Duration::from_secs(5)).await;
     let (status, page) = http_get(&url);
     assert_eq!(status, 200);
     for (kind, _) in &poison {
         let series = format!("triagem_messages_dead_lettered_total{{reason=\"{kind}\"}}");
         assert_eq!(sample(&page, &series), 1.0, "{series} in\n{page}");
     }
+    let u = url.clone();
     assert!(
-        eventually(Duration::from_secs(15), || sample(&http_get(&url).1, "triagem_commits_total{result=\"ok\"}") > 0.0),
+        eventually(Duration::from_secs(15), move || sample(&http_get(&u).1, "triagem_commits_total{result=\"ok\"}")
+            > 0.0)
+        .await,
         "no commit counted"
     );
     assert_eq!(http_get(&url.replace("/metrics", "/healthz")).0, 200);
-    assert!(eventually(Duration::from_secs(15), || http_get(&url.replace("/metrics", "/readyz")).0 == 200));
+    let readyz = url.replace("/metrics", "/readyz");
+    assert!(eventually(Duration::from_secs(15), move || http_get(&readyz).0 == 200).await);
 
     // Every metric the Grafana dashboard and the alert rules query is on this
     // live worker's page (`up` is Prometheus' own). Consumer lag comes with
     // librdkafka's statistics, every 5 s: wait for it.
     let referenced = deploy_names::referenced_metric_names(Path::new(env!("CARGO_MANIFEST_DIR")));
-    let missing = || -> BTreeSet<String> {
+    let missing = move || -> BTreeSet<String> {
         let exposed = deploy_names::exposed_metric_names(&http_get(&url).1);
         referenced.keys().filter(|n| *n != "up" && !exposed.contains(*n)).cloned().collect()
     };
-    assert!(eventually(Duration::from_secs(20), || missing().is_empty()), "not exposed: {:?}", missing());
+    let check = missing.clone();
+    assert!(eventually(Duration::from_secs(20), move || check().is_empty()).await, "not exposed: {:?}", missing());
 }
 
 /// Below `routing.min_confidence` a message goes to the review topic, still
@@ -199,7 +204,7 @@ async fn low_confidence_goes_to_review() {
         }
     }
     assert!(reviewed > 0 && reviewed < TEXTS.len());
-    let (_, page) = http_get(&worker.metrics_url(Duration::from_secs(5)));
+    let (_, page) = http_get(&worker.metrics_url(Duration::from_secs(5)).await);
     let counted: f64 = ["venda", "suporte"]
         .iter()
         .map(|l| sample(&page, &format!("triagem_messages_review_total{{label=\"{l}\"}}")))

@@ -66,14 +66,14 @@ async fn ten_thousand_mixed_messages_survive_a_sigkill() {
 
     // First run: measure the steady rate, then SIGKILL half way.
     let mut worker = WorkerProc::start(&config, &env);
-    let url = worker.metrics_url(Duration::from_secs(30));
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
     let (u, half) = (url.clone(), n as f64 / 2.0);
     let (rate, first_at) = tokio::task::spawn_blocking(move || {
         let start = Instant::now();
-        assert!(eventually(Duration::from_secs(120), || outputs_acknowledged(&u) >= 100.0), "no output");
+        assert!(eventually_blocking(Duration::from_secs(120), || outputs_acknowledged(&u) >= 100.0), "no output");
         let (c0, t0) = (outputs_acknowledged(&u), Instant::now());
         let first_at = start.elapsed();
-        assert!(eventually(Duration::from_secs(600), || outputs_acknowledged(&u) >= half), "stalled");
+        assert!(eventually_blocking(Duration::from_secs(600), || outputs_acknowledged(&u) >= half), "stalled");
         let (c1, t1) = (outputs_acknowledged(&u), Instant::now());
         ((c1 - c0) / (t1 - t0).as_secs_f64(), first_at)
     })

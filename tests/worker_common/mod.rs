@@ -134,7 +134,7 @@ impl Broker {
             Broker { child, addr, kind: BrokerKind::Test, log, control: Some(Mutex::new(Control { stdin, stdout })) };
         let first = broker.addr.split(',').next().unwrap().to_string();
         assert!(
-            eventually(Duration::from_secs(10), || TcpStream::connect(&first).is_ok()),
+            eventually_blocking(Duration::from_secs(10), || TcpStream::connect(&first).is_ok()),
             "triagem-test-broker does not accept connections on {first}"
         );
         broker
@@ -434,8 +434,8 @@ impl WorkerProc {
         None
     }
 
-    /// The port of its metrics endpoint, from its log.
-    pub fn metrics_url(&self, limit: Duration) -> String {
+    /// The URL of its metrics endpoint, from its log (polled without blocking the runtime).
+    pub async fn metrics_url(&self, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let log = self.log_text();
@@ -445,7 +445,7 @@ impl WorkerProc {
                 return rest[..end].to_string();
             }
             assert!(Instant::now() < deadline, "worker never logged its metrics address:\n{log}");
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -662,8 +662,15 @@ pub fn outputs_acknowledged(metrics_url: &str) -> f64 {
         .sum()
 }
 
-/// Polls `f` until it returns true or `limit` passes.
-pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+/// Polls `f` (which may block: an HTTP GET, a Kafka request) every 200 ms
+/// until it returns true or `limit` passes, on tokio's blocking pool, so that
+/// an async test never blocks a runtime thread while it waits.
+pub async fn eventually(limit: Duration, f: impl FnMut() -> bool + Send + 'static) -> bool {
+    tokio::task::spawn_blocking(move || eventually_blocking(limit, f)).await.expect("the polled check panicked")
+}
+
+/// [`eventually`] for code that already runs on a blocking thread.
+pub fn eventually_blocking(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if f() {

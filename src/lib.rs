@@ -15,6 +15,8 @@
 //!     consume → decode → batch → infer (one blocking thread) → route/produce →
 //!     commit offsets.
 //!   - [`demo`]: the worker against an in-process broker, for a first look.
+//!   - [`kafka`]: the librdkafka settings every client starts from, shared
+//!     by the worker and loadgen.
 //!   - [`loadgen`]: the end-to-end benchmark: sends at a rate, reads every
 //!     output back, reports missing/duplicate messages, throughput and latency.
 //! - **Foundations**, which know nothing of Kafka or the command line:
@@ -31,6 +33,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod kafka;
 pub mod loadgen;
 pub mod metrics;
 pub mod model;

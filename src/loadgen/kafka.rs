@@ -14,15 +14,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The settings of a client: `defaults`, then the user's `client` settings over them.
 pub(super) fn client_config(opts: &LoadgenOptions, defaults: &[(&str, &str)]) -> ClientConfig {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &opts.brokers);
-    for (k, v) in defaults {
-        cfg.set(*k, *v);
-    }
-    for (k, v) in &opts.client {
-        cfg.set(k, v);
-    }
-    cfg
+    crate::kafka::client_config(&opts.brokers, defaults, opts.client.iter().map(|(k, v)| (k, v)))
 }
 
 /// A consumer assigned to every partition of `topics` at its high watermark,

@@ -117,15 +117,7 @@ pub fn check_routing(cfg: &Config, labels: &[String]) -> Result<(), WorkerError>
 
 /// librdkafka settings: ours first, then `[kafka.client]`, then the role's table.
 fn client_config(cfg: &Config, defaults: &[(&str, &str)], role: &crate::config::ClientOptions) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.brokers);
-    for (k, v) in defaults {
-        c.set(*k, *v);
-    }
-    for (k, v) in cfg.kafka.client.0.iter().chain(role.0.iter()) {
-        c.set(k, v);
-    }
-    c
+    crate::kafka::client_config(&cfg.kafka.brokers, defaults, cfg.kafka.client.0.iter().chain(role.0.iter()))
 }
 
 /// Settings of the worker's consumer (auto-commit off: offsets are committed by the tracker).

@@ -1,13 +1,30 @@
 //! Labelled data sets in JSONL: one `{"prompt": "...", "completion": "label"}` per line.
 //!
-//! Empty lines are skipped. Anything else that is not such an object is an
-//! error naming the file and the line, never a silently dropped example.
+//! Every line is a [`Row`] (`#[derive(Deserialize)]`), read by [`read_jsonl`],
+//! the one JSONL reader of the project (training, evaluation and loadgen's
+//! texts). Empty lines are skipped. Anything else that is not such an object
+//! is an error naming the file, the line and the field, never a silently
+//! dropped example.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+/// One line of a JSONL data file, as read by every reader of the project's
+/// data files (training, evaluation, loadgen's texts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(expecting = "a JSON object with \"prompt\" and \"completion\"")]
+pub struct Row {
+    /// The customer's message (`text` is accepted too, as in the worker's input).
+    #[serde(alias = "text")]
+    pub prompt: String,
+    /// Its label; absent in a file of texts only (loadgen's input).
+    #[serde(default)]
+    pub completion: Option<String>,
+}
 
 /// One labelled message.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,24 +64,12 @@ impl Dataset {
     pub fn load(path: &Path, known_labels: Option<&[String]>) -> Result<Self, DataError> {
         let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
         let sha256 = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-        let text = String::from_utf8(bytes).map_err(|e| {
-            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
-            DataError::Line { path: path.into(), line, reason: "invalid UTF-8".into() }
-        })?;
+        let text = utf8(path, bytes)?;
         let mut examples = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            if raw.trim().is_empty() {
-                continue;
-            }
-            let example = parse_line(raw, known_labels).map_err(|reason| DataError::Line {
-                path: path.into(),
-                line: i + 1,
-                reason,
-            })?;
+        for (line, row) in parse_jsonl::<Row>(path, &text)? {
+            let example =
+                example(row, known_labels).map_err(|reason| DataError::Line { path: path.into(), line, reason })?;
             examples.push(example);
-        }
-        if examples.is_empty() {
-            return Err(DataError::Empty { path: path.into() });
         }
         Ok(Self { path: path.into(), examples, sha256 })
     }
@@ -84,20 +89,52 @@ impl Dataset {
     }
 }
 
-fn parse_line(raw: &str, known_labels: Option<&[String]>) -> Result<Example, String> {
-    let value: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON ({e})"))?;
-    let Value::Object(obj) = value else {
-        return Err("expected a JSON object with \"prompt\" and \"completion\"".into());
-    };
-    let field = |name: &str| -> Result<String, String> {
-        match obj.get(name) {
-            Some(Value::String(s)) => Ok(s.trim().to_string()),
-            Some(other) => Err(format!("field {name:?} must be a string, found {}", kind(other))),
-            None => Err(format!("missing field {name:?}")),
+/// Reads a JSONL file: every line that is not blank parsed as one `T`, with its line number.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>, DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
+    let text = utf8(path, bytes)?;
+    parse_jsonl(path, &text)
+}
+
+/// The file's text, or an error naming the line of the first byte that is not UTF-8.
+fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, DataError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        DataError::Line { path: path.into(), line, reason: "invalid UTF-8".into() }
+    })
+}
+
+/// [`read_jsonl`] on text already read. An error names the file, the line
+/// and, for a value of the wrong type, the field (`serde_path_to_error`).
+fn parse_jsonl<T: DeserializeOwned>(path: &Path, text: &str) -> Result<Vec<(usize, T)>, DataError> {
+    let mut rows = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
         }
-    };
-    let text = field("prompt")?;
-    let label = field("completion")?;
+        let line_error = |reason: String| DataError::Line { path: path.into(), line: i + 1, reason };
+        let value: serde_json::Value =
+            serde_json::from_str(raw).map_err(|e| line_error(format!("not valid JSON ({e})")))?;
+        if !value.is_object() {
+            // serde would read an array as the struct's fields in order.
+            return Err(line_error("expected a JSON object with \"prompt\" and \"completion\"".into()));
+        }
+        let row = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            line_error(if field == "." { e.inner().to_string() } else { format!("{field}: {}", e.inner()) })
+        })?;
+        rows.push((i + 1, row));
+    }
+    if rows.is_empty() {
+        return Err(DataError::Empty { path: path.into() });
+    }
+    Ok(rows)
+}
+
+/// A labelled example from a row: text and label trimmed and not empty, the label one of `known_labels`.
+fn example(row: Row, known_labels: Option<&[String]>) -> Result<Example, String> {
+    let text = row.prompt.trim().to_string();
+    let label = row.completion.ok_or("missing field `completion` (the label)")?.trim().to_string();
     if text.is_empty() {
         return Err("empty \"prompt\"".into());
     }
@@ -110,17 +147,6 @@ fn parse_line(raw: &str, known_labels: Option<&[String]>) -> Result<Example, Str
         }
     }
     Ok(Example { text, label })
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
@@ -153,8 +179,9 @@ mod tests {
     fn each_bad_line_names_file_line_and_reason() {
         let cases = [
             ("{\"prompt\": \"x\", \"completion\": \"venda\"}\nnot json\n", 2, "not valid JSON"),
-            ("{\"completion\": \"venda\"}\n", 1, "missing field \"prompt\""),
-            ("{\"prompt\": 3, \"completion\": \"venda\"}\n", 1, "must be a string, found a number"),
+            ("{\"completion\": \"venda\"}\n", 1, "missing field `prompt`"),
+            ("{\"prompt\": \"x\"}\n", 1, "missing field `completion`"),
+            ("{\"prompt\": 3, \"completion\": \"venda\"}\n", 1, "prompt: invalid type: integer `3`, expected a string"),
             ("{\"prompt\": \"  \", \"completion\": \"venda\"}\n", 1, "empty \"prompt\""),
             ("\n\n{\"prompt\": \"x\", \"completion\": \"reclamacao\"}\n", 3, "unknown label \"reclamacao\""),
             ("[1, 2]\n", 1, "expected a JSON object"),

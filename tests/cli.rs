@@ -52,7 +52,7 @@ fn bad_data_line_names_file_and_line() {
 
     let train = write(dir.path(), "train.jsonl", "{\"prompt\": \"a\", \"completion\": \"venda\"}\n{\"prompt\": 5}\n");
     let out = triagem(&["train", "--base", "none", "--train", &train, "--test", &train, "--out", "/tmp/x"]);
-    assert_one_error(&out, &format!("{train}:2: field \"prompt\" must be a string"));
+    assert_one_error(&out, &format!("{train}:2: prompt: invalid type: integer `5`, expected a string"));
 }
 
 #[test]

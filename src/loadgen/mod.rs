@@ -164,8 +164,8 @@ pub enum Limit {
 pub enum LoadgenError {
     #[error("invalid options: {0}")]
     Options(String),
-    #[error("{path}: {reason}")]
-    Data { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     /// The Kafka error is part of the message, not a `source`: its text would repeat in the chain.
     #[error("{context}: {error}")]
     Kafka { context: String, error: KafkaError },

@@ -59,23 +59,8 @@ pub fn payload(id: &str, text: &str, poison: Option<PoisonKind>) -> Vec<u8> {
 /// The texts of a JSONL file: the `prompt` field of each line (`text` when
 /// there is no `prompt`).
 pub fn read_texts(path: &Path) -> Result<Vec<String>, LoadgenError> {
-    let err = |reason: String| LoadgenError::Data { path: path.into(), reason };
-    let content = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let mut texts = Vec::new();
-    for (i, line) in content.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| err(format!("line {}: not JSON: {e}", i + 1)))?;
-        let text = v.get("prompt").or_else(|| v.get("text")).and_then(|t| t.as_str());
-        let text = text.ok_or_else(|| err(format!("line {}: no string field \"prompt\" or \"text\"", i + 1)))?;
-        texts.push(text.to_string());
-    }
-    if texts.is_empty() {
-        return Err(err("no texts in it".into()));
-    }
-    Ok(texts)
+    let rows = crate::data::read_jsonl::<crate::data::Row>(path).map_err(LoadgenError::Data)?;
+    Ok(rows.into_iter().map(|(_, row)| row.prompt).collect())
 }
 
 #[cfg(test)]
@@ -123,6 +108,7 @@ mod tests {
         std::fs::write(&p, "{\"prompt\": \"a\", \"completion\": \"venda\"}\n\n{\"text\": \"b\"}\n").unwrap();
         assert_eq!(read_texts(&p).unwrap(), ["a", "b"]);
         std::fs::write(&p, "{\"x\": 1}\n").unwrap();
-        assert!(read_texts(&p).unwrap_err().to_string().contains("line 1"));
+        let err = read_texts(&p).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:1: ", p.display())) && err.contains("missing field `prompt`"), "{err}");
     }
 }

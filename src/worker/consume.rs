@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
@@ -32,7 +32,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::message::{decode, Envelope, Pending};
-use super::offsets::{CommitOffset, OffsetTracker, TopicPartition};
+use super::offsets::{OffsetTracker, TopicPartition};
 use super::route::Outcome;
 use super::Shutdown;
 use crate::config::InputConfig;
@@ -139,7 +139,7 @@ impl WorkerContext {
             );
         }
         let offsets = self.tracker.committable(Some(parts));
-        commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
+        super::commit::commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
         self.tracker.remove(parts);
         self.gaps.forget(parts);
         for (topic, partition) in parts {
@@ -171,43 +171,6 @@ impl WorkerContext {
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
-}
-
-/// The commit request for `offsets`.
-pub fn offsets_list(offsets: &[CommitOffset]) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    for c in offsets {
-        // Adding an explicit offset to a fresh list cannot fail.
-        let _ = tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.offset));
-    }
-    tpl
-}
-
-/// Commits synchronously (blocks for one round trip to the group coordinator),
-/// counts the result in `triagem_commits_total`. Returns whether it succeeded.
-pub fn commit_sync<C: ConsumerContext, K: Consumer<C>>(
-    consumer: &K,
-    offsets: &[CommitOffset],
-    tracker: &OffsetTracker,
-    metrics: &Metrics,
-) -> bool {
-    if offsets.is_empty() {
-        return true;
-    }
-    let _span = tracing::debug_span!("commit", partitions = offsets.len()).entered();
-    match consumer.commit(&offsets_list(offsets), CommitMode::Sync) {
-        Ok(()) => {
-            metrics.commits.with_label_values(&["ok"]).inc();
-            tracker.mark_committed(offsets);
-            tracing::debug!(offsets = ?offsets.iter().map(|c| (c.partition, c.offset)).collect::<Vec<_>>(), "committed");
-            true
-        }
-        Err(e) => {
-            metrics.commits.with_label_values(&["error"]).inc();
-            tracing::warn!(error = %e, "offset commit failed; will retry");
-            false
-        }
-    }
 }
 
 /// Copies what the pipeline needs out of a borrowed message.

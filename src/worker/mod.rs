@@ -12,14 +12,16 @@
 //!    computes;
 //! 5. [`route`]: produces each output (label topic, review topic or dead-letter
 //!    topic) and, once the broker acknowledges it, acknowledges the offset;
-//! 6. [`offsets`]: a partition's offset is committed only up to where every
-//!    message has an acknowledged output (periodically, on revoke, on shutdown).
+//! 6. [`offsets`] knows, per partition, up to where every message has an
+//!    acknowledged output; [`commit`] commits exactly that (periodically, on
+//!    revoke, on shutdown), and is the only place that commits.
 //!
 //! Every hand-off is a bounded channel, so a slow stage pauses consumption.
 //! [`Worker::run`] owns shutdown: stop fetching, drain every stage, commit
 //! synchronously, all within `shutdown.timeout_ms`.
 
 pub mod batcher;
+pub mod commit;
 pub mod consume;
 pub mod infer;
 pub mod message;
@@ -261,7 +263,7 @@ impl Worker {
                 }
             }));
         }
-        background.push(tokio::spawn(commit_loop(
+        background.push(tokio::spawn(commit::commit_loop(
             consumer.clone(),
             tracker.clone(),
             metrics.clone(),
@@ -332,7 +334,7 @@ impl Worker {
         let committed = tokio::task::spawn_blocking(move || {
             let _ = producer.flush(left);
             let offsets = t.committable(None);
-            consume::commit_sync(&*c, &offsets, &t, &m)
+            commit::commit_sync(&*c, &offsets, &t, &m)
         })
         .await
         .unwrap_or(false);
@@ -351,33 +353,6 @@ impl Worker {
         }
         tracing::info!(committed, "stopped cleanly");
         Ok(())
-    }
-}
-
-/// Commits what became committable, every `interval`.
-async fn commit_loop(
-    consumer: Arc<WorkerConsumer>,
-    tracker: Arc<OffsetTracker>,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    mut stop: Shutdown,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.wait() => break,
-            _ = tick.tick() => {}
-        }
-        metrics.in_flight.set(tracker.pending(None) as i64);
-        let offsets = tracker.committable(None);
-        if offsets.is_empty() {
-            continue;
-        }
-        // Synchronous, off the async threads: the result is known, counted, and
-        // only then are the offsets marked committed.
-        let (c, t, m) = (consumer.clone(), tracker.clone(), metrics.clone());
-        let _ = tokio::task::spawn_blocking(move || consume::commit_sync(&*c, &offsets, &t, &m)).await;
     }
 }
 

@@ -316,15 +316,19 @@ impl Classifier {
     /// The encoder's last hidden states, (text, token, hidden), padded to the
     /// longest text: what `transformers` calls `last_hidden_state`.
     pub fn hidden_states(&self, texts: &[&str]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
-        let encoded = self.encoder.encode(texts)?;
-        let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, &self.device)?;
+        let (ids, masks) = self.input_tensors(texts)?;
         Ok(self.model.hidden_states(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?.to_vec3()?)
     }
 
     fn logits_tensor(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
-        let encoded = self.encoder.encode(texts)?;
-        let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, &self.device)?;
+        let (ids, masks) = self.input_tensors(texts)?;
         Ok(self.model.forward(&ids, &masks, &mut Mode::Eval)?)
+    }
+
+    /// Token ids and attention masks of `texts`, padded to the longest, on the model's device.
+    fn input_tensors(&self, texts: &[&str]) -> Result<(Tensor, Tensor), ModelError> {
+        let encoded = self.encoder.encode(texts)?;
+        Ok(bert::batch_tensors(&encoded.ids, &encoded.masks, &self.device)?)
     }
 
     /// Predictions for `texts`, in one forward pass, with calibrated scores

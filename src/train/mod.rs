@@ -271,11 +271,9 @@ fn calibrate(classifier: &mut Classifier, dev: &[Example], out: &Path) -> Result
             .iter()
             .zip(&targets)
             .map(|(row, &y)| {
-                let scaled: Vec<f64> = row.iter().map(|&z| z as f64 / t).collect();
-                let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = scaled.iter().map(|z| (z - max).exp()).sum();
-                let best = scaled.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
-                ((1.0 / sum) as f32, best == y)
+                let scores = softmax(row, t);
+                let (best, top) = scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("a label");
+                (*top, best == y)
             })
             .unzip()
     };

@@ -73,12 +73,15 @@ pub struct KafkaConfig {
     /// Consumed messages whose offset is not yet committable; at this many, consumption pauses.
     pub max_in_flight: usize,
     /// How often committable offsets are committed (asynchronously; synchronously on revoke and shutdown).
-    pub commit_interval_ms: u64,
-    /// Wait between retries of an output the broker rejected or timed out.
-    pub produce_retry_backoff_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Longest wait between retries of an output the broker rejected or timed out.
+    #[serde(with = "humantime_serde")]
+    pub produce_retry_backoff: Duration,
     /// How long this member may hold no input partition while its group's lag stands still before it
     /// reports not ready (`/readyz` 503, `triagem_idle_with_lag` 1).
-    pub unassigned_timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub unassigned_timeout: Duration,
     /// librdkafka settings for both consumer and producer (security.protocol, sasl.*, ssl.*, …).
     pub client: ClientOptions,
     /// librdkafka settings for the consumer only (override `client`).
@@ -94,9 +97,9 @@ impl Default for KafkaConfig {
             group_id: "triagem".into(),
             input_topic: "atendimento.mensagens".into(),
             max_in_flight: 2000,
-            commit_interval_ms: 1000,
-            produce_retry_backoff_ms: 500,
-            unassigned_timeout_ms: 60_000,
+            commit_interval: Duration::from_secs(1),
+            produce_retry_backoff: Duration::from_millis(500),
+            unassigned_timeout: Duration::from_secs(60),
             client: ClientOptions::default(),
             consumer: ClientOptions::default(),
             producer: ClientOptions::default(),
@@ -228,12 +231,13 @@ pub struct BatchConfig {
     /// …or when it would exceed this many padded tokens (messages × longest)…
     pub max_tokens: usize,
     /// …or this long after its first message arrived, whichever comes first.
-    pub max_wait_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_messages: 32, max_tokens: 4096, max_wait_ms: 20 }
+        Self { max_messages: 32, max_tokens: 4096, max_wait: Duration::from_millis(20) }
     }
 }
 
@@ -272,12 +276,13 @@ impl Default for MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// After SIGTERM/SIGINT (or a partition revoke), in-flight work must finish within this.
-    pub timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { timeout_ms: 30_000 }
+        Self { timeout: Duration::from_secs(30) }
     }
 }
 
@@ -330,6 +335,7 @@ impl Config {
             Some(path) => ConfigError::File { path: path.to_path_buf(), reason: e.to_string() },
             None => ConfigError::key("environment", e.to_string()),
         })?;
+        reject_millisecond_keys(&raw)?;
         let cfg: Config = serde_path_to_error::deserialize(raw).map_err(keyed)?;
         cfg.validate()?;
         Ok(cfg)
@@ -370,12 +376,20 @@ impl Config {
             }
         };
         positive("kafka.max_in_flight", self.kafka.max_in_flight as u64)?;
-        positive("kafka.commit_interval_ms", self.kafka.commit_interval_ms)?;
-        positive("kafka.unassigned_timeout_ms", self.kafka.unassigned_timeout_ms)?;
         positive("input.max_bytes", self.input.max_bytes as u64)?;
         positive("batch.max_messages", self.batch.max_messages as u64)?;
         positive("batch.max_tokens", self.batch.max_tokens as u64)?;
-        positive("shutdown.timeout_ms", self.shutdown.timeout_ms)?;
+        let nonzero = |key: &str, v: Duration| {
+            if v.is_zero() {
+                Err(ConfigError::key(key, "must be longer than 0 (a duration with its unit: 500ms, 2s, 1m)"))
+            } else {
+                Ok(())
+            }
+        };
+        nonzero("kafka.commit_interval", self.kafka.commit_interval)?;
+        nonzero("kafka.produce_retry_backoff", self.kafka.produce_retry_backoff)?;
+        nonzero("kafka.unassigned_timeout", self.kafka.unassigned_timeout)?;
+        nonzero("shutdown.timeout", self.shutdown.timeout)?;
         self.metrics_addr()?;
         Ok(())
     }
@@ -387,16 +401,6 @@ impl Config {
         })
     }
 
-    /// `batch.max_wait_ms` as a duration.
-    pub fn max_wait(&self) -> Duration {
-        Duration::from_millis(self.batch.max_wait_ms)
-    }
-
-    /// `shutdown.timeout_ms` as a duration.
-    pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_millis(self.shutdown.timeout_ms)
-    }
-
     /// Every output topic (labels, review, dead letters), for creating or checking them.
     pub fn output_topics(&self) -> Vec<String> {
         let mut topics: Vec<String> = self.routing.topics.values().cloned().collect();
@@ -406,6 +410,32 @@ impl Config {
         topics.dedup();
         topics
     }
+}
+
+/// Keys that took a number of milliseconds before durations were written with
+/// their unit, and the key that replaced each.
+const MILLISECOND_KEYS: [(&str, &str); 5] = [
+    ("kafka.commit_interval_ms", "kafka.commit_interval"),
+    ("kafka.produce_retry_backoff_ms", "kafka.produce_retry_backoff"),
+    ("kafka.unassigned_timeout_ms", "kafka.unassigned_timeout"),
+    ("batch.max_wait_ms", "batch.max_wait"),
+    ("shutdown.timeout_ms", "shutdown.timeout"),
+];
+
+/// An old `…_ms` key is an error that names its replacement with the same
+/// value, rather than the generic "unknown key".
+fn reject_millisecond_keys(raw: &config::Config) -> Result<(), ConfigError> {
+    for (old, new) in MILLISECOND_KEYS {
+        if let Ok(value) = raw.get_string(old) {
+            let millis = value.trim();
+            let suggestion = if millis.parse::<u64>().is_ok() { format!("\"{millis}ms\"") } else { "\"500ms\"".into() };
+            return Err(ConfigError::key(
+                old,
+                format!("renamed: write {new} = {suggestion} (a duration with its unit: 500ms, 2s, 1m)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The deserialisation error as `key: problem`, the key being the path
@@ -425,6 +455,11 @@ fn keyed(e: serde_path_to_error::Error<config::ConfigError>) -> ConfigError {
     // serde's own wording, "unknown field `x`, expected one of …", names a key here.
     let reason = match reason.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')) {
         Some((_, expected)) => format!("unknown key ({})", expected.trim_start_matches(',').trim()),
+        None => reason,
+    };
+    // humantime-serde's wording; a bare number here is usually an old milliseconds value.
+    let reason = match reason.strip_suffix("expected a duration") {
+        Some(head) => format!("{head}expected a duration with its unit, e.g. \"500ms\", \"2s\", \"1m\""),
         None => reason,
     };
     ConfigError::Key { key, reason }
@@ -466,7 +501,11 @@ mod tests {
         assert_eq!(cfg.kafka.max_in_flight, builtin.kafka.max_in_flight);
         assert_eq!(cfg.batch.max_messages, builtin.batch.max_messages);
         assert_eq!(cfg.routing.topics, builtin.routing.topics);
-        assert_eq!(cfg.shutdown.timeout_ms, builtin.shutdown.timeout_ms);
+        assert_eq!(cfg.shutdown.timeout, builtin.shutdown.timeout);
+        assert_eq!(cfg.kafka.commit_interval, builtin.kafka.commit_interval);
+        assert_eq!(cfg.kafka.produce_retry_backoff, builtin.kafka.produce_retry_backoff);
+        assert_eq!(cfg.kafka.unassigned_timeout, builtin.kafka.unassigned_timeout);
+        assert_eq!(cfg.batch.max_wait, builtin.batch.max_wait);
         assert_eq!(cfg.log.format, builtin.log.format);
     }
 
@@ -477,7 +516,7 @@ mod tests {
             Some(f.path()),
             env(&[
                 ("TRIAGEM__KAFKA__BROKERS", "b:2"),
-                ("TRIAGEM__BATCH__MAX_WAIT_MS", "7"),
+                ("TRIAGEM__BATCH__MAX_WAIT", "7ms"),
                 ("TRIAGEM__ROUTING__MIN_CONFIDENCE", "0.6"),
                 ("TRIAGEM__ROUTING__TOPICS__VENDA", "out.venda"),
                 ("TRIAGEM_MODEL", "ignored: single underscore belongs to the CLI"),
@@ -486,7 +525,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.kafka.brokers, "b:2");
         assert_eq!(cfg.batch.max_messages, 8);
-        assert_eq!(cfg.batch.max_wait_ms, 7);
+        assert_eq!(cfg.batch.max_wait, Duration::from_millis(7));
         assert!((cfg.routing.min_confidence - 0.6).abs() < 1e-6);
         assert_eq!(cfg.routing.topics["venda"], "out.venda");
     }
@@ -520,12 +559,43 @@ mod tests {
             ("[batch]\nmax_messages = 0\n", "batch.max_messages"),
             ("[metrics]\nlisten = \"nowhere\"\n", "metrics.listen"),
             ("[input]\nformat = \"xml\"\n", "input.format"),
+            ("[kafka]\ncommit_interval = \"soon\"\n", "kafka.commit_interval"),
+            ("[kafka]\ncommit_interval = 1000\n", "kafka.commit_interval"),
+            ("[shutdown]\ntimeout = \"0s\"\n", "shutdown.timeout"),
         ];
         for (text, key) in cases {
             let f = toml(text);
             let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
             assert!(err.starts_with(&format!("{key}: ")), "{text:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let f = toml("[kafka]\ncommit_interval = \"1m 30s\"\n[batch]\nmax_wait = \"250us\"\n");
+        let cfg = Config::load_with_env(Some(f.path()), env(&[("TRIAGEM__SHUTDOWN__TIMEOUT", "2s")])).unwrap();
+        assert_eq!(cfg.kafka.commit_interval, Duration::from_secs(90));
+        assert_eq!(cfg.batch.max_wait, Duration::from_micros(250));
+        assert_eq!(cfg.shutdown.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn millisecond_keys_name_their_replacement() {
+        for (old, new) in MILLISECOND_KEYS {
+            let (section, key) = old.split_once('.').unwrap();
+            let f = toml(&format!("[{section}]\n{key} = 1500\n"));
+            let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("{old}: renamed: write {new} = \"1500ms\" (a duration with its unit: 500ms, 2s, 1m)")
+            );
+        }
+        let var = "TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT_MS";
+        let err = Config::load_with_env(None, env(&[(var, "2000")])).unwrap_err().to_string();
+        assert!(
+            err.starts_with("kafka.unassigned_timeout_ms: renamed: write kafka.unassigned_timeout = \"2000ms\""),
+            "{err}"
+        );
     }
 
     #[test]

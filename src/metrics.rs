@@ -199,7 +199,7 @@ impl Metrics {
                 &r,
                 "idle_with_lag",
                 "1 while this worker holds no partition and its group's lag has stood still for \
-                 kafka.unassigned_timeout_ms.",
+                 kafka.unassigned_timeout.",
             )?,
             registry: r,
         };

@@ -13,6 +13,7 @@ mod deploy_names;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use deploy_names::{
     dashboard_exprs, documented_base, documented_metrics, promql_metric_names, referenced_metric_names, DASHBOARD,
@@ -480,10 +481,10 @@ fn check_deployment(rel: &str) -> Yaml {
 
     // The pod is given time to shut down cleanly.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("terminationGracePeriodSeconds");
-    let timeout_ms: u64 = configmap_toml()["shutdown.timeout_ms"].parse().expect("shutdown.timeout_ms");
+    let timeout = humantime::parse_duration(&configmap_toml()["shutdown.timeout"]).expect("shutdown.timeout");
     assert!(
-        grace * 1000 >= timeout_ms + 10_000,
-        "{rel}: grace {grace}s leaves < 10 s over shutdown.timeout_ms {timeout_ms}"
+        Duration::from_secs(grace) >= timeout + Duration::from_secs(10),
+        "{rel}: grace {grace}s leaves < 10 s over shutdown.timeout {timeout:?}"
     );
     d
 }
@@ -601,7 +602,7 @@ fn configmap_and_env_overrides_load_with_the_workers_own_loader() {
         assert_eq!(cfg.kafka.input_topic, "atendimento.mensagens");
         let want = if rel.contains("gpu") { "cuda" } else { "cpu" };
         assert_eq!(cfg.model.device.as_str(), want, "{rel}");
-        assert_eq!(cfg.shutdown.timeout_ms.to_string(), configmap_toml()["shutdown.timeout_ms"]);
+        assert_eq!(humantime::format_duration(cfg.shutdown.timeout).to_string(), configmap_toml()["shutdown.timeout"]);
     }
     // Compose: the image's config/default.toml plus the worker's environment.
     let compose = yaml("deploy/compose.yaml");

@@ -80,7 +80,7 @@ async fn records_deleted_before_they_were_read_are_a_gap() {
 
 /// A member that holds the only partition and never consumes, and the worker
 /// in the same group: the worker has no partition while the lag stands
-/// still, so after `kafka.unassigned_timeout_ms` it is not ready (and says
+/// still, so after `kafka.unassigned_timeout` it is not ready (and says
 /// why). Once the holder is gone, the worker gets the partition, routes the
 /// backlog and is ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +125,7 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "[kafka.consumer]\n\"group.instance.id\" = \"1-worker\"\n\"session.timeout.ms\" = \"6000\"\n";
     let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
-    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT_MS", "2000")]);
+    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s")]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let readyz = url.replace("/metrics", "/readyz");
     let (u, r) = (url.clone(), readyz.clone());

@@ -107,7 +107,7 @@ async fn sigterm_finishes_commits_and_exits_0() {
         .await
         .unwrap());
     worker.terminate();
-    let status = worker.wait_exit(Duration::from_secs(25)).expect("worker did not exit within shutdown.timeout_ms");
+    let status = worker.wait_exit(Duration::from_secs(25)).expect("worker did not exit within shutdown.timeout");
     let log = worker.log_text();
     assert_eq!(status.code(), Some(0), "exit status {status:?}\n{log}");
     assert!(log.contains("stopped cleanly"), "{log}");
@@ -188,9 +188,9 @@ async fn sigkill_restart_repeated() {
     let runs: usize = std::env::var("TRIAGEM_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let env = [
         ("TRIAGEM__BATCH__MAX_MESSAGES", "32"),
-        ("TRIAGEM__BATCH__MAX_WAIT_MS", "20"),
+        ("TRIAGEM__BATCH__MAX_WAIT", "20ms"),
         ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "2000"),
-        ("TRIAGEM__KAFKA__COMMIT_INTERVAL_MS", "1000"),
+        ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1s"),
     ];
     let broker = Broker::start();
     let (first, more, partitions) = (488, 20_000, 3);

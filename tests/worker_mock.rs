@@ -70,15 +70,15 @@ fn setup(name: &str) -> Setup {
     cfg.kafka.brokers = mock.bootstrap_servers();
     cfg.kafka.group_id = format!("g-{name}");
     cfg.kafka.input_topic = format!("{name}.in");
-    cfg.kafka.commit_interval_ms = 50;
-    cfg.kafka.produce_retry_backoff_ms = 100;
+    cfg.kafka.commit_interval = Duration::from_millis(50);
+    cfg.kafka.produce_retry_backoff = Duration::from_millis(100);
     cfg.routing.topics.insert("venda".into(), format!("{name}.venda"));
     cfg.routing.topics.insert("suporte".into(), format!("{name}.suporte"));
     cfg.routing.review_topic = format!("{name}.revisao");
     cfg.routing.dead_letter_topic = format!("{name}.dlq");
     cfg.metrics.listen = "127.0.0.1:0".into();
-    cfg.batch.max_wait_ms = 5;
-    cfg.shutdown.timeout_ms = 10_000;
+    cfg.batch.max_wait = Duration::from_millis(5);
+    cfg.shutdown.timeout = Duration::from_secs(10);
     mock.create_topic(&cfg.kafka.input_topic, 1, 1).unwrap();
     for t in cfg.output_topics() {
         mock.create_topic(&t, 1, 1).unwrap();

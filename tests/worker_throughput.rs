@@ -39,9 +39,9 @@ async fn ten_thousand_mixed_messages_survive_a_sigkill() {
     // The production defaults of config/default.toml rather than the harness's small ones.
     let env = [
         ("TRIAGEM__BATCH__MAX_MESSAGES", "32"),
-        ("TRIAGEM__BATCH__MAX_WAIT_MS", "20"),
+        ("TRIAGEM__BATCH__MAX_WAIT", "20ms"),
         ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "2000"),
-        ("TRIAGEM__KAFKA__COMMIT_INTERVAL_MS", "1000"),
+        ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1s"),
     ];
 
     let texts =

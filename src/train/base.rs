@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use rand::{rngs::StdRng, Rng};
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
 use tokenizers::Tokenizer;
 
 use super::{scratch, TrainError, TrainOptions};
@@ -157,8 +158,9 @@ fn initialise(
         } else if name.ends_with("bias") {
             var.zeros_like().map_err(|e| e.to_string())?
         } else {
-            let std = config.initializer_range as f32;
-            let values: Vec<f32> = (0..var.elem_count()).map(|_| normal(rng) * std).collect();
+            let normal = Normal::new(0.0f32, config.initializer_range as f32)
+                .map_err(|e| format!("initializer_range {}: {e}", config.initializer_range))?;
+            let values: Vec<f32> = normal.sample_iter(&mut *rng).take(var.elem_count()).collect();
             Tensor::from_vec(values, var.shape(), var.device()).map_err(|e| e.to_string())?
         };
         var.set(&value).map_err(|e| e.to_string())?;
@@ -167,13 +169,6 @@ fn initialise(
         tracing::info!(initialised = ?fresh, "tensors not in the base checkpoint were initialised");
     }
     Ok(())
-}
-
-/// A standard normal draw (Box–Muller).
-fn normal(rng: &mut StdRng) -> f32 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// The variables of `varmap` with their names, in name order.

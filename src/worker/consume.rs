@@ -7,7 +7,7 @@
 //! slow model or broker pauses consumption instead of growing memory.
 //!
 //! Rebalance: before partitions are revoked, [`WorkerContext::pre_rebalance`]
-//! waits (up to `shutdown.timeout_ms`) until every message taken from them has
+//! waits (up to `shutdown.timeout`) until every message taken from them has
 //! its output acknowledged, then commits them synchronously, so the next owner
 //! starts exactly where this worker stopped.
 //!
@@ -387,7 +387,7 @@ pub fn probe<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, time
 /// the partition count, idle while the others work the lag off, is not.
 #[derive(Debug)]
 pub struct IdleWatch {
-    /// `kafka.unassigned_timeout_ms`.
+    /// `kafka.unassigned_timeout`.
     timeout: Duration,
     /// Since when no partition is assigned.
     idle_since: Option<Instant>,
@@ -396,7 +396,7 @@ pub struct IdleWatch {
 }
 
 impl IdleWatch {
-    /// A watch with `kafka.unassigned_timeout_ms`.
+    /// A watch with `kafka.unassigned_timeout`.
     pub fn new(timeout: Duration) -> Self {
         IdleWatch { timeout, idle_since: None, positions: HashMap::new() }
     }

@@ -6,7 +6,7 @@
 //!    fetches a message, records its offset in the [`offsets::OffsetTracker`];
 //! 2. [`message`]: decodes and validates it; poison goes straight to step 5;
 //! 3. [`batcher`]: groups decoded messages (`batch.max_messages`,
-//!    `batch.max_tokens`, `batch.max_wait_ms`);
+//!    `batch.max_tokens`, `batch.max_wait`);
 //! 4. [`infer`]: one `std::thread` owns the model and classifies each batch;
 //!    a channel of capacity 1 in front of it lets one batch wait while another
 //!    computes;
@@ -18,7 +18,7 @@
 //!
 //! Every hand-off is a bounded channel, so a slow stage pauses consumption.
 //! [`Worker::run`] owns shutdown: stop fetching, drain every stage, commit
-//! synchronously, all within `shutdown.timeout_ms`.
+//! synchronously, all within `shutdown.timeout`.
 
 pub mod batcher;
 pub mod commit;
@@ -70,10 +70,10 @@ pub enum WorkerError {
     #[error("cannot start {what}: {source}")]
     Start { what: &'static str, source: std::io::Error },
     #[error(
-        "shutdown.timeout_ms = {timeout_ms} passed with {pending} messages unfinished; what was done is committed, \
-         the rest will be consumed again"
+        "shutdown.timeout = {} passed with {pending} messages unfinished; what was done is committed, \
+         the rest will be consumed again", humantime::format_duration(*timeout)
     )]
-    ShutdownTimeout { timeout_ms: u64, pending: usize },
+    ShutdownTimeout { timeout: Duration, pending: usize },
 }
 
 /// `triagem worker`: loads the model, checks it against the routing, and runs
@@ -193,7 +193,7 @@ impl Worker {
         let context = WorkerContext {
             tracker: tracker.clone(),
             metrics: metrics.clone(),
-            revoke_timeout: cfg.shutdown_timeout(),
+            revoke_timeout: cfg.shutdown.timeout,
             closing: Default::default(),
             gaps: gaps.clone(),
         };
@@ -215,7 +215,7 @@ impl Worker {
         let limits = batcher::Limits {
             max_messages: cfg.batch.max_messages,
             max_tokens: cfg.batch.max_tokens,
-            max_wait: cfg.max_wait(),
+            max_wait: cfg.batch.max_wait,
         };
         let batcher = tokio::spawn(batcher::run(
             batcher_rx,
@@ -235,7 +235,7 @@ impl Worker {
             model: info.clone(),
             tracker: tracker.clone(),
             metrics: metrics.clone(),
-            retry_backoff: Duration::from_millis(cfg.kafka.produce_retry_backoff_ms.max(1)),
+            retry_backoff: cfg.kafka.produce_retry_backoff,
         };
         let router = tokio::spawn(router.run(router_rx));
         let consume = tokio::spawn(
@@ -267,14 +267,14 @@ impl Worker {
             consumer.clone(),
             tracker.clone(),
             metrics.clone(),
-            Duration::from_millis(cfg.kafka.commit_interval_ms),
+            cfg.kafka.commit_interval,
             background_shutdown.clone(),
         )));
         background.push(tokio::spawn(readiness_loop(
             consumer.clone(),
             cfg.kafka.input_topic.clone(),
             metrics.clone(),
-            Duration::from_millis(cfg.kafka.unassigned_timeout_ms),
+            cfg.kafka.unassigned_timeout,
             background_shutdown,
         )));
         tracing::info!(
@@ -299,7 +299,7 @@ impl Worker {
     }
 
     /// Runs until `shutdown`, then drains every stage, commits synchronously
-    /// and closes the consumer, all within `shutdown.timeout_ms`.
+    /// and closes the consumer, all within `shutdown.timeout`.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), WorkerError> {
         let Worker { metrics, cfg, consumer, producer, tracker, mut consume, batcher, router, inference, .. } = self;
         // The consume stage stops on `shutdown` too: look at the signal first,
@@ -313,7 +313,7 @@ impl Worker {
                 tracing::error!("the consume stage stopped on its own");
             }
         }
-        let timeout = cfg.shutdown_timeout();
+        let timeout = cfg.shutdown.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         tracing::info!(pending = tracker.pending(None), "stopping: finishing in-flight messages");
         let drained = tokio::time::timeout_at(deadline, async {
@@ -349,7 +349,7 @@ impl Worker {
         // Closing the consumer leaves the group; librdkafka blocks while doing it.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         if !drained || pending > 0 {
-            return Err(WorkerError::ShutdownTimeout { timeout_ms: cfg.shutdown.timeout_ms, pending });
+            return Err(WorkerError::ShutdownTimeout { timeout, pending });
         }
         tracing::info!(committed, "stopped cleanly");
         Ok(())

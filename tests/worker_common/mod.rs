@@ -343,7 +343,7 @@ pub fn write_config(dir: &Path, brokers: &str, group: &str, topics: &Topics, ext
 brokers = "{brokers}"
 group_id = "{group}"
 input_topic = "{input}"
-commit_interval_ms = 200
+commit_interval = "200ms"
 max_in_flight = 500
 
 [routing]
@@ -359,7 +359,7 @@ max_bytes = 2000
 
 [batch]
 max_messages = 16
-max_wait_ms = 10
+max_wait = "10ms"
 
 [model]
 path = "{model}"
@@ -368,7 +368,7 @@ path = "{model}"
 listen = "127.0.0.1:0"
 
 [shutdown]
-timeout_ms = 20000
+timeout = "20s"
 {extra}
 "#,
         input = topics.input,

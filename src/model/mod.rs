@@ -74,17 +74,35 @@ impl ComputeDevice {
         }
     }
 
-    /// The candle device.
+    /// The candle device. `auto` in a CUDA build that cannot open GPU 0 (no
+    /// driver, no device) logs why and falls back to the CPU.
     pub fn open(self) -> Result<Device, ModelError> {
         let err = |reason: String| ModelError::Device { spec: self.as_str().to_string(), reason };
         match self {
             ComputeDevice::Cpu => Ok(Device::Cpu),
-            ComputeDevice::Cuda => Device::new_cuda(0).map_err(|e| err(format!("{e} (build with `--features cuda`)"))),
-            ComputeDevice::Auto if candle_core::utils::cuda_is_available() => {
-                Device::new_cuda(0).map_err(|e| err(e.to_string()))
+            ComputeDevice::Cuda if !candle_core::utils::cuda_is_available() => {
+                Err(err("this binary was built without CUDA; rebuild with `--features cuda`".to_string()))
             }
+            ComputeDevice::Cuda => Device::new_cuda(0).map_err(|e| {
+                err(format!("cannot open GPU 0 (is an NVIDIA driver installed?): {}", without_backtrace(e)))
+            }),
+            ComputeDevice::Auto if candle_core::utils::cuda_is_available() => match Device::new_cuda(0) {
+                Ok(device) => Ok(device),
+                Err(e) => {
+                    tracing::warn!("device auto: cannot open GPU 0, running on the CPU: {}", without_backtrace(e));
+                    Ok(Device::Cpu)
+                }
+            },
             ComputeDevice::Auto => Ok(Device::Cpu),
         }
+    }
+}
+
+/// candle's error without the backtrace it attaches under `RUST_BACKTRACE`: the user gets one sentence.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => *inner,
+        e => e,
     }
 }
 
@@ -374,6 +392,26 @@ mod tests {
         }
         std::fs::write(dir.path().join(CONFIG_FILE), config.to_string()).unwrap();
         dir
+    }
+
+    /// Without a usable GPU (this machine, CI): `cpu` and `auto` give the CPU, `cuda` one sentence saying why not.
+    /// In a CUDA build on a GPU host the last two open the GPU instead, so the test skips there.
+    #[test]
+    fn cuda_without_a_gpu_is_an_error_and_auto_falls_back_to_the_cpu() {
+        assert!(matches!(ComputeDevice::Cpu.open(), Ok(Device::Cpu)));
+        match ComputeDevice::Cuda.open() {
+            Ok(_) => return, // a CUDA build with a GPU
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("device \"cuda\": "), "{msg}");
+                if candle_core::utils::cuda_is_available() {
+                    assert!(msg.contains("cannot open GPU 0") && !msg.contains('\n'), "{msg}");
+                } else {
+                    assert!(msg.contains("built without CUDA") && msg.contains("--features cuda"), "{msg}");
+                }
+            }
+        }
+        assert!(matches!(ComputeDevice::Auto.open(), Ok(Device::Cpu)));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -75,6 +76,10 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// `triagem_idle_with_lag`
     pub idle_with_lag: IntGauge,
+    /// `triagem_outputs_rejected_total{topic}`
+    pub outputs_rejected: IntCounterVec,
+    /// `triagem_output_topic_unavailable{topic}`
+    pub output_topic_unavailable: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -201,6 +206,20 @@ impl Metrics {
                 "1 while this worker holds no partition and its group's lag has stood still for \
                  kafka.unassigned_timeout_ms.",
             )?,
+            outputs_rejected: counter(
+                &r,
+                "outputs_rejected_total",
+                "Outputs that can never be produced (over message.max.bytes, invalid): dead-lettered instead, or \
+                 sent as a stub without payload when the dead letter itself is rejected.",
+                &["topic"],
+            )?,
+            output_topic_unavailable: gauge_vec(
+                &r,
+                "output_topic_unavailable",
+                "1 while an output topic is missing from the broker's metadata or its produces fail as missing or \
+                 forbidden; the worker is then not ready.",
+                &["topic"],
+            )?,
             registry: r,
         };
         for q in [QUEUE_BATCHER, QUEUE_INFERENCE, QUEUE_PRODUCER] {
@@ -220,8 +239,12 @@ impl Metrics {
         for (label, topic) in routes {
             self.routed.with_label_values(&[topic.as_str(), label.as_str()]);
             self.produce_errors.with_label_values(&[topic.as_str()]);
+            self.outputs_rejected.with_label_values(&[topic.as_str()]);
+            self.output_topic_unavailable.with_label_values(&[topic.as_str()]);
         }
         self.produce_errors.with_label_values(&[dead_letter_topic]);
+        self.outputs_rejected.with_label_values(&[dead_letter_topic]);
+        self.output_topic_unavailable.with_label_values(&[dead_letter_topic]);
         for reason in reasons {
             self.dead_lettered.with_label_values(&[reason]);
         }
@@ -277,15 +300,29 @@ pub async fn serve(
             get(move || {
                 let r = r.clone();
                 async move {
+                    let unavailable: Vec<String> = r
+                        .output_topic_unavailable
+                        .collect()
+                        .iter()
+                        .flat_map(|f| f.get_metric().iter())
+                        .filter(|m| m.get_gauge().as_ref().is_some_and(|g| g.value() > 0.0))
+                        .flat_map(|m| m.get_label().iter().map(|l| l.value().to_string()))
+                        .collect();
                     if r.ready.get() == 1 {
-                        (StatusCode::OK, "ready\n")
+                        (StatusCode::OK, "ready\n".to_string())
+                    } else if !unavailable.is_empty() {
+                        let why = format!(
+                            "not ready: output topic(s) missing or forbidden: {} (triagem_output_topic_unavailable)\n",
+                            unavailable.join(", ")
+                        );
+                        (StatusCode::SERVICE_UNAVAILABLE, why)
                     } else if r.idle_with_lag.get() == 1 {
                         let why = "not ready: no input partition assigned while the group's lag stands still \
                                    (triagem_idle_with_lag)\n";
-                        (StatusCode::SERVICE_UNAVAILABLE, why)
+                        (StatusCode::SERVICE_UNAVAILABLE, why.to_string())
                     } else {
                         let why = "not ready: the model is loading, the broker does not answer, or the worker stops\n";
-                        (StatusCode::SERVICE_UNAVAILABLE, why)
+                        (StatusCode::SERVICE_UNAVAILABLE, why.to_string())
                     }
                 }
             }),
@@ -317,6 +354,8 @@ mod tests {
         m.model_info.with_label_values(&["n", "v", "a,b", "cpu"]).set(1);
         m.offset_gaps.with_label_values(&["t", "0"]).inc();
         m.offsets_skipped.with_label_values(&["t", "0"]).inc();
+        m.outputs_rejected.with_label_values(&["t"]).inc();
+        m.output_topic_unavailable.with_label_values(&["t"]).set(0);
         let text = m.render();
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
         let mut names = Vec::new();

@@ -35,6 +35,7 @@ const ALERTS: &[&str] = &[
     "TriagemDown",
     "TriagemNotReady",
     "TriagemIdleWhileGroupLags",
+    "TriagemOutputTopicUnavailable",
 ];
 
 fn root() -> PathBuf {

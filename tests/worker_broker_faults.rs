@@ -7,6 +7,7 @@
 
 mod worker_common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -163,4 +164,136 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     .unwrap();
     assert!(ready, "not ready again after getting the partition:\n{}", worker.log_text());
     assert_eq!(metric(&url, "triagem_assigned_partitions"), 1.0);
+}
+
+/// Produces `payloads` in order to partition 0 of `topic` with a producer that
+/// accepts records up to 2 MB (the broker does: its limit is the topic's).
+async fn produce_large(brokers: &str, topic: &str, payloads: &[(String, Vec<u8>)]) {
+    let p: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "2000000")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    for (key, payload) in payloads {
+        let record = rdkafka::producer::FutureRecord::to(topic).key(key).payload(payload).partition(0);
+        p.send(record, rdkafka::util::Timeout::Never).await.map_err(|(e, _)| e).expect("produce");
+    }
+}
+
+/// Inputs the worker's producer can never write out (librdkafka's
+/// `message.max.bytes`, 1,000,000, rejects them locally on every attempt): an
+/// oversize poison message of 1,010,000 bytes, whose dead letter would copy
+/// it, and a valid message whose routed output goes just over the limit. Each
+/// reaches the dead-letter topic (as a stub without payload when the dead
+/// letter is too large too), the messages around them are routed, the
+/// offsets are committed to the end and SIGTERM exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows() {
+    let broker = Broker::start();
+    let topics = Topics::new("toolarge");
+    broker.create_topics(&topics, 1).await;
+    let group = unique("g-toolarge");
+    let good = |i: usize| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes());
+    let mut inputs: Vec<(String, Vec<u8>)> = (0..10).map(good).collect();
+    inputs.push(("huge".into(), vec![b'x'; 1_010_000]));
+    inputs.extend((10..20).map(good));
+    // Under input.max_bytes (1,005,000 here) and under 1,000,000 bytes, but its output adds the `triagem` object.
+    let text = format!("quero comprar {}", "a".repeat(999_800));
+    inputs.push(("big-valid".into(), json!({"text": text, "id": 999}).to_string().into_bytes()));
+    inputs.extend((20..30).map(good));
+    produce_large(&broker.addr, &topics.input, &inputs).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
+    let mut worker = WorkerProc::start(&config, &[("TRIAGEM__INPUT__MAX_BYTES", "1005000")]);
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let total = inputs.len() as i64;
+    let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
+    let all_committed = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(90), || committed(&b, &g, &t, 1)[0] == Some(total))
+    })
+    .await
+    .unwrap();
+    assert!(all_committed, "the offsets never reached {total}:\n{}", worker.log_text());
+    let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(2)).await;
+    let routed: BTreeSet<u64> =
+        outs.iter().filter(|o| o.topic != topics.dlq).filter_map(|o| o.json()["id"].as_u64()).collect();
+    assert_eq!(routed, (0..30).collect::<BTreeSet<u64>>(), "the messages around the large ones were not all routed");
+    let dead: Vec<&Out> = outs.iter().filter(|o| o.topic == topics.dlq).collect();
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    let huge = dead.iter().find(|o| o.headers["triagem-source-offset"] == "10").expect("the oversize dead letter");
+    assert!(huge.headers["triagem-error"].starts_with("oversize:"), "{:?}", huge.headers);
+    assert!(huge.payload.is_empty(), "the stub carries no payload");
+    assert!(huge.headers["triagem-payload-dropped"].starts_with("1010000 bytes"), "{:?}", huge.headers);
+    let big =
+        dead.iter().find(|o| o.headers["triagem-source-offset"] == "21").expect("the rejected output's dead letter");
+    assert!(big.headers["triagem-error"].starts_with("output_rejected:"), "{:?}", big.headers);
+    let rejected = metric_sum(&url, "triagem_outputs_rejected_total");
+    println!(
+        "outputs rejected for good: {rejected}; dead letters: {} (payload bytes: {:?}); routed: {}",
+        dead.len(),
+        dead.iter().map(|o| o.payload.len()).collect::<Vec<_>>(),
+        routed.len()
+    );
+    assert!(rejected >= 2.0);
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(25)).expect("no exit after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", worker.log_text());
+}
+
+/// An output topic that does not exist: the worker is not ready and says
+/// which topic (`/readyz`, `triagem_output_topic_unavailable`), the outputs for
+/// the other topics keep flowing, and once the topic is created everything
+/// held for it is routed and the worker is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
+    let broker = Broker::start();
+    let topics = Topics::new("missing");
+    broker.create_topic(&topics.input, 1).await;
+    for t in [&topics.venda, &topics.review, &topics.dlq] {
+        broker.create_topic(t, 1).await;
+    }
+    let group = unique("g-missing");
+    let n = 24;
+    let texts: Vec<&str> = (0..n).map(|i| TEXTS[i % TEXTS.len()]).collect();
+    let expected = expected_predictions(&texts);
+    let inputs: Vec<(String, Vec<u8>)> =
+        (0..n).map(|i| (format!("k-{i}"), json!({"text": texts[i], "id": i}).to_string().into_bytes())).collect();
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+    let venda = expected.iter().filter(|p| p.label == "venda").count();
+    assert!(venda > 0 && venda < n);
+
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF_MS", "200")]);
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let readyz = url.replace("/metrics", "/readyz");
+    let series = format!("triagem_output_topic_unavailable{{topic=\"{}\"}}", topics.suporte);
+    let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
+    let reported = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, &s) == 1.0 && http_get(&r).0 == 503)
+    })
+    .await
+    .unwrap();
+    assert!(reported, "the missing topic was not reported:\n{}", worker.log_text());
+    let (_, body) = http_get(&readyz);
+    assert!(body.contains(&topics.suporte), "{body}");
+    let outs = read_outputs(&broker.addr, &[topics.venda.clone()], Duration::from_secs(60), |o| o.len() >= venda).await;
+    assert_eq!(outs.len(), venda, "the outputs to the existing topic did not flow");
+    assert_eq!(metric(&url, "triagem_ready"), 0.0);
+
+    broker.create_topic(&topics.suporte, 1).await;
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| o.len() >= n).await;
+    let ids: BTreeSet<u64> = outs.iter().filter_map(|o| o.json()["id"].as_u64()).collect();
+    assert_eq!(ids.len(), n, "inputs lost after the topic was created:\n{}", worker.log_text());
+    let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
+    let ready = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, &s) == 0.0 && http_get(&r).0 == 200)
+    })
+    .await
+    .unwrap();
+    assert!(ready, "not ready after the topic was created:\n{}", worker.log_text());
+    println!("missing output topic: {venda} outputs flowed meanwhile, {} after it was created, 0 lost", n - venda);
 }

@@ -381,6 +381,23 @@ pub fn probe<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, time
     probe
 }
 
+/// Which of `topics` the broker's metadata lacks (None when the broker does
+/// not answer). Blocking: run it off the async threads.
+pub fn missing_topics<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    topics: &[String],
+    timeout: Duration,
+) -> Option<Vec<String>> {
+    let metadata = consumer.fetch_metadata(None, timeout).ok()?;
+    let present: std::collections::HashSet<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
+    Some(topics.iter().filter(|t| !present.contains(t.as_str())).cloned().collect())
+}
+
 /// Decides whether a worker without partitions sits idle while its group's
 /// lag stands still: no partition assigned for `timeout`, and some partition
 /// with lag whose group position has not moved for `timeout`. A replica beyond

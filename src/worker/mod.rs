@@ -50,7 +50,7 @@ use crate::model::{Classifier, ModelError};
 use consume::{ConsumeStage, GapWatch, IdleWatch, WorkerConsumer, WorkerContext};
 use infer::Predict;
 use offsets::OffsetTracker;
-use route::{Outcome, Router};
+use route::{Outcome, OutputTopics, Router};
 
 /// Why the worker did not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -140,9 +140,14 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
     c
 }
 
-/// Settings of the worker's producer.
+/// Settings of the worker's producer. Output topics are never auto-created
+/// (a missing one is reported: `triagem_output_topic_unavailable`, not ready).
 pub fn producer_config(cfg: &Config) -> ClientConfig {
-    client_config(cfg, &[("message.timeout.ms", "30000"), ("linger.ms", "5")], &cfg.kafka.producer)
+    client_config(
+        cfg,
+        &[("message.timeout.ms", "30000"), ("linger.ms", "5"), ("allow.auto.create.topics", "false")],
+        &cfg.kafka.producer,
+    )
 }
 
 /// A started worker: every stage running.
@@ -229,6 +234,7 @@ impl Worker {
             sink_tx.blocking_send(Outcome::Classified(done)).is_ok()
         })
         .map_err(|source| WorkerError::Start { what: "the inference thread", source })?;
+        let output_topics = Arc::new(OutputTopics::default());
         let router = Router {
             producer: producer.clone(),
             routing: cfg.routing.clone(),
@@ -236,6 +242,7 @@ impl Worker {
             tracker: tracker.clone(),
             metrics: metrics.clone(),
             retry_backoff: Duration::from_millis(cfg.kafka.produce_retry_backoff_ms.max(1)),
+            topics: output_topics.clone(),
         };
         let router = tokio::spawn(router.run(router_rx));
         let consume = tokio::spawn(
@@ -273,6 +280,7 @@ impl Worker {
         background.push(tokio::spawn(readiness_loop(
             consumer.clone(),
             cfg.kafka.input_topic.clone(),
+            (cfg.output_topics(), output_topics),
             metrics.clone(),
             Duration::from_millis(cfg.kafka.unassigned_timeout_ms),
             background_shutdown,
@@ -357,12 +365,14 @@ impl Worker {
 }
 
 /// `triagem_ready`: 1 while the broker answers a metadata request (the model is
-/// loaded by then) and this worker is not idle while its group's lag stands
-/// still ([`IdleWatch`]); `triagem_assigned_partitions` and
-/// `triagem_idle_with_lag` with it.
+/// loaded by then), every output topic exists and takes produces, and this
+/// worker is not idle while its group's lag stands still ([`IdleWatch`]);
+/// `triagem_assigned_partitions`, `triagem_idle_with_lag` and
+/// `triagem_output_topic_unavailable` with it.
 async fn readiness_loop(
     consumer: Arc<WorkerConsumer>,
     topic: String,
+    (outputs, output_topics): (Vec<String>, Arc<OutputTopics>),
     metrics: Arc<Metrics>,
     unassigned_timeout: Duration,
     mut stop: Shutdown,
@@ -370,10 +380,21 @@ async fn readiness_loop(
     let mut idle = IdleWatch::new(unassigned_timeout);
     let period = (unassigned_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
     loop {
-        let (c, t) = (consumer.clone(), topic.clone());
-        let probe = tokio::task::spawn_blocking(move || consume::probe(&*c, &t, Duration::from_secs(5)))
-            .await
-            .unwrap_or_default();
+        let (c, t, o) = (consumer.clone(), topic.clone(), outputs.clone());
+        let (probe, missing) = tokio::task::spawn_blocking(move || {
+            (consume::probe(&*c, &t, Duration::from_secs(5)), consume::missing_topics(&*c, &o, Duration::from_secs(5)))
+        })
+        .await
+        .unwrap_or_default();
+        if let Some(missing) = &missing {
+            for t in &outputs {
+                let gone = missing.contains(t);
+                if gone && !output_topics.unavailable().contains(t) {
+                    tracing::error!(topic = %t, "output topic does not exist: not ready until it does");
+                }
+                output_topics.set_missing(&metrics, t, gone);
+            }
+        }
         let stuck = idle.update(std::time::Instant::now(), &probe);
         if probe.reachable {
             metrics.assigned_partitions.set(probe.assigned as i64);
@@ -390,7 +411,7 @@ async fn readiness_loop(
             (true, None) => tracing::info!(topic, "no longer idle while the group lags"),
             _ => {}
         }
-        let ready = probe.reachable && stuck.is_none();
+        let ready = probe.reachable && stuck.is_none() && output_topics.unavailable().is_empty();
         let was = metrics.ready.get();
         metrics.ready.set(ready as i64);
         if was != ready as i64 {

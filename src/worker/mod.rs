@@ -145,7 +145,14 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
 pub fn producer_config(cfg: &Config) -> ClientConfig {
     client_config(
         cfg,
-        &[("message.timeout.ms", "30000"), ("linger.ms", "5"), ("allow.auto.create.topics", "false")],
+        &[
+            ("message.timeout.ms", "30000"),
+            ("linger.ms", "5"),
+            ("allow.auto.create.topics", "false"),
+            // Its own retries keep each partition's order and write no duplicates.
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+        ],
         &cfg.kafka.producer,
     )
 }

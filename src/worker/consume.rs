@@ -42,6 +42,8 @@ use crate::metrics::{Metrics, QUEUE_BATCHER};
 pub struct WorkerContext {
     /// Offsets in flight, drained and committed on revoke.
     pub tracker: Arc<OffsetTracker>,
+    /// The one committer (shared with the periodic loop and the shutdown commit).
+    pub committer: Arc<super::commit::Committer>,
     /// Commit results and consumer lag.
     pub metrics: Arc<Metrics>,
     /// Longest wait for revoked partitions' work to finish.
@@ -138,9 +140,7 @@ impl WorkerContext {
                 "revoke: in-flight messages did not finish in time; the next owner will process them again"
             );
         }
-        let offsets = self.tracker.committable(Some(parts));
-        super::commit::commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
-        self.tracker.remove(parts);
+        self.committer.commit_and_forget(consumer, parts);
         self.gaps.forget(parts);
         for (topic, partition) in parts {
             let _ = self.metrics.consumer_lag.remove_label_values(&[topic.as_str(), &partition.to_string()]);

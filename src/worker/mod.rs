@@ -173,6 +173,9 @@ pub struct Worker {
     inference: std::thread::JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     stop_background: ShutdownTrigger,
+    /// The periodic commit loop, stopped before the final commit.
+    commits: (JoinHandle<()>, ShutdownTrigger),
+    committer: Arc<commit::Committer>,
 }
 
 impl Worker {
@@ -201,9 +204,11 @@ impl Worker {
             listener.local_addr().map_err(|source| WorkerError::Start { what: "the metrics endpoint", source })?;
 
         let tracker = Arc::new(OffsetTracker::new());
+        let committer = Arc::new(commit::Committer::new(tracker.clone(), metrics.clone()));
         let gaps = Arc::new(GapWatch::default());
         let context = WorkerContext {
             tracker: tracker.clone(),
+            committer: committer.clone(),
             metrics: metrics.clone(),
             revoke_timeout: cfg.shutdown_timeout(),
             closing: Default::default(),
@@ -277,13 +282,13 @@ impl Worker {
                 }
             }));
         }
-        background.push(tokio::spawn(commit::commit_loop(
+        let (stop_commits, commits_shutdown) = Shutdown::new();
+        let commits = tokio::spawn(commit::commit_loop(
             consumer.clone(),
-            tracker.clone(),
-            metrics.clone(),
+            committer.clone(),
             Duration::from_millis(cfg.kafka.commit_interval_ms),
-            background_shutdown.clone(),
-        )));
+            commits_shutdown,
+        ));
         background.push(tokio::spawn(readiness_loop(
             consumer.clone(),
             cfg.kafka.input_topic.clone(),
@@ -310,13 +315,30 @@ impl Worker {
             inference,
             background,
             stop_background,
+            commits: (commits, stop_commits),
+            committer,
         })
     }
 
     /// Runs until `shutdown`, then drains every stage, commits synchronously
     /// and closes the consumer, all within `shutdown.timeout_ms`.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), WorkerError> {
-        let Worker { metrics, cfg, consumer, producer, tracker, mut consume, batcher, router, inference, .. } = self;
+        let Worker {
+            metrics,
+            cfg,
+            consumer,
+            producer,
+            tracker,
+            mut consume,
+            batcher,
+            router,
+            inference,
+            background,
+            stop_background,
+            commits,
+            committer,
+            ..
+        } = self;
         // The consume stage stops on `shutdown` too: look at the signal first,
         // and never poll a finished task again.
         let mut consume_done = false;
@@ -343,19 +365,21 @@ impl Worker {
         consume.abort();
         consumer.context().closing.store(true, Ordering::SeqCst);
 
+        // The periodic loop stops (and its commit in progress ends) before the final commit.
+        commits.1.trigger();
+        let _ = commits.0.await;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
-        let pending = tracker.pending(None);
-        let (c, t, m) = (consumer.clone(), tracker.clone(), metrics.clone());
+        let c = consumer.clone();
         let committed = tokio::task::spawn_blocking(move || {
             let _ = producer.flush(left);
-            let offsets = t.committable(None);
-            commit::commit_sync(&*c, &offsets, &t, &m)
+            committer.commit(&*c, None)
         })
         .await
         .unwrap_or(false);
-        metrics.in_flight.set(tracker.pending(None) as i64);
-        self.stop_background.trigger();
-        for task in self.background {
+        let pending = tracker.pending(None);
+        metrics.in_flight.set(pending as i64);
+        stop_background.trigger();
+        for task in background {
             let _ = task.await;
         }
         if drained {

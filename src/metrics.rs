@@ -76,6 +76,8 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// `triagem_idle_with_lag`
     pub idle_with_lag: IntGauge,
+    /// `triagem_consumer_paused`
+    pub consumer_paused: IntGauge,
     /// `triagem_outputs_rejected_total{topic}`
     pub outputs_rejected: IntCounterVec,
     /// `triagem_output_topic_unavailable{topic}`
@@ -205,6 +207,12 @@ impl Metrics {
                 "idle_with_lag",
                 "1 while this worker holds no partition and its group's lag has stood still for \
                  kafka.unassigned_timeout_ms.",
+            )?,
+            consumer_paused: gauge(
+                &r,
+                "consumer_paused",
+                "1 while fetching is paused because kafka.max_in_flight messages are in flight (the consumer is \
+                 still polled).",
             )?,
             outputs_rejected: counter(
                 &r,

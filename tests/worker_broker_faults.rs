@@ -297,3 +297,60 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     assert!(ready, "not ready after the topic was created:\n{}", worker.log_text());
     println!("missing output topic: {venda} outputs flowed meanwhile, {} after it was created, 0 lost", n - venda);
 }
+
+/// Backpressure without leaving the group: every slot of `kafka.max_in_flight`
+/// (5 here) held by outputs waiting for a missing topic for longer than
+/// `max.poll.interval.ms` (6 s). The worker pauses its partitions and keeps
+/// polling (`triagem_consumer_paused` 1), so librdkafka never reports the
+/// poll interval exceeded; once the topic exists, everything is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
+    let broker = Broker::start();
+    let topics = Topics::new("pause");
+    broker.create_topic(&topics.input, 1).await;
+    for t in [&topics.venda, &topics.review, &topics.dlq] {
+        broker.create_topic(t, 1).await;
+    }
+    let group = unique("g-pause");
+    let n = 40;
+    let inputs: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
+        .collect();
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let worker = WorkerProc::start(
+        &config,
+        &[
+            ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "5"),
+            ("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF_MS", "200"),
+            ("TRIAGEM__KAFKA__CONSUMER__MAX__POLL__INTERVAL__MS", "6000"),
+        ],
+    );
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let u = url.clone();
+    let paused = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_consumer_paused") == 1.0)
+    })
+    .await
+    .unwrap();
+    assert!(paused, "fetching never paused:\n{}", worker.log_text());
+    // Longer than max.poll.interval.ms with every slot held.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let held = outputs_acknowledged(&url);
+    broker.create_topic(&topics.suporte, 1).await;
+    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
+    assert_eq!(distinct(&outs), n, "inputs lost:\n{}", worker.log_text());
+    let log = worker.log_text();
+    println!(
+        "paused with 5 slots held for 9 s (max.poll.interval.ms 6 s): {held} outputs before the topic came, \
+         {} after; poll interval exceeded: {}",
+        outs.len() as f64 - held,
+        log.to_lowercase().contains("poll interval")
+    );
+    assert!(!log.to_lowercase().contains("poll interval"), "the worker stopped polling:\n{log}");
+    assert_eq!(metric(&url, "triagem_consumer_paused"), 0.0);
+}

@@ -2,9 +2,12 @@
 //! reads messages, tracks their offsets and hands them on (decoded ones to the
 //! batcher, poison ones straight to the router).
 //!
-//! Backpressure: a message is fetched only after a slot of
-//! `kafka.max_in_flight` is taken, and the hand-off channels are bounded, so a
-//! slow model or broker pauses consumption instead of growing memory.
+//! Backpressure: each message takes a slot of `kafka.max_in_flight`; when none
+//! is left the assigned partitions are paused while the consumer keeps being
+//! polled (rebalances, statistics and errors are still served, and librdkafka's
+//! `max.poll.interval.ms` never passes), and resumed when a slot frees. The
+//! hand-off channels are bounded, so a slow model or broker pauses
+//! consumption instead of growing memory.
 //!
 //! Rebalance: before partitions are revoked, [`WorkerContext::pre_rebalance`]
 //! waits (up to `shutdown.timeout_ms`) until every message taken from them has
@@ -212,17 +215,46 @@ pub struct ConsumeStage {
 
 impl ConsumeStage {
     /// Reads until `shutdown`; dropping its senders then lets the later stages drain.
+    ///
+    /// When every slot of `kafka.max_in_flight` is taken, the assigned
+    /// partitions are paused and the consumer is still polled (so rebalance,
+    /// statistics and error events are served and `max.poll.interval.ms` never
+    /// passes); they are resumed as soon as a slot frees. A message that
+    /// arrives while paused (fetched before the pause, or from a partition
+    /// assigned meanwhile, which is paused at once) is processed without a slot.
     pub async fn run(self, mut shutdown: Shutdown) {
         loop {
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.wait() => break,
-                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
-            let message = tokio::select! {
-                biased;
-                _ = shutdown.wait() => break,
-                m = self.consumer.recv() => m,
+            let (permit, message) = match self.slots.clone().try_acquire_owned() {
+                Ok(p) => {
+                    let m = tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => break,
+                        m = self.consumer.recv() => m,
+                    };
+                    (Some(p), m)
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => break,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    self.set_paused(true);
+                    let got = tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => None,
+                        p = self.slots.clone().acquire_owned() => Some((p.ok(), None)),
+                        m = self.consumer.recv() => Some((None, Some(m))),
+                    };
+                    match got {
+                        None => break,
+                        Some((permit, None)) => {
+                            self.set_paused(false);
+                            if permit.is_none() {
+                                break;
+                            }
+                            drop(permit);
+                            continue;
+                        }
+                        Some((_, Some(m))) => (None, m),
+                    }
+                }
             };
             let envelope = match message {
                 Ok(m) => envelope(&m),
@@ -241,13 +273,13 @@ impl ConsumeStage {
             match decode(envelope.payload.as_deref(), &self.input) {
                 Ok(decoded) => {
                     self.metrics.queue(QUEUE_BATCHER).inc();
-                    let pending = Pending { envelope, decoded, permit: Some(permit) };
+                    let pending = Pending { envelope, decoded, permit };
                     if self.to_batcher.send(pending).await.is_err() {
                         break;
                     }
                 }
                 Err(poison) => {
-                    let outcome = Outcome::Poison { envelope, poison, permit: Some(permit) };
+                    let outcome = Outcome::Poison { envelope, poison, permit };
                     if self.to_router.send(outcome).await.is_err() {
                         break;
                     }
@@ -255,6 +287,19 @@ impl ConsumeStage {
             }
         }
         tracing::info!("stopped fetching");
+    }
+
+    /// Pauses (or resumes) every assigned partition; `triagem_consumer_paused` with it.
+    fn set_paused(&self, paused: bool) {
+        let Ok(assignment) = self.consumer.assignment() else { return };
+        let result = if paused { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, paused, "cannot pause or resume the assigned partitions");
+        }
+        if self.metrics.consumer_paused.get() != paused as i64 {
+            tracing::debug!(paused, "kafka.max_in_flight reached: fetching paused, polling goes on");
+            self.metrics.consumer_paused.set(paused as i64);
+        }
     }
 }
 

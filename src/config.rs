@@ -369,6 +369,7 @@ impl Config {
                 Ok(())
             }
         };
+        self.check_producer_durability()?;
         positive("kafka.max_in_flight", self.kafka.max_in_flight as u64)?;
         positive("kafka.commit_interval_ms", self.kafka.commit_interval_ms)?;
         positive("kafka.unassigned_timeout_ms", self.kafka.unassigned_timeout_ms)?;
@@ -377,6 +378,33 @@ impl Config {
         positive("batch.max_tokens", self.batch.max_tokens as u64)?;
         positive("shutdown.timeout_ms", self.shutdown.timeout_ms)?;
         self.metrics_addr()?;
+        Ok(())
+    }
+
+    /// The producer always runs with `acks = all` and `enable.idempotence =
+    /// true` (at-least-once and input order depend on them): a
+    /// `[kafka.client]` or `[kafka.producer]` setting that weakens them is an
+    /// error, one that repeats them is allowed.
+    fn check_producer_durability(&self) -> Result<(), ConfigError> {
+        for (table, options) in [("kafka.client", &self.kafka.client), ("kafka.producer", &self.kafka.producer)] {
+            for (key, value) in &options.0 {
+                let v = value.trim().to_ascii_lowercase();
+                let (ok, want) = match key.as_str() {
+                    "acks" | "request.required.acks" => (v == "all" || v == "-1", "\"all\""),
+                    "enable.idempotence" => (v == "true", "true"),
+                    _ => continue,
+                };
+                if !ok {
+                    return Err(ConfigError::key(
+                        &format!("{table}.{key}"),
+                        format!(
+                            "{value:?} would let the broker lose or reorder acknowledged outputs; the worker always \
+                             sets {key} = {want} (remove the key)"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -526,6 +554,26 @@ mod tests {
             let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
             assert!(err.starts_with(&format!("{key}: ")), "{text:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn producer_durability_cannot_be_weakened() {
+        for (table, key, value) in [
+            ("producer", "acks", "1"),
+            ("client", "acks", "0"),
+            ("producer", "request.required.acks", "1"),
+            ("producer", "enable.idempotence", "false"),
+            ("client", "enable.idempotence", "false"),
+        ] {
+            let f = toml(&format!("[kafka.{table}]\n\"{key}\" = \"{value}\"\n"));
+            let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("kafka.{table}.{key}: ")), "{err}");
+            assert!(err.contains("remove the key"), "{err}");
+        }
+        let f = toml("[kafka.producer]\nacks = \"all\"\n\"enable.idempotence\" = true\n");
+        assert!(Config::load_with_env(Some(f.path()), env(&[])).is_ok());
+        let err = Config::load_with_env(None, env(&[("TRIAGEM__KAFKA__PRODUCER__ACKS", "1")])).unwrap_err();
+        assert!(err.to_string().starts_with("kafka.producer.acks: "), "{err}");
     }
 
     #[test]

@@ -143,18 +143,37 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
 /// Settings of the worker's producer. Output topics are never auto-created
 /// (a missing one is reported: `triagem_output_topic_unavailable`, not ready).
 pub fn producer_config(cfg: &Config) -> ClientConfig {
-    client_config(
+    let mut c = client_config(
         cfg,
-        &[
-            ("message.timeout.ms", "30000"),
-            ("linger.ms", "5"),
-            ("allow.auto.create.topics", "false"),
-            // Its own retries keep each partition's order and write no duplicates.
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-        ],
+        &[("message.timeout.ms", "30000"), ("linger.ms", "5"), ("allow.auto.create.topics", "false")],
         &cfg.kafka.producer,
-    )
+    );
+    // Not overridable (`Config::validate` rejects a weaker value): an output
+    // is acknowledged only once every in-sync replica has it, and the
+    // producer's own retries keep each partition's order without duplicates.
+    c.remove("request.required.acks");
+    c.set("acks", "all");
+    c.set("enable.idempotence", "true");
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_always_acks_all_and_is_idempotent() {
+        let mut cfg = Config::default();
+        // As if validation were skipped: the settings are forced anyway.
+        cfg.kafka.client.0.insert("acks".into(), "1".into());
+        cfg.kafka.producer.0.insert("enable.idempotence".into(), "false".into());
+        cfg.kafka.producer.0.insert("request.required.acks".into(), "0".into());
+        let c = producer_config(&cfg);
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("request.required.acks"), None);
+        assert!(cfg.validate().is_err());
+    }
 }
 
 /// A started worker: every stage running.

@@ -41,11 +41,11 @@ pub const HEADER_LABEL: &str = "triagem-label";
 pub const HEADER_SCORE: &str = "triagem-score";
 /// Header carrying the dead-letter reason.
 pub const HEADER_ERROR: &str = "triagem-error";
-/// Header carrying the input topic of a dead letter.
+/// Header carrying the input topic of an output (routed or dead letter).
 pub const HEADER_SOURCE_TOPIC: &str = "triagem-source-topic";
-/// Header carrying the input partition of a dead letter.
+/// Header carrying the input partition of an output.
 pub const HEADER_SOURCE_PARTITION: &str = "triagem-source-partition";
-/// Header carrying the input offset of a dead letter.
+/// Header carrying the input offset of an output.
 pub const HEADER_SOURCE_OFFSET: &str = "triagem-source-offset";
 /// Header of a dead-letter stub: the payload's size and why it was left out.
 pub const HEADER_PAYLOAD_DROPPED: &str = "triagem-payload-dropped";
@@ -429,21 +429,32 @@ pub fn render_output(decoded: &Decoded, prediction: &Prediction, model: &ModelIn
     serde_json::to_vec(&Value::Object(object)).expect("a JSON map always serializes")
 }
 
-/// Headers of a routed output: the input's, then `triagem-label` and `triagem-score`.
+/// Headers of a routed output: the input's, then `triagem-label`,
+/// `triagem-score` and the source coordinates (`triagem-source-topic`,
+/// `-partition`, `-offset`: what a downstream consumer de-duplicates on, since
+/// at-least-once may deliver an output twice and keys are not unique).
 pub fn output_headers(envelope: &Envelope, prediction: &Prediction) -> Vec<(String, Option<Vec<u8>>)> {
     let mut headers = envelope.headers.clone();
     headers.push((HEADER_LABEL.into(), Some(prediction.label.clone().into_bytes())));
     headers.push((HEADER_SCORE.into(), Some(format!("{:.6}", prediction.score).into_bytes())));
+    headers.extend(source_headers(envelope));
     headers
+}
+
+/// `triagem-source-topic`, `triagem-source-partition`, `triagem-source-offset`.
+fn source_headers(envelope: &Envelope) -> [(String, Option<Vec<u8>>); 3] {
+    [
+        (HEADER_SOURCE_TOPIC.into(), Some(envelope.topic.clone().into_bytes())),
+        (HEADER_SOURCE_PARTITION.into(), Some(envelope.partition.to_string().into_bytes())),
+        (HEADER_SOURCE_OFFSET.into(), Some(envelope.offset.to_string().into_bytes())),
+    ]
 }
 
 /// Headers of a dead letter: the input's, then the reason and the source coordinates.
 pub fn dead_letter_headers(envelope: &Envelope, poison: &Poison) -> Vec<(String, Option<Vec<u8>>)> {
     let mut headers = envelope.headers.clone();
     headers.push((HEADER_ERROR.into(), Some(poison.header().into_bytes())));
-    headers.push((HEADER_SOURCE_TOPIC.into(), Some(envelope.topic.clone().into_bytes())));
-    headers.push((HEADER_SOURCE_PARTITION.into(), Some(envelope.partition.to_string().into_bytes())));
-    headers.push((HEADER_SOURCE_OFFSET.into(), Some(envelope.offset.to_string().into_bytes())));
+    headers.extend(source_headers(envelope));
     headers
 }
 
@@ -507,6 +518,9 @@ mod tests {
         let h = output_headers(&env, &p);
         assert_eq!(h[0].0, "trace");
         assert_eq!(h[1], (HEADER_LABEL.to_string(), Some(b"venda".to_vec())));
+        assert_eq!(h[3], (HEADER_SOURCE_TOPIC.to_string(), Some(b"in".to_vec())));
+        assert_eq!(h[4], (HEADER_SOURCE_PARTITION.to_string(), Some(b"2".to_vec())));
+        assert_eq!(h[5], (HEADER_SOURCE_OFFSET.to_string(), Some(b"9".to_vec())));
         let h = dead_letter_headers(&env, &Poison::EmptyText);
         assert_eq!(h[1].1.as_deref(), Some(&b"empty_text: text is empty"[..]));
         assert_eq!(h[3].1.as_deref(), Some(&b"2"[..]));

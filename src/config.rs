@@ -58,6 +58,23 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// How the worker's log lines are written.
     pub log: LogConfig,
+    /// When the worker reports itself unhealthy.
+    pub health: HealthConfig,
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Messages in flight and no output acknowledged for this long: `/healthz` 503, `triagem_stalled` 1.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { stall_timeout: Duration::from_secs(300) }
+    }
 }
 
 /// `[kafka]`
@@ -377,6 +394,9 @@ impl Config {
         positive("batch.max_messages", self.batch.max_messages as u64)?;
         positive("batch.max_tokens", self.batch.max_tokens as u64)?;
         positive("shutdown.timeout_ms", self.shutdown.timeout_ms)?;
+        if self.health.stall_timeout.is_zero() {
+            return Err(ConfigError::key("health.stall_timeout", "must be longer than 0 s"));
+        }
         self.metrics_addr()?;
         Ok(())
     }

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub idle_with_lag: IntGauge,
     /// `triagem_consumer_paused`
     pub consumer_paused: IntGauge,
+    /// `triagem_stalled`
+    pub stalled: IntGauge,
     /// `triagem_outputs_rejected_total{topic}`
     pub outputs_rejected: IntCounterVec,
     /// `triagem_output_topic_unavailable{topic}`
@@ -208,6 +210,12 @@ impl Metrics {
                 "1 while this worker holds no partition and its group's lag has stood still for \
                  kafka.unassigned_timeout_ms.",
             )?,
+            stalled: gauge(
+                &r,
+                "stalled",
+                "1 while messages are in flight and none has had its output acknowledged for health.stall_timeout; \
+                 /healthz then answers 503.",
+            )?,
             consumer_paused: gauge(
                 &r,
                 "consumer_paused",
@@ -282,7 +290,8 @@ pub const QUEUE_INFERENCE: &str = "inference";
 /// `triagem_queue_depth{queue="producer"}`: outputs handed to the producer and not yet acknowledged.
 pub const QUEUE_PRODUCER: &str = "producer";
 
-/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (200 when
+/// Serves `/metrics`, `/healthz` (200 unless `triagem_stalled`: the worker
+/// cannot make progress, and should be restarted) and `/readyz` (200 when
 /// `triagem_ready` is 1, else 503 with the reason) on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -294,6 +303,7 @@ pub async fn serve(
 
     let m = metrics.clone();
     let r = metrics.clone();
+    let h = metrics.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -302,7 +312,21 @@ pub async fn serve(
                 async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let h = h.clone();
+                async move {
+                    if h.stalled.get() == 1 {
+                        let why = "stalled: messages in flight and no output acknowledged for health.stall_timeout \
+                                   (triagem_stalled)\n";
+                        (StatusCode::SERVICE_UNAVAILABLE, why)
+                    } else {
+                        (StatusCode::OK, "ok\n")
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

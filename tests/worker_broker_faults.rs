@@ -244,8 +244,10 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
 
 /// An output topic that does not exist: the worker is not ready and says
 /// which topic (`/readyz`, `triagem_output_topic_unavailable`), the outputs for
-/// the other topics keep flowing, and once the topic is created everything
-/// held for it is routed and the worker is ready.
+/// the other topics keep flowing; once nothing has been acknowledged for
+/// `health.stall_timeout` it is not live either (`/healthz` 503,
+/// `triagem_stalled`); once the topic is created everything held for it is
+/// routed and the worker is ready and live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     let broker = Broker::start();
@@ -267,9 +269,13 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
     let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
-    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF_MS", "200")]);
+    let worker = WorkerProc::start(
+        &config,
+        &[("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF_MS", "200"), ("TRIAGEM__HEALTH__STALL_TIMEOUT", "3s")],
+    );
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let readyz = url.replace("/metrics", "/readyz");
+    let healthz = url.replace("/metrics", "/healthz");
     let series = format!("triagem_output_topic_unavailable{{topic=\"{}\"}}", topics.suporte);
     let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
     let reported = tokio::task::spawn_blocking(move || {
@@ -283,6 +289,14 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     let outs = read_outputs(&broker.addr, &[topics.venda.clone()], Duration::from_secs(60), |o| o.len() >= venda).await;
     assert_eq!(outs.len(), venda, "the outputs to the existing topic did not flow");
     assert_eq!(metric(&url, "triagem_ready"), 0.0);
+    // Nothing acknowledged for health.stall_timeout (3 s) while outputs wait: not live either.
+    let (u, h) = (url.clone(), healthz.clone());
+    let unhealthy = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_stalled") == 1.0 && http_get(&h).0 == 503)
+    })
+    .await
+    .unwrap();
+    assert!(unhealthy, "/healthz stayed 200 while nothing could be acknowledged:\n{}", worker.log_text());
 
     broker.create_topic(&topics.suporte, 1).await;
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| o.len() >= n).await;
@@ -295,6 +309,7 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     .await
     .unwrap();
     assert!(ready, "not ready after the topic was created:\n{}", worker.log_text());
+    assert_eq!(http_get(&healthz).0, 200, "still unhealthy after the topic was created");
     println!("missing output topic: {venda} outputs flowed meanwhile, {} after it was created, 0 lost", n - venda);
 }
 

@@ -211,6 +211,8 @@ pub struct ConsumeStage {
     pub to_batcher: mpsc::Sender<Pending>,
     /// Poison messages, straight to the router.
     pub to_router: mpsc::Sender<Outcome>,
+    /// Told about a consume error librdkafka calls fatal.
+    pub fatal: Arc<super::Fatal>,
 }
 
 impl ConsumeStage {
@@ -258,6 +260,10 @@ impl ConsumeStage {
             };
             let envelope = match message {
                 Ok(m) => envelope(&m),
+                Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                    self.fatal.set(format!("fatal consume error: {e}"));
+                    break;
+                }
                 Err(e) => {
                     // E.g. the input topic does not exist yet: librdkafka keeps retrying.
                     tracing::warn!(error = %e, "consume error");

@@ -30,7 +30,7 @@ pub mod route;
 mod shutdown;
 
 use shutdown::wait_for_signal;
-pub use shutdown::{Shutdown, ShutdownTrigger};
+pub use shutdown::{Fatal, Shutdown, ShutdownTrigger};
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -74,6 +74,8 @@ pub enum WorkerError {
          the rest will be consumed again"
     )]
     ShutdownTimeout { timeout_ms: u64, pending: usize },
+    #[error("{0}; what was done is committed, the rest will be consumed again after a restart")]
+    Fatal(String),
 }
 
 /// `triagem worker`: loads the model, checks it against the routing, and runs
@@ -195,6 +197,7 @@ pub struct Worker {
     /// The periodic commit loop, stopped before the final commit.
     commits: (JoinHandle<()>, ShutdownTrigger),
     committer: Arc<commit::Committer>,
+    fatal: Arc<Fatal>,
 }
 
 impl Worker {
@@ -266,6 +269,7 @@ impl Worker {
         })
         .map_err(|source| WorkerError::Start { what: "the inference thread", source })?;
         let output_topics = Arc::new(OutputTopics::default());
+        let fatal = Arc::new(Fatal::default());
         let router = Router {
             producer: producer.clone(),
             routing: cfg.routing.clone(),
@@ -274,6 +278,7 @@ impl Worker {
             metrics: metrics.clone(),
             retry_backoff: Duration::from_millis(cfg.kafka.produce_retry_backoff_ms.max(1)),
             topics: output_topics.clone(),
+            fatal: fatal.clone(),
         };
         let router = tokio::spawn(router.run(router_rx));
         let consume = tokio::spawn(
@@ -286,6 +291,7 @@ impl Worker {
                 gaps,
                 to_batcher,
                 to_router,
+                fatal: fatal.clone(),
             }
             .run(shutdown),
         );
@@ -312,6 +318,12 @@ impl Worker {
             consumer.clone(),
             cfg.kafka.input_topic.clone(),
             (cfg.output_topics(), output_topics),
+            Watch {
+                producer: producer.clone(),
+                tracker: tracker.clone(),
+                stall_timeout: cfg.health.stall_timeout,
+                fatal: fatal.clone(),
+            },
             metrics.clone(),
             Duration::from_millis(cfg.kafka.unassigned_timeout_ms),
             background_shutdown,
@@ -336,6 +348,7 @@ impl Worker {
             stop_background,
             commits: (commits, stop_commits),
             committer,
+            fatal,
         })
     }
 
@@ -356,6 +369,7 @@ impl Worker {
             stop_background,
             commits,
             committer,
+            fatal,
             ..
         } = self;
         // The consume stage stops on `shutdown` too: look at the signal first,
@@ -364,9 +378,20 @@ impl Worker {
         tokio::select! {
             biased;
             _ = shutdown.wait() => {}
-            _ = &mut consume => {
+            _ = fatal.wait() => {
+                // Stop fetching: dropping the consume stage's senders lets the later stages drain.
+                consume.abort();
+            }
+            done = &mut consume => {
                 consume_done = true;
-                tracing::error!("the consume stage stopped on its own");
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        fatal.set(format!("the consume stage panicked: {e}"));
+                    }
+                }
+                if fatal.get().is_none() {
+                    tracing::error!("the consume stage stopped on its own");
+                }
             }
         }
         let timeout = cfg.shutdown_timeout();
@@ -376,8 +401,13 @@ impl Worker {
             if !consume_done {
                 let _ = (&mut consume).await;
             }
-            let _ = batcher.await;
-            let _ = router.await;
+            for (stage, done) in [("batcher", batcher.await), ("router", router.await)] {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        fatal.set(format!("the {stage} stage panicked: {e}"));
+                    }
+                }
+            }
         })
         .await
         .is_ok();
@@ -406,11 +436,49 @@ impl Worker {
         }
         // Closing the consumer leaves the group; librdkafka blocks while doing it.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        if let Some(reason) = fatal.get() {
+            return Err(WorkerError::Fatal(reason));
+        }
         if !drained || pending > 0 {
             return Err(WorkerError::ShutdownTimeout { timeout_ms: cfg.shutdown.timeout_ms, pending });
         }
         tracing::info!(committed, "stopped cleanly");
         Ok(())
+    }
+}
+
+/// What the readiness loop also watches for liveness.
+struct Watch {
+    /// Its fatal error, if librdkafka reports one.
+    producer: FutureProducer,
+    /// In-flight messages and the last acknowledgement.
+    tracker: Arc<OffsetTracker>,
+    /// `health.stall_timeout`.
+    stall_timeout: Duration,
+    /// Where a fatal error is reported.
+    fatal: Arc<Fatal>,
+}
+
+impl Watch {
+    /// `triagem_stalled` (and `/healthz`), and librdkafka's fatal errors of both clients.
+    fn check(&self, consumer: &WorkerConsumer, metrics: &Metrics) {
+        let stalled = self.tracker.stalled_for().is_some_and(|d| d >= self.stall_timeout);
+        if stalled && metrics.stalled.get() == 0 {
+            tracing::error!(
+                pending = self.tracker.pending(None),
+                "stalled: messages in flight and no output acknowledged for health.stall_timeout ({}); /healthz \
+                 answers 503",
+                humantime::format_duration(self.stall_timeout)
+            );
+        }
+        metrics.stalled.set(stalled as i64);
+        for (client, fatal) in
+            [("consumer", consumer.client().fatal_error()), ("producer", self.producer.client().fatal_error())]
+        {
+            if let Some((code, reason)) = fatal {
+                self.fatal.set(format!("fatal {client} error {code:?}: {reason}"));
+            }
+        }
     }
 }
 
@@ -423,6 +491,7 @@ async fn readiness_loop(
     consumer: Arc<WorkerConsumer>,
     topic: String,
     (outputs, output_topics): (Vec<String>, Arc<OutputTopics>),
+    watch: Watch,
     metrics: Arc<Metrics>,
     unassigned_timeout: Duration,
     mut stop: Shutdown,
@@ -461,6 +530,7 @@ async fn readiness_loop(
             (true, None) => tracing::info!(topic, "no longer idle while the group lags"),
             _ => {}
         }
+        watch.check(&consumer, &metrics);
         let ready = probe.reachable && stuck.is_none() && output_topics.unavailable().is_empty();
         let was = metrics.ready.get();
         metrics.ready.set(ready as i64);

@@ -54,6 +54,8 @@ pub struct OffsetTracker {
     state: Mutex<BTreeMap<TopicPartition, PartitionState>>,
     /// Signalled on every ack and removal, for [`OffsetTracker::wait_drained`].
     changed: Condvar,
+    /// When an offset was last acknowledged, or tracked while nothing was pending.
+    progress: Mutex<Option<Instant>>,
 }
 
 impl OffsetTracker {
@@ -70,6 +72,9 @@ impl OffsetTracker {
     /// Records a consumed offset, not yet acknowledged.
     pub fn track(&self, topic: &str, partition: i32, offset: i64) {
         let mut state = self.lock();
+        if state.values().all(|p| p.pending.is_empty()) {
+            self.progressed();
+        }
         let p = state.entry((topic.to_string(), partition)).or_default();
         match p.pending.back() {
             Some(&(last, _)) if offset <= last => {
@@ -95,6 +100,7 @@ impl OffsetTracker {
         p.pending[at].1 = true;
         p.advance();
         drop(state);
+        self.progressed();
         self.changed.notify_all();
         true
     }
@@ -158,6 +164,20 @@ impl OffsetTracker {
         }
         drop(state);
         self.changed.notify_all();
+    }
+
+    fn progressed(&self) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long messages have been in flight without any acknowledgement
+    /// (None when nothing is in flight).
+    pub fn stalled_for(&self) -> Option<Duration> {
+        if self.pending(None) == 0 {
+            return None;
+        }
+        let since = *self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        Some(since.map_or(Duration::ZERO, |t| t.elapsed()))
     }
 
     /// Partitions currently tracked.
@@ -266,6 +286,20 @@ mod tests {
         assert_eq!(t.pending(None), 2);
         t.ack("in", 0, 3);
         assert_eq!(offsets(&t), vec![(0, 4)]);
+    }
+
+    #[test]
+    fn stalled_for_counts_from_the_last_ack() {
+        let t = OffsetTracker::new();
+        assert_eq!(t.stalled_for(), None);
+        t.track("in", 0, 0);
+        t.track("in", 0, 1);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(t.stalled_for().unwrap() >= Duration::from_millis(30));
+        t.ack("in", 0, 0);
+        assert!(t.stalled_for().unwrap() < Duration::from_millis(30));
+        t.ack("in", 0, 1);
+        assert_eq!(t.stalled_for(), None);
     }
 
     #[test]

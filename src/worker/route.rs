@@ -173,6 +173,8 @@ pub struct Router {
     pub retry_backoff: Duration,
     /// Output topics found missing or forbidden.
     pub topics: Arc<OutputTopics>,
+    /// Told when a delivery task panics (its offset could never be acknowledged).
+    pub fatal: Arc<super::Fatal>,
 }
 
 impl Router {
@@ -384,9 +386,22 @@ impl Router {
                 let enqueued = self.enqueue(&output).await;
                 deliveries.spawn(self.clone().settle(output, enqueued));
             }
-            while deliveries.try_join_next().is_some() {}
+            while let Some(done) = deliveries.try_join_next() {
+                self.check(done);
+            }
         }
-        while deliveries.join_next().await.is_some() {}
+        while let Some(done) = deliveries.join_next().await {
+            self.check(done);
+        }
+    }
+
+    /// A delivery task that panicked leaves its offset unacknowledged for good: fatal.
+    fn check(&self, done: Result<(), tokio::task::JoinError>) {
+        if let Err(e) = done {
+            if e.is_panic() {
+                self.fatal.set(format!("a delivery task panicked: {e}"));
+            }
+        }
     }
 }
 

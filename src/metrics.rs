@@ -80,6 +80,8 @@ pub struct Metrics {
     pub consumer_paused: IntGauge,
     /// `triagem_stalled`
     pub stalled: IntGauge,
+    /// `triagem_outputs_abandoned_total`
+    pub outputs_abandoned: prometheus::IntCounter,
     /// `triagem_outputs_rejected_total{topic}`
     pub outputs_rejected: IntCounterVec,
     /// `triagem_output_topic_unavailable{topic}`
@@ -210,6 +212,18 @@ impl Metrics {
                 "1 while this worker holds no partition and its group's lag has stood still for \
                  kafka.unassigned_timeout_ms.",
             )?,
+            outputs_abandoned: {
+                let c = prometheus::IntCounter::with_opts(
+                    Opts::new(
+                        "outputs_abandoned_total",
+                        "Outputs not produced (or not retried) because their input partition was revoked meanwhile; \
+                         its new owner routes the message.",
+                    )
+                    .namespace(NAMESPACE),
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             stalled: gauge(
                 &r,
                 "stalled",

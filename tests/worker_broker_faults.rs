@@ -369,3 +369,58 @@ async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
     assert!(!log.to_lowercase().contains("poll interval"), "the worker stopped polling:\n{log}");
     assert_eq!(metric(&url, "triagem_consumer_paused"), 0.0);
 }
+
+/// A revoke with messages in flight that cannot finish (their outputs wait for
+/// a missing topic): after `shutdown.timeout_ms` (2 s here) the revoke gives
+/// up on them, and the first worker abandons them — it frees their slots and
+/// writes nothing more for partitions the second worker may now own
+/// (`triagem_outputs_abandoned_total`). Once the topic exists nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
+    let broker = Broker::start();
+    let topics = Topics::new("revoke");
+    broker.create_topic(&topics.input, 2).await;
+    for t in [&topics.venda, &topics.review, &topics.dlq] {
+        broker.create_topic(t, 1).await;
+    }
+    let group = unique("g-revoke");
+    let n = 60;
+    let inputs: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
+        .collect();
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let env = [("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF_MS", "200"), ("TRIAGEM__SHUTDOWN__TIMEOUT_MS", "2000")];
+    let first = WorkerProc::start(&config, &env);
+    let url = first.metrics_url(Duration::from_secs(30)).await;
+    let u = url.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_queue_depth{queue=\"producer\"}") > 0.0)
+    })
+    .await
+    .unwrap();
+    assert!(held, "no output held:\n{}", first.log_text());
+    let second = WorkerProc::start(&config, &env);
+    let u = url.clone();
+    let abandoned = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(60), || metric(&u, "triagem_outputs_abandoned_total") > 0.0)
+    })
+    .await
+    .unwrap();
+    assert!(abandoned, "the revoked outputs were not abandoned:\n{}", first.log_text());
+    let abandoned = metric(&url, "triagem_outputs_abandoned_total");
+    broker.create_topic(&topics.suporte, 1).await;
+    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
+    assert_eq!(distinct(&outs), n, "inputs lost:\n{}\n{}", first.log_text(), second.log_text());
+    let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await;
+    println!(
+        "revoke timed out with outputs held: {abandoned} outputs abandoned by the first worker; {} outputs for {n} inputs, \
+         0 lost, {} duplicates",
+        outs.len(),
+        outs.len() - n
+    );
+}

@@ -190,6 +190,7 @@ pub fn envelope<M: Message>(m: &M) -> Envelope {
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         payload: m.payload().map(<[u8]>::to_vec),
+        generation: 0,
     }
 }
 
@@ -272,7 +273,8 @@ impl ConsumeStage {
                 }
             };
             self.metrics.consumed.with_label_values(&[envelope.topic.as_str(), &envelope.partition.to_string()]).inc();
-            self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
+            let mut envelope = envelope;
+            envelope.generation = self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
             if let Some(gap) = self.gaps.observe(&envelope.topic, envelope.partition, envelope.offset) {
                 gap.emit(&envelope.topic, envelope.partition, &self.metrics);
             }

@@ -25,6 +25,8 @@ pub struct Envelope {
     pub timestamp_ms: Option<i64>,
     /// The raw value.
     pub payload: Option<Vec<u8>>,
+    /// The partition's generation in the offset tracker when it was consumed.
+    pub generation: u64,
 }
 
 /// A decoded message travelling to the model, holding its slot of

@@ -36,6 +36,8 @@ struct PartitionState {
     committable: Option<i64>,
     /// What was last committed successfully.
     committed: Option<i64>,
+    /// Which assignment of the partition this is (new after every revoke).
+    generation: u64,
 }
 
 impl PartitionState {
@@ -56,6 +58,8 @@ pub struct OffsetTracker {
     changed: Condvar,
     /// When an offset was last acknowledged, or tracked while nothing was pending.
     progress: Mutex<Option<Instant>>,
+    /// The last generation handed out.
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl OffsetTracker {
@@ -69,13 +73,19 @@ impl OffsetTracker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a consumed offset, not yet acknowledged.
-    pub fn track(&self, topic: &str, partition: i32, offset: i64) {
+    /// Records a consumed offset, not yet acknowledged. Returns the
+    /// partition's generation: it changes when the partition is revoked, so
+    /// that work taken before a revoke can tell it is no longer this worker's.
+    pub fn track(&self, topic: &str, partition: i32, offset: i64) -> u64 {
         let mut state = self.lock();
         if state.values().all(|p| p.pending.is_empty()) {
             self.progressed();
         }
-        let p = state.entry((topic.to_string(), partition)).or_default();
+        let p = state.entry((topic.to_string(), partition)).or_insert_with(|| PartitionState {
+            generation: self.generations.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+            ..Default::default()
+        });
+        let generation = p.generation;
         match p.pending.back() {
             Some(&(last, _)) if offset <= last => {
                 // Redelivery after a seek: keep the deque sorted and unique.
@@ -85,6 +95,13 @@ impl OffsetTracker {
             }
             _ => p.pending.push_back((offset, false)),
         }
+        generation
+    }
+
+    /// Whether work on `partition` taken in `generation` is still this
+    /// worker's (the partition was not revoked since).
+    pub fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        self.lock().get(&(topic.to_string(), partition)).is_some_and(|p| p.generation == generation)
     }
 
     /// Marks an offset's output acknowledged. Returns false when the offset is
@@ -286,6 +303,18 @@ mod tests {
         assert_eq!(t.pending(None), 2);
         t.ack("in", 0, 3);
         assert_eq!(offsets(&t), vec![(0, 4)]);
+    }
+
+    #[test]
+    fn a_revoke_starts_a_new_generation() {
+        let t = OffsetTracker::new();
+        let g = t.track("in", 0, 5);
+        assert!(t.is_current("in", 0, g));
+        t.remove(&[("in".into(), 0)]);
+        assert!(!t.is_current("in", 0, g));
+        let g2 = t.track("in", 0, 5);
+        assert_ne!(g, g2);
+        assert!(!t.is_current("in", 0, g) && t.is_current("in", 0, g2));
     }
 
     #[test]

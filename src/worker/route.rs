@@ -305,6 +305,10 @@ impl Router {
                     tokio::time::sleep(self.retry_backoff.min(Duration::from_millis(100) * attempt)).await;
                 }
             }
+            if !self.current(&output) {
+                gauge.dec();
+                return;
+            }
             enqueued = self.enqueue(&output).await;
         }
         gauge.dec();
@@ -383,6 +387,9 @@ impl Router {
                 ))
             });
             for output in outputs {
+                if !self.current(&output) {
+                    continue;
+                }
                 let enqueued = self.enqueue(&output).await;
                 deliveries.spawn(self.clone().settle(output, enqueued));
             }
@@ -393,6 +400,23 @@ impl Router {
         while let Some(done) = deliveries.join_next().await {
             self.check(done);
         }
+    }
+
+    /// Whether the output's input partition is still this worker's; when it
+    /// is not (revoked, its revoke timed out) the output is abandoned — its
+    /// slot freed, nothing more written — since the partition's new owner
+    /// consumes the message again from the committed offset.
+    fn current(&self, output: &Output) -> bool {
+        let e = &output.envelope;
+        let current = self.tracker.is_current(&e.topic, e.partition, e.generation);
+        if !current {
+            self.metrics.outputs_abandoned.inc();
+            tracing::debug!(
+                topic = %e.topic, partition = e.partition, offset = e.offset,
+                "partition revoked: output abandoned, its new owner routes the message"
+            );
+        }
+        current
     }
 
     /// A delivery task that panicked leaves its offset unacknowledged for good: fatal.

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub consumer_paused: IntGauge,
     /// `triagem_stalled`
     pub stalled: IntGauge,
+    /// `triagem_oldest_unacked_seconds{topic,partition}`
+    pub oldest_unacked: prometheus::GaugeVec,
     /// `triagem_outputs_abandoned_total`
     pub outputs_abandoned: prometheus::IntCounter,
     /// `triagem_outputs_rejected_total{topic}`
@@ -223,6 +225,19 @@ impl Metrics {
                 )?;
                 r.register(Box::new(c.clone()))?;
                 c
+            },
+            oldest_unacked: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "oldest_unacked_seconds",
+                        "Per assigned partition, how long its oldest consumed message has waited for its output's \
+                         acknowledgement (0 when none waits); unlike the lag, known before the group's first commit.",
+                    )
+                    .namespace(NAMESPACE),
+                    &["topic", "partition"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
             },
             stalled: gauge(
                 &r,
@@ -401,6 +416,7 @@ mod tests {
         m.offset_gaps.with_label_values(&["t", "0"]).inc();
         m.offsets_skipped.with_label_values(&["t", "0"]).inc();
         m.outputs_rejected.with_label_values(&["t"]).inc();
+        m.oldest_unacked.with_label_values(&["t", "0"]).set(1.5);
         m.output_topic_unavailable.with_label_values(&["t"]).set(0);
         let text = m.render();
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();

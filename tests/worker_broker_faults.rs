@@ -297,6 +297,10 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     .await
     .unwrap();
     assert!(unhealthy, "/healthz stayed 200 while nothing could be acknowledged:\n{}", worker.log_text());
+    // No commit covers the held messages: the lag is unknown, their age is not.
+    let age = metric(&url, &format!("triagem_oldest_unacked_seconds{{partition=\"0\",topic=\"{}\"}}", topics.input));
+    println!("oldest unacknowledged message of the stuck partition: {age} s");
+    assert!(age >= 1.0, "oldest unacknowledged age {age}");
 
     broker.create_topic(&topics.suporte, 1).await;
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| o.len() >= n).await;

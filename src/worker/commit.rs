@@ -124,6 +124,13 @@ pub(super) async fn commit_loop(
             _ = tick.tick() => {}
         }
         committer.metrics.in_flight.set(committer.tracker.pending(None) as i64);
+        for ((topic, partition), age) in committer.tracker.oldest_unacked() {
+            committer
+                .metrics
+                .oldest_unacked
+                .with_label_values(&[topic.as_str(), &partition.to_string()])
+                .set(age.as_secs_f64());
+        }
         if committer.tracker.committable(None).is_empty() {
             continue;
         }

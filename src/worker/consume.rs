@@ -147,6 +147,7 @@ impl WorkerContext {
         self.gaps.forget(parts);
         for (topic, partition) in parts {
             let _ = self.metrics.consumer_lag.remove_label_values(&[topic.as_str(), &partition.to_string()]);
+            let _ = self.metrics.oldest_unacked.remove_label_values(&[topic.as_str(), &partition.to_string()]);
         }
     }
 }

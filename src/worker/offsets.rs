@@ -30,8 +30,8 @@ pub struct CommitOffset {
 
 #[derive(Debug, Default)]
 struct PartitionState {
-    /// Consumed offsets not yet known committable, ascending, with their ack flag.
-    pending: VecDeque<(i64, bool)>,
+    /// Consumed offsets not yet known committable, ascending, with their ack flag and when they were consumed.
+    pending: VecDeque<(i64, bool, Instant)>,
     /// Next offset to read once everything before it is acknowledged.
     committable: Option<i64>,
     /// What was last committed successfully.
@@ -42,7 +42,7 @@ struct PartitionState {
 
 impl PartitionState {
     fn advance(&mut self) {
-        while let Some(&(offset, true)) = self.pending.front() {
+        while let Some(&(offset, true, _)) = self.pending.front() {
             self.pending.pop_front();
             self.committable = Some(offset + 1);
         }
@@ -87,13 +87,13 @@ impl OffsetTracker {
         });
         let generation = p.generation;
         match p.pending.back() {
-            Some(&(last, _)) if offset <= last => {
+            Some(&(last, _, _)) if offset <= last => {
                 // Redelivery after a seek: keep the deque sorted and unique.
-                if let Err(at) = p.pending.binary_search_by_key(&offset, |&(o, _)| o) {
-                    p.pending.insert(at, (offset, false));
+                if let Err(at) = p.pending.binary_search_by_key(&offset, |&(o, _, _)| o) {
+                    p.pending.insert(at, (offset, false, Instant::now()));
                 }
             }
-            _ => p.pending.push_back((offset, false)),
+            _ => p.pending.push_back((offset, false, Instant::now())),
         }
         generation
     }
@@ -111,7 +111,7 @@ impl OffsetTracker {
         let Some(p) = state.get_mut(&(topic.to_string(), partition)) else {
             return false;
         };
-        let Ok(at) = p.pending.binary_search_by_key(&offset, |&(o, _)| o) else {
+        let Ok(at) = p.pending.binary_search_by_key(&offset, |&(o, _, _)| o) else {
             return false;
         };
         p.pending[at].1 = true;
@@ -181,6 +181,15 @@ impl OffsetTracker {
         }
         drop(state);
         self.changed.notify_all();
+    }
+
+    /// Per tracked partition, how long its oldest unacknowledged message has
+    /// been in flight (zero when none is).
+    pub fn oldest_unacked(&self) -> Vec<(TopicPartition, Duration)> {
+        self.lock()
+            .iter()
+            .map(|(tp, p)| (tp.clone(), p.pending.front().map_or(Duration::ZERO, |&(_, _, since)| since.elapsed())))
+            .collect()
     }
 
     fn progressed(&self) {
@@ -303,6 +312,22 @@ mod tests {
         assert_eq!(t.pending(None), 2);
         t.ack("in", 0, 3);
         assert_eq!(offsets(&t), vec![(0, 4)]);
+    }
+
+    #[test]
+    fn oldest_unacked_is_the_front_of_each_partition() {
+        let t = OffsetTracker::new();
+        t.track("in", 0, 0);
+        std::thread::sleep(Duration::from_millis(30));
+        t.track("in", 0, 1);
+        t.track("in", 1, 0);
+        t.ack("in", 1, 0);
+        let ages: BTreeMap<i32, Duration> = t.oldest_unacked().into_iter().map(|((_, p), d)| (p, d)).collect();
+        assert!(ages[&0] >= Duration::from_millis(30));
+        assert_eq!(ages[&1], Duration::ZERO);
+        t.ack("in", 0, 0);
+        let ages: BTreeMap<i32, Duration> = t.oldest_unacked().into_iter().map(|((_, p), d)| (p, d)).collect();
+        assert!(ages[&0] < Duration::from_millis(30));
     }
 
     #[test]

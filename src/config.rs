@@ -192,6 +192,9 @@ pub struct RoutingConfig {
     pub min_confidence: f32,
     /// Where undecodable messages go, bytes unchanged, with a `triagem-error` header.
     pub dead_letter_topic: String,
+    /// A dead letter copies the input payload only up to this many bytes; a larger one is sent
+    /// as a stub (reason and source headers, `triagem-payload-dropped`, no payload).
+    pub dead_letter_max_bytes: usize,
 }
 
 impl Default for RoutingConfig {
@@ -204,6 +207,7 @@ impl Default for RoutingConfig {
             review_topic: "atendimento.revisao".into(),
             min_confidence: 0.0,
             dead_letter_topic: "atendimento.dlq".into(),
+            dead_letter_max_bytes: 900_000,
         }
     }
 }

@@ -228,15 +228,22 @@ impl Router {
             topic = %envelope.topic, partition = envelope.partition, offset = envelope.offset,
             error = %poison, "dead letter"
         );
-        Output {
+        let output = Output {
             topic: self.routing.dead_letter_topic.clone(),
             destination: Destination::DeadLetter(poison.reason()),
-            payload: envelope.payload.clone().unwrap_or_default(),
+            payload: Vec::new(),
             headers: dead_letter_headers(&envelope, &poison),
             envelope,
             permit,
             stub: false,
+        };
+        let size = output.envelope.payload.as_ref().map_or(0, Vec::len);
+        if size > self.routing.dead_letter_max_bytes {
+            let why = format!("over routing.dead_letter_max_bytes = {}", self.routing.dead_letter_max_bytes);
+            return stub(output, &why);
         }
+        let payload = output.envelope.payload.clone().unwrap_or_default();
+        Output { payload, ..output }
     }
 
     /// Hands `output` to the producer now (waiting while its queue is full),
@@ -337,7 +344,7 @@ impl Router {
                     bytes = output.payload.len(),
                     "dead letter rejected for good; producing a stub (reason and source, no payload)"
                 );
-                Some(stub(output, error))
+                Some(stub(output, &error.to_string()))
             }
             Destination::DeadLetter(_) => {
                 tracing::error!(
@@ -432,7 +439,7 @@ impl Router {
 /// The stub of a dead letter that cannot be produced: no payload, no key or
 /// input headers (either may be what is too large), the reason and source
 /// headers, and `triagem-payload-dropped`.
-fn stub(output: Output, error: &KafkaError) -> Output {
+fn stub(output: Output, error: &str) -> Output {
     let e = &output.envelope;
     let mut headers: Vec<(String, Option<Vec<u8>>)> =
         output.headers.iter().filter(|(k, _)| k.starts_with("triagem-")).cloned().collect();
@@ -505,6 +512,36 @@ mod tests {
 
     fn json_cfg() -> InputConfig {
         InputConfig { format: InputFormat::Json, text_field: "text".into(), max_bytes: 100 }
+    }
+
+    #[test]
+    fn a_dead_letter_copies_the_payload_only_up_to_the_cap() {
+        let mut routing = RoutingConfig::default();
+        routing.dead_letter_max_bytes = 10;
+        let router = Router {
+            producer: rdkafka::config::ClientConfig::new().create().unwrap(),
+            routing,
+            model: ModelInfo {
+                name: "m".into(),
+                version: "v".into(),
+                labels: vec![],
+                path: Default::default(),
+                max_len: 8,
+            },
+            tracker: Arc::new(OffsetTracker::new()),
+            metrics: Metrics::new().unwrap(),
+            retry_backoff: Duration::from_millis(1),
+            topics: Default::default(),
+            fatal: Default::default(),
+        };
+        let env = |n: usize| Envelope { payload: Some(vec![b'x'; n]), key: Some(b"k".to_vec()), ..Default::default() };
+        let small = router.dead_letter(env(10), Poison::EmptyText, None);
+        assert_eq!(small.payload.len(), 10);
+        let big = router.dead_letter(env(11), Poison::Oversize { size: 11, max: 5 }, None);
+        assert!(big.payload.is_empty() && big.stub);
+        let dropped = big.headers.iter().find(|(k, _)| k == HEADER_PAYLOAD_DROPPED).unwrap();
+        assert_eq!(dropped.1.as_deref(), Some(&b"11 bytes: over routing.dead_letter_max_bytes = 10"[..]));
+        assert!(big.headers.iter().any(|(k, v)| k == HEADER_ERROR && v.as_deref().unwrap().starts_with(b"oversize")));
     }
 
     #[test]

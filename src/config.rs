@@ -58,6 +58,23 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// How the worker's log lines are written.
     pub log: LogConfig,
+    /// When the worker reports itself unhealthy.
+    pub health: HealthConfig,
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Messages in flight and no output acknowledged for this long: `/healthz` 503, `triagem_stalled` 1.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { stall_timeout: Duration::from_secs(300) }
+    }
 }
 
 /// `[kafka]`
@@ -178,6 +195,9 @@ pub struct RoutingConfig {
     pub min_confidence: f32,
     /// Where undecodable messages go, bytes unchanged, with a `triagem-error` header.
     pub dead_letter_topic: String,
+    /// A dead letter copies the input payload only up to this many bytes; a larger one is sent
+    /// as a stub (reason and source headers, `triagem-payload-dropped`, no payload).
+    pub dead_letter_max_bytes: usize,
 }
 
 impl Default for RoutingConfig {
@@ -190,6 +210,7 @@ impl Default for RoutingConfig {
             review_topic: "atendimento.revisao".into(),
             min_confidence: 0.0,
             dead_letter_topic: "atendimento.dlq".into(),
+            dead_letter_max_bytes: 900_000,
         }
     }
 }
@@ -375,6 +396,7 @@ impl Config {
                 Ok(())
             }
         };
+        self.check_producer_durability()?;
         positive("kafka.max_in_flight", self.kafka.max_in_flight as u64)?;
         positive("input.max_bytes", self.input.max_bytes as u64)?;
         positive("batch.max_messages", self.batch.max_messages as u64)?;
@@ -390,7 +412,40 @@ impl Config {
         nonzero("kafka.produce_retry_backoff", self.kafka.produce_retry_backoff)?;
         nonzero("kafka.unassigned_timeout", self.kafka.unassigned_timeout)?;
         nonzero("shutdown.timeout", self.shutdown.timeout)?;
+        if self.health.stall_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "health.stall_timeout",
+                "must be longer than 0 (a duration with its unit: 500ms, 2s, 1m)",
+            ));
+        }
         self.metrics_addr()?;
+        Ok(())
+    }
+
+    /// The producer always runs with `acks = all` and `enable.idempotence =
+    /// true` (at-least-once and input order depend on them): a
+    /// `[kafka.client]` or `[kafka.producer]` setting that weakens them is an
+    /// error, one that repeats them is allowed.
+    fn check_producer_durability(&self) -> Result<(), ConfigError> {
+        for (table, options) in [("kafka.client", &self.kafka.client), ("kafka.producer", &self.kafka.producer)] {
+            for (key, value) in &options.0 {
+                let v = value.trim().to_ascii_lowercase();
+                let (ok, want) = match key.as_str() {
+                    "acks" | "request.required.acks" => (v == "all" || v == "-1", "\"all\""),
+                    "enable.idempotence" => (v == "true", "true"),
+                    _ => continue,
+                };
+                if !ok {
+                    return Err(ConfigError::key(
+                        &format!("{table}.{key}"),
+                        format!(
+                            "{value:?} would let the broker lose or reorder acknowledged outputs; the worker always \
+                             sets {key} = {want} (remove the key)"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -596,6 +651,26 @@ mod tests {
             err.starts_with("kafka.unassigned_timeout_ms: renamed: write kafka.unassigned_timeout = \"2000ms\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn producer_durability_cannot_be_weakened() {
+        for (table, key, value) in [
+            ("producer", "acks", "1"),
+            ("client", "acks", "0"),
+            ("producer", "request.required.acks", "1"),
+            ("producer", "enable.idempotence", "false"),
+            ("client", "enable.idempotence", "false"),
+        ] {
+            let f = toml(&format!("[kafka.{table}]\n\"{key}\" = \"{value}\"\n"));
+            let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("kafka.{table}.{key}: ")), "{err}");
+            assert!(err.contains("remove the key"), "{err}");
+        }
+        let f = toml("[kafka.producer]\nacks = \"all\"\n\"enable.idempotence\" = true\n");
+        assert!(Config::load_with_env(Some(f.path()), env(&[])).is_ok());
+        let err = Config::load_with_env(None, env(&[("TRIAGEM__KAFKA__PRODUCER__ACKS", "1")])).unwrap_err();
+        assert!(err.to_string().starts_with("kafka.producer.acks: "), "{err}");
     }
 
     #[test]

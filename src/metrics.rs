@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -75,6 +76,18 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// `triagem_idle_with_lag`
     pub idle_with_lag: IntGauge,
+    /// `triagem_consumer_paused`
+    pub consumer_paused: IntGauge,
+    /// `triagem_stalled`
+    pub stalled: IntGauge,
+    /// `triagem_oldest_unacked_seconds{topic,partition}`
+    pub oldest_unacked: prometheus::GaugeVec,
+    /// `triagem_outputs_abandoned_total`
+    pub outputs_abandoned: prometheus::IntCounter,
+    /// `triagem_outputs_rejected_total{topic}`
+    pub outputs_rejected: IntCounterVec,
+    /// `triagem_output_topic_unavailable{topic}`
+    pub output_topic_unavailable: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -201,6 +214,57 @@ impl Metrics {
                 "1 while this worker holds no partition and its group's lag has stood still for \
                  kafka.unassigned_timeout.",
             )?,
+            outputs_abandoned: {
+                let c = prometheus::IntCounter::with_opts(
+                    Opts::new(
+                        "outputs_abandoned_total",
+                        "Outputs not produced (or not retried) because their input partition was revoked meanwhile; \
+                         its new owner routes the message.",
+                    )
+                    .namespace(NAMESPACE),
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            oldest_unacked: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "oldest_unacked_seconds",
+                        "Per assigned partition, how long its oldest consumed message has waited for its output's \
+                         acknowledgement (0 when none waits); unlike the lag, known before the group's first commit.",
+                    )
+                    .namespace(NAMESPACE),
+                    &["topic", "partition"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            stalled: gauge(
+                &r,
+                "stalled",
+                "1 while messages are in flight and none has had its output acknowledged for health.stall_timeout; \
+                 /healthz then answers 503.",
+            )?,
+            consumer_paused: gauge(
+                &r,
+                "consumer_paused",
+                "1 while fetching is paused because kafka.max_in_flight messages are in flight (the consumer is \
+                 still polled).",
+            )?,
+            outputs_rejected: counter(
+                &r,
+                "outputs_rejected_total",
+                "Outputs that can never be produced (over message.max.bytes, invalid): dead-lettered instead, or \
+                 sent as a stub without payload when the dead letter itself is rejected.",
+                &["topic"],
+            )?,
+            output_topic_unavailable: gauge_vec(
+                &r,
+                "output_topic_unavailable",
+                "1 while an output topic is missing from the broker's metadata or its produces fail as missing or \
+                 forbidden; the worker is then not ready.",
+                &["topic"],
+            )?,
             registry: r,
         };
         for q in [QUEUE_BATCHER, QUEUE_INFERENCE, QUEUE_PRODUCER] {
@@ -220,8 +284,12 @@ impl Metrics {
         for (label, topic) in routes {
             self.routed.with_label_values(&[topic.as_str(), label.as_str()]);
             self.produce_errors.with_label_values(&[topic.as_str()]);
+            self.outputs_rejected.with_label_values(&[topic.as_str()]);
+            self.output_topic_unavailable.with_label_values(&[topic.as_str()]);
         }
         self.produce_errors.with_label_values(&[dead_letter_topic]);
+        self.outputs_rejected.with_label_values(&[dead_letter_topic]);
+        self.output_topic_unavailable.with_label_values(&[dead_letter_topic]);
         for reason in reasons {
             self.dead_lettered.with_label_values(&[reason]);
         }
@@ -251,7 +319,8 @@ pub const QUEUE_INFERENCE: &str = "inference";
 /// `triagem_queue_depth{queue="producer"}`: outputs handed to the producer and not yet acknowledged.
 pub const QUEUE_PRODUCER: &str = "producer";
 
-/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (200 when
+/// Serves `/metrics`, `/healthz` (200 unless `triagem_stalled`: the worker
+/// cannot make progress, and should be restarted) and `/readyz` (200 when
 /// `triagem_ready` is 1, else 503 with the reason) on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -263,6 +332,7 @@ pub async fn serve(
 
     let m = metrics.clone();
     let r = metrics.clone();
+    let h = metrics.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -271,21 +341,49 @@ pub async fn serve(
                 async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let h = h.clone();
+                async move {
+                    if h.stalled.get() == 1 {
+                        let why = "stalled: messages in flight and no output acknowledged for health.stall_timeout \
+                                   (triagem_stalled)\n";
+                        (StatusCode::SERVICE_UNAVAILABLE, why)
+                    } else {
+                        (StatusCode::OK, "ok\n")
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
                 let r = r.clone();
                 async move {
+                    let unavailable: Vec<String> = r
+                        .output_topic_unavailable
+                        .collect()
+                        .iter()
+                        .flat_map(|f| f.get_metric().iter())
+                        .filter(|m| m.get_gauge().as_ref().is_some_and(|g| g.value() > 0.0))
+                        .flat_map(|m| m.get_label().iter().map(|l| l.value().to_string()))
+                        .collect();
                     if r.ready.get() == 1 {
-                        (StatusCode::OK, "ready\n")
+                        (StatusCode::OK, "ready\n".to_string())
+                    } else if !unavailable.is_empty() {
+                        let why = format!(
+                            "not ready: output topic(s) missing or forbidden: {} (triagem_output_topic_unavailable)\n",
+                            unavailable.join(", ")
+                        );
+                        (StatusCode::SERVICE_UNAVAILABLE, why)
                     } else if r.idle_with_lag.get() == 1 {
                         let why = "not ready: no input partition assigned while the group's lag stands still \
                                    (triagem_idle_with_lag)\n";
-                        (StatusCode::SERVICE_UNAVAILABLE, why)
+                        (StatusCode::SERVICE_UNAVAILABLE, why.to_string())
                     } else {
                         let why = "not ready: the model is loading, the broker does not answer, or the worker stops\n";
-                        (StatusCode::SERVICE_UNAVAILABLE, why)
+                        (StatusCode::SERVICE_UNAVAILABLE, why.to_string())
                     }
                 }
             }),
@@ -317,6 +415,9 @@ mod tests {
         m.model_info.with_label_values(&["n", "v", "a,b", "cpu"]).set(1);
         m.offset_gaps.with_label_values(&["t", "0"]).inc();
         m.offsets_skipped.with_label_values(&["t", "0"]).inc();
+        m.outputs_rejected.with_label_values(&["t"]).inc();
+        m.oldest_unacked.with_label_values(&["t", "0"]).set(1.5);
+        m.output_topic_unavailable.with_label_values(&["t"]).set(0);
         let text = m.render();
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
         let mut names = Vec::new();

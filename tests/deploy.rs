@@ -36,6 +36,7 @@ const ALERTS: &[&str] = &[
     "TriagemDown",
     "TriagemNotReady",
     "TriagemIdleWhileGroupLags",
+    "TriagemOutputTopicUnavailable",
 ];
 
 fn root() -> PathBuf {

@@ -7,6 +7,7 @@
 
 mod worker_common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -163,4 +164,267 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     .unwrap();
     assert!(ready, "not ready again after getting the partition:\n{}", worker.log_text());
     assert_eq!(metric(&url, "triagem_assigned_partitions"), 1.0);
+}
+
+/// Produces `payloads` in order to partition 0 of `topic` with a producer that
+/// accepts records up to 2 MB (the broker does: its limit is the topic's).
+async fn produce_large(brokers: &str, topic: &str, payloads: &[(String, Vec<u8>)]) {
+    let p: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "2000000")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    for (key, payload) in payloads {
+        let record = rdkafka::producer::FutureRecord::to(topic).key(key).payload(payload).partition(0);
+        p.send(record, rdkafka::util::Timeout::Never).await.map_err(|(e, _)| e).expect("produce");
+    }
+}
+
+/// Inputs the worker's producer can never write out (librdkafka's
+/// `message.max.bytes`, 1,000,000, rejects them locally on every attempt): an
+/// oversize poison message of 1,010,000 bytes, whose dead letter would copy
+/// it, and a valid message whose routed output goes just over the limit. Each
+/// reaches the dead-letter topic (as a stub without payload when the dead
+/// letter is too large too), the messages around them are routed, the
+/// offsets are committed to the end and SIGTERM exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows() {
+    let broker = Broker::start();
+    let topics = Topics::new("toolarge");
+    broker.create_topics(&topics, 1).await;
+    let group = unique("g-toolarge");
+    let good = |i: usize| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes());
+    let mut inputs: Vec<(String, Vec<u8>)> = (0..10).map(good).collect();
+    inputs.push(("huge".into(), vec![b'x'; 1_010_000]));
+    inputs.extend((10..20).map(good));
+    // Under input.max_bytes (1,005,000 here) and under 1,000,000 bytes, but its output adds the `triagem` object.
+    let text = format!("quero comprar {}", "a".repeat(999_800));
+    inputs.push(("big-valid".into(), json!({"text": text, "id": 999}).to_string().into_bytes()));
+    inputs.extend((20..30).map(good));
+    produce_large(&broker.addr, &topics.input, &inputs).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
+    let mut worker = WorkerProc::start(&config, &[("TRIAGEM__INPUT__MAX_BYTES", "1005000")]);
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let total = inputs.len() as i64;
+    let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
+    let all_committed = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(90), || committed(&b, &g, &t, 1)[0] == Some(total))
+    })
+    .await
+    .unwrap();
+    assert!(all_committed, "the offsets never reached {total}:\n{}", worker.log_text());
+    let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(2)).await;
+    let routed: BTreeSet<u64> =
+        outs.iter().filter(|o| o.topic != topics.dlq).filter_map(|o| o.json()["id"].as_u64()).collect();
+    assert_eq!(routed, (0..30).collect::<BTreeSet<u64>>(), "the messages around the large ones were not all routed");
+    let dead: Vec<&Out> = outs.iter().filter(|o| o.topic == topics.dlq).collect();
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    let huge = dead.iter().find(|o| o.headers["triagem-source-offset"] == "10").expect("the oversize dead letter");
+    assert!(huge.headers["triagem-error"].starts_with("oversize:"), "{:?}", huge.headers);
+    assert!(huge.payload.is_empty(), "the stub carries no payload");
+    assert!(huge.headers["triagem-payload-dropped"].starts_with("1010000 bytes"), "{:?}", huge.headers);
+    let big =
+        dead.iter().find(|o| o.headers["triagem-source-offset"] == "21").expect("the rejected output's dead letter");
+    assert!(big.headers["triagem-error"].starts_with("output_rejected:"), "{:?}", big.headers);
+    let rejected = metric_sum(&url, "triagem_outputs_rejected_total");
+    println!(
+        "outputs rejected for good: {rejected}; dead letters: {} (payload bytes: {:?}); routed: {}",
+        dead.len(),
+        dead.iter().map(|o| o.payload.len()).collect::<Vec<_>>(),
+        routed.len()
+    );
+    assert!(rejected >= 1.0);
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(25)).expect("no exit after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", worker.log_text());
+}
+
+/// An output topic that does not exist: the worker is not ready and says
+/// which topic (`/readyz`, `triagem_output_topic_unavailable`), the outputs for
+/// the other topics keep flowing; once nothing has been acknowledged for
+/// `health.stall_timeout` it is not live either (`/healthz` 503,
+/// `triagem_stalled`); once the topic is created everything held for it is
+/// routed and the worker is ready and live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
+    let broker = Broker::start();
+    let topics = Topics::new("missing");
+    broker.create_topic(&topics.input, 1).await;
+    for t in [&topics.venda, &topics.review, &topics.dlq] {
+        broker.create_topic(t, 1).await;
+    }
+    let group = unique("g-missing");
+    let n = 24;
+    let texts: Vec<&str> = (0..n).map(|i| TEXTS[i % TEXTS.len()]).collect();
+    let expected = expected_predictions(&texts);
+    let inputs: Vec<(String, Vec<u8>)> =
+        (0..n).map(|i| (format!("k-{i}"), json!({"text": texts[i], "id": i}).to_string().into_bytes())).collect();
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+    let venda = expected.iter().filter(|p| p.label == "venda").count();
+    assert!(venda > 0 && venda < n);
+
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let worker = WorkerProc::start(
+        &config,
+        &[("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF", "200ms"), ("TRIAGEM__HEALTH__STALL_TIMEOUT", "3s")],
+    );
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let readyz = url.replace("/metrics", "/readyz");
+    let healthz = url.replace("/metrics", "/healthz");
+    let series = format!("triagem_output_topic_unavailable{{topic=\"{}\"}}", topics.suporte);
+    let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
+    let reported = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, &s) == 1.0 && http_get(&r).0 == 503)
+    })
+    .await
+    .unwrap();
+    assert!(reported, "the missing topic was not reported:\n{}", worker.log_text());
+    let (_, body) = http_get(&readyz);
+    assert!(body.contains(&topics.suporte), "{body}");
+    let outs = read_outputs(&broker.addr, &[topics.venda.clone()], Duration::from_secs(60), |o| o.len() >= venda).await;
+    assert_eq!(outs.len(), venda, "the outputs to the existing topic did not flow");
+    assert_eq!(metric(&url, "triagem_ready"), 0.0);
+    // Nothing acknowledged for health.stall_timeout (3 s) while outputs wait: not live either.
+    let (u, h) = (url.clone(), healthz.clone());
+    let unhealthy = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_stalled") == 1.0 && http_get(&h).0 == 503)
+    })
+    .await
+    .unwrap();
+    assert!(unhealthy, "/healthz stayed 200 while nothing could be acknowledged:\n{}", worker.log_text());
+    // No commit covers the held messages: the lag is unknown, their age is not.
+    let age = metric(&url, &format!("triagem_oldest_unacked_seconds{{partition=\"0\",topic=\"{}\"}}", topics.input));
+    println!("oldest unacknowledged message of the stuck partition: {age} s");
+    assert!(age >= 1.0, "oldest unacknowledged age {age}");
+
+    broker.create_topic(&topics.suporte, 1).await;
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| o.len() >= n).await;
+    let ids: BTreeSet<u64> = outs.iter().filter_map(|o| o.json()["id"].as_u64()).collect();
+    assert_eq!(ids.len(), n, "inputs lost after the topic was created:\n{}", worker.log_text());
+    let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
+    let ready = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, &s) == 0.0 && http_get(&r).0 == 200)
+    })
+    .await
+    .unwrap();
+    assert!(ready, "not ready after the topic was created:\n{}", worker.log_text());
+    assert_eq!(http_get(&healthz).0, 200, "still unhealthy after the topic was created");
+    println!("missing output topic: {venda} outputs flowed meanwhile, {} after it was created, 0 lost", n - venda);
+}
+
+/// Backpressure without leaving the group: every slot of `kafka.max_in_flight`
+/// (5 here) held by outputs waiting for a missing topic for longer than
+/// `max.poll.interval.ms` (6 s). The worker pauses its partitions and keeps
+/// polling (`triagem_consumer_paused` 1), so librdkafka never reports the
+/// poll interval exceeded; once the topic exists, everything is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
+    let broker = Broker::start();
+    let topics = Topics::new("pause");
+    broker.create_topic(&topics.input, 1).await;
+    for t in [&topics.venda, &topics.review, &topics.dlq] {
+        broker.create_topic(t, 1).await;
+    }
+    let group = unique("g-pause");
+    let n = 40;
+    let inputs: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
+        .collect();
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let worker = WorkerProc::start(
+        &config,
+        &[
+            ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "5"),
+            ("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF", "200ms"),
+            ("TRIAGEM__KAFKA__CONSUMER__MAX__POLL__INTERVAL__MS", "6000"),
+        ],
+    );
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let u = url.clone();
+    let paused = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_consumer_paused") == 1.0)
+    })
+    .await
+    .unwrap();
+    assert!(paused, "fetching never paused:\n{}", worker.log_text());
+    // Longer than max.poll.interval.ms with every slot held.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let held = outputs_acknowledged(&url);
+    broker.create_topic(&topics.suporte, 1).await;
+    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
+    assert_eq!(distinct(&outs), n, "inputs lost:\n{}", worker.log_text());
+    let log = worker.log_text();
+    println!(
+        "paused with 5 slots held for 9 s (max.poll.interval.ms 6 s): {held} outputs before the topic came, \
+         {} after; poll interval exceeded: {}",
+        outs.len() as f64 - held,
+        log.to_lowercase().contains("poll interval")
+    );
+    assert!(!log.to_lowercase().contains("poll interval"), "the worker stopped polling:\n{log}");
+    assert_eq!(metric(&url, "triagem_consumer_paused"), 0.0);
+}
+
+/// A revoke with messages in flight that cannot finish (their outputs wait for
+/// a missing topic): after `shutdown.timeout` (2 s here) the revoke gives
+/// up on them, and the first worker abandons them — it frees their slots and
+/// writes nothing more for partitions the second worker may now own
+/// (`triagem_outputs_abandoned_total`). Once the topic exists nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
+    let broker = Broker::start();
+    let topics = Topics::new("revoke");
+    broker.create_topic(&topics.input, 2).await;
+    for t in [&topics.venda, &topics.review, &topics.dlq] {
+        broker.create_topic(t, 1).await;
+    }
+    let group = unique("g-revoke");
+    let n = 60;
+    let inputs: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
+        .collect();
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let env = [("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF", "200ms"), ("TRIAGEM__SHUTDOWN__TIMEOUT", "2s")];
+    let first = WorkerProc::start(&config, &env);
+    let url = first.metrics_url(Duration::from_secs(30)).await;
+    let u = url.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_queue_depth{queue=\"producer\"}") > 0.0)
+    })
+    .await
+    .unwrap();
+    assert!(held, "no output held:\n{}", first.log_text());
+    let second = WorkerProc::start(&config, &env);
+    let u = url.clone();
+    let abandoned = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(60), || metric(&u, "triagem_outputs_abandoned_total") > 0.0)
+    })
+    .await
+    .unwrap();
+    assert!(abandoned, "the revoked outputs were not abandoned:\n{}", first.log_text());
+    let abandoned = metric(&url, "triagem_outputs_abandoned_total");
+    broker.create_topic(&topics.suporte, 1).await;
+    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
+    assert_eq!(distinct(&outs), n, "inputs lost:\n{}\n{}", first.log_text(), second.log_text());
+    let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await;
+    println!(
+        "revoke timed out with outputs held: {abandoned} outputs abandoned by the first worker; {} outputs for {n} inputs, \
+         0 lost, {} duplicates",
+        outs.len(),
+        outs.len() - n
+    );
 }

@@ -241,3 +241,84 @@ async fn graceful_shutdown_commits_everything_routed() {
     assert_eq!(c, Some(n as i64 + 1));
     drop(s.mock);
 }
+
+/// Outputs of one input partition reach each output topic in input order,
+/// while the broker rejects produce requests with retriable errors (the
+/// producer retries them itself) — many records in flight at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_keep_input_order_across_retries() {
+    let s = setup("order");
+    let n = 3000;
+    let p: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &s.cfg.kafka.brokers).set("linger.ms", "20").create().unwrap();
+    let deliveries: Vec<_> = (0..n)
+        .map(|i| {
+            let text = if i % 3 == 0 { "quero comprar uma tv" } else { "minha tv quebrou" };
+            let v = serde_json::json!({"text": text, "id": i}).to_string();
+            p.send_result(FutureRecord::to(&s.cfg.kafka.input_topic).key(&format!("k-{i}")).payload(&v).partition(0))
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    for d in deliveries {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    let mut cfg = s.cfg.clone();
+    cfg.batch.max_messages = 64;
+    cfg.kafka.max_in_flight = 3000;
+    let (trigger, shutdown) = Shutdown::new();
+    let worker = Worker::start(cfg.clone(), Keywords, shutdown.clone()).await.unwrap();
+    let metrics = worker.metrics.clone();
+    let running = tokio::spawn(worker.run(shutdown));
+    // Every few produce requests fails with an error the producer retries.
+    let mut errors = Vec::new();
+    for i in 0..200 {
+        errors.push(if i % 3 == 0 {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS
+        } else {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        });
+    }
+    s.mock.request_errors(RDKafkaApiKey::Produce, &errors);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while routed(&metrics, &cfg, "venda") + routed(&metrics, &cfg, "suporte") < n as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "only {} routed", acknowledged(&metrics, &cfg));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    trigger.trigger();
+    running.await.unwrap().unwrap();
+    let (b, topics) =
+        (cfg.kafka.brokers.clone(), [cfg.routing.topics["venda"].clone(), cfg.routing.topics["suporte"].clone()]);
+    let (reordered, total, duplicates) = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("group.id", "order-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let (mut reordered, mut total, mut duplicates) = (0, 0, 0);
+        for topic in &topics {
+            let (low, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(5)).unwrap();
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+            c.assign(&tpl).unwrap();
+            let mut ids = Vec::new();
+            while (ids.len() as i64) < high - low {
+                let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+                let v: serde_json::Value = serde_json::from_slice(m.unwrap().payload().unwrap()).unwrap();
+                ids.push(v["id"].as_i64().unwrap());
+            }
+            reordered += ids.windows(2).filter(|w| w[1] < w[0]).count();
+            duplicates += ids.len() - ids.iter().collect::<BTreeSet<_>>().len();
+            total += ids.len();
+        }
+        (reordered, total, duplicates)
+    })
+    .await
+    .unwrap();
+    let errors = produce_errors(&metrics, &cfg);
+    println!("order: {total} outputs of {n} inputs, {reordered} out of order, {duplicates} duplicates, {errors} produce errors seen by the worker");
+    assert_eq!(reordered, 0, "outputs out of input order");
+    assert_eq!(duplicates, 0);
+    assert_eq!(total, n);
+}

@@ -57,6 +57,9 @@ async fn mixed_batch_lands_once_in_the_right_topic_intact() {
         assert_eq!(out.headers["origem"], "bot");
         assert_eq!(out.header_order[..2], ["trace-id", "origem"], "input headers first, in order");
         assert_eq!(out.headers["triagem-label"], want.label);
+        assert_eq!(out.headers["triagem-source-topic"], topics.input);
+        assert!(out.headers["triagem-source-partition"].parse::<i32>().is_ok_and(|p| p < 2), "{:?}", out.headers);
+        assert!(out.headers["triagem-source-offset"].parse::<i64>().is_ok(), "{:?}", out.headers);
         let score: f32 = out.headers["triagem-score"].parse().unwrap();
         assert!((score - want.score).abs() < 1e-3, "id {id}: score {score} vs in-process {}", want.score);
         assert_eq!(v["text"], texts[id]);
@@ -196,6 +199,9 @@ async fn low_confidence_goes_to_review() {
         let id = out.json()["id"].as_u64().unwrap() as usize;
         let want = &expected[id];
         assert_eq!(out.headers["triagem-label"], want.label);
+        assert_eq!(out.headers["triagem-source-topic"], topics.input);
+        assert!(out.headers["triagem-source-partition"].parse::<i32>().is_ok_and(|p| p < 2), "{:?}", out.headers);
+        assert!(out.headers["triagem-source-offset"].parse::<i64>().is_ok(), "{:?}", out.headers);
         if want.score < threshold {
             assert_eq!(out.topic, topics.review, "id {id} score {} < {threshold}", want.score);
             reviewed += 1;

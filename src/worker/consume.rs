@@ -2,9 +2,12 @@
 //! reads messages, tracks their offsets and hands them on (decoded ones to the
 //! batcher, poison ones straight to the router).
 //!
-//! Backpressure: a message is fetched only after a slot of
-//! `kafka.max_in_flight` is taken, and the hand-off channels are bounded, so a
-//! slow model or broker pauses consumption instead of growing memory.
+//! Backpressure: each message takes a slot of `kafka.max_in_flight`; when none
+//! is left the assigned partitions are paused while the consumer keeps being
+//! polled (rebalances, statistics and errors are still served, and librdkafka's
+//! `max.poll.interval.ms` never passes), and resumed when a slot frees. The
+//! hand-off channels are bounded, so a slow model or broker pauses
+//! consumption instead of growing memory.
 //!
 //! Rebalance: before partitions are revoked, [`WorkerContext::pre_rebalance`]
 //! waits (up to `shutdown.timeout`) until every message taken from them has
@@ -42,6 +45,8 @@ use crate::metrics::{Metrics, QUEUE_BATCHER};
 pub struct WorkerContext {
     /// Offsets in flight, drained and committed on revoke.
     pub tracker: Arc<OffsetTracker>,
+    /// The one committer (shared with the periodic loop and the shutdown commit).
+    pub committer: Arc<super::commit::Committer>,
     /// Commit results and consumer lag.
     pub metrics: Arc<Metrics>,
     /// Longest wait for revoked partitions' work to finish.
@@ -138,12 +143,11 @@ impl WorkerContext {
                 "revoke: in-flight messages did not finish in time; the next owner will process them again"
             );
         }
-        let offsets = self.tracker.committable(Some(parts));
-        super::commit::commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
-        self.tracker.remove(parts);
+        self.committer.commit_and_forget(consumer, parts);
         self.gaps.forget(parts);
         for (topic, partition) in parts {
             let _ = self.metrics.consumer_lag.remove_label_values(&[topic.as_str(), &partition.to_string()]);
+            let _ = self.metrics.oldest_unacked.remove_label_values(&[topic.as_str(), &partition.to_string()]);
         }
     }
 }
@@ -187,6 +191,7 @@ pub fn envelope<M: Message>(m: &M) -> Envelope {
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         payload: m.payload().map(<[u8]>::to_vec),
+        generation: 0,
     }
 }
 
@@ -208,24 +213,59 @@ pub struct ConsumeStage {
     pub to_batcher: mpsc::Sender<Pending>,
     /// Poison messages, straight to the router.
     pub to_router: mpsc::Sender<Outcome>,
+    /// Told about a consume error librdkafka calls fatal.
+    pub fatal: Arc<super::Fatal>,
 }
 
 impl ConsumeStage {
     /// Reads until `shutdown`; dropping its senders then lets the later stages drain.
+    ///
+    /// When every slot of `kafka.max_in_flight` is taken, the assigned
+    /// partitions are paused and the consumer is still polled (so rebalance,
+    /// statistics and error events are served and `max.poll.interval.ms` never
+    /// passes); they are resumed as soon as a slot frees. A message that
+    /// arrives while paused (fetched before the pause, or from a partition
+    /// assigned meanwhile, which is paused at once) is processed without a slot.
     pub async fn run(self, mut shutdown: Shutdown) {
         loop {
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.wait() => break,
-                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
-            let message = tokio::select! {
-                biased;
-                _ = shutdown.wait() => break,
-                m = self.consumer.recv() => m,
+            let (permit, message) = match self.slots.clone().try_acquire_owned() {
+                Ok(p) => {
+                    let m = tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => break,
+                        m = self.consumer.recv() => m,
+                    };
+                    (Some(p), m)
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => break,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    self.set_paused(true);
+                    let got = tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => None,
+                        p = self.slots.clone().acquire_owned() => Some((p.ok(), None)),
+                        m = self.consumer.recv() => Some((None, Some(m))),
+                    };
+                    match got {
+                        None => break,
+                        Some((permit, None)) => {
+                            self.set_paused(false);
+                            if permit.is_none() {
+                                break;
+                            }
+                            drop(permit);
+                            continue;
+                        }
+                        Some((_, Some(m))) => (None, m),
+                    }
+                }
             };
             let envelope = match message {
                 Ok(m) => envelope(&m),
+                Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                    self.fatal.set(format!("fatal consume error: {e}"));
+                    break;
+                }
                 Err(e) => {
                     // E.g. the input topic does not exist yet: librdkafka keeps retrying.
                     tracing::warn!(error = %e, "consume error");
@@ -234,20 +274,21 @@ impl ConsumeStage {
                 }
             };
             self.metrics.consumed.with_label_values(&[envelope.topic.as_str(), &envelope.partition.to_string()]).inc();
-            self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
+            let mut envelope = envelope;
+            envelope.generation = self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
             if let Some(gap) = self.gaps.observe(&envelope.topic, envelope.partition, envelope.offset) {
                 gap.emit(&envelope.topic, envelope.partition, &self.metrics);
             }
             match decode(envelope.payload.as_deref(), &self.input) {
                 Ok(decoded) => {
                     self.metrics.queue(QUEUE_BATCHER).inc();
-                    let pending = Pending { envelope, decoded, permit: Some(permit) };
+                    let pending = Pending { envelope, decoded, permit };
                     if self.to_batcher.send(pending).await.is_err() {
                         break;
                     }
                 }
                 Err(poison) => {
-                    let outcome = Outcome::Poison { envelope, poison, permit: Some(permit) };
+                    let outcome = Outcome::Poison { envelope, poison, permit };
                     if self.to_router.send(outcome).await.is_err() {
                         break;
                     }
@@ -255,6 +296,19 @@ impl ConsumeStage {
             }
         }
         tracing::info!("stopped fetching");
+    }
+
+    /// Pauses (or resumes) every assigned partition; `triagem_consumer_paused` with it.
+    fn set_paused(&self, paused: bool) {
+        let Ok(assignment) = self.consumer.assignment() else { return };
+        let result = if paused { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, paused, "cannot pause or resume the assigned partitions");
+        }
+        if self.metrics.consumer_paused.get() != paused as i64 {
+            tracing::debug!(paused, "kafka.max_in_flight reached: fetching paused, polling goes on");
+            self.metrics.consumer_paused.set(paused as i64);
+        }
     }
 }
 
@@ -379,6 +433,23 @@ pub fn probe<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, time
     }
     probe.group = Some(group);
     probe
+}
+
+/// Which of `topics` the broker's metadata lacks (None when the broker does
+/// not answer). Blocking: run it off the async threads.
+pub fn missing_topics<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    topics: &[String],
+    timeout: Duration,
+) -> Option<Vec<String>> {
+    let metadata = consumer.fetch_metadata(None, timeout).ok()?;
+    let present: std::collections::HashSet<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
+    Some(topics.iter().filter(|t| !present.contains(t.as_str())).cloned().collect())
 }
 
 /// Decides whether a worker without partitions sits idle while its group's

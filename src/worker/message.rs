@@ -25,6 +25,8 @@ pub struct Envelope {
     pub timestamp_ms: Option<i64>,
     /// The raw value.
     pub payload: Option<Vec<u8>>,
+    /// The partition's generation in the offset tracker when it was consumed.
+    pub generation: u64,
 }
 
 /// A decoded message travelling to the model, holding its slot of
@@ -57,11 +59,13 @@ pub enum Poison {
     NonStringText { field: String, kind: &'static str },
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("{0}")]
+    OutputRejected(String),
 }
 
 impl Poison {
     /// Every value [`Poison::reason`] can return.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "oversize",
         "invalid_utf8",
         "invalid_json",
@@ -69,6 +73,7 @@ impl Poison {
         "empty_text",
         "non_string_text",
         "inference_error",
+        "output_rejected",
     ];
 
     /// The metric label and the start of the `triagem-error` header.
@@ -81,6 +86,7 @@ impl Poison {
             Poison::EmptyText => "empty_text",
             Poison::NonStringText { .. } => "non_string_text",
             Poison::Inference(_) => "inference_error",
+            Poison::OutputRejected(_) => "output_rejected",
         }
     }
 
@@ -161,6 +167,7 @@ mod tests {
             Poison::EmptyText,
             Poison::NonStringText { field: String::new(), kind: "number" },
             Poison::Inference(String::new()),
+            Poison::OutputRejected(String::new()),
         ];
         let reasons: Vec<&str> = all.iter().map(Poison::reason).collect();
         assert_eq!(reasons, Poison::REASONS);

@@ -30,7 +30,7 @@ pub mod route;
 mod shutdown;
 
 use shutdown::wait_for_signal;
-pub use shutdown::{Shutdown, ShutdownTrigger};
+pub use shutdown::{Fatal, Shutdown, ShutdownTrigger};
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -50,7 +50,7 @@ use crate::model::{Classifier, ModelError};
 use consume::{ConsumeStage, GapWatch, IdleWatch, WorkerConsumer, WorkerContext};
 use infer::Predict;
 use offsets::OffsetTracker;
-use route::{Outcome, Router};
+use route::{Outcome, OutputTopics, Router};
 
 /// Why the worker did not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +74,8 @@ pub enum WorkerError {
          the rest will be consumed again", humantime::format_duration(*timeout)
     )]
     ShutdownTimeout { timeout: Duration, pending: usize },
+    #[error("{0}; what was done is committed, the rest will be consumed again after a restart")]
+    Fatal(String),
 }
 
 /// `triagem worker`: loads the model, checks it against the routing, and runs
@@ -140,9 +142,40 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
     c
 }
 
-/// Settings of the worker's producer.
+/// Settings of the worker's producer. Output topics are never auto-created
+/// (a missing one is reported: `triagem_output_topic_unavailable`, not ready).
 pub fn producer_config(cfg: &Config) -> ClientConfig {
-    client_config(cfg, &[("message.timeout.ms", "30000"), ("linger.ms", "5")], &cfg.kafka.producer)
+    let mut c = client_config(
+        cfg,
+        &[("message.timeout.ms", "30000"), ("linger.ms", "5"), ("allow.auto.create.topics", "false")],
+        &cfg.kafka.producer,
+    );
+    // Not overridable (`Config::validate` rejects a weaker value): an output
+    // is acknowledged only once every in-sync replica has it, and the
+    // producer's own retries keep each partition's order without duplicates.
+    c.remove("request.required.acks");
+    c.set("acks", "all");
+    c.set("enable.idempotence", "true");
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_always_acks_all_and_is_idempotent() {
+        let mut cfg = Config::default();
+        // As if validation were skipped: the settings are forced anyway.
+        cfg.kafka.client.0.insert("acks".into(), "1".into());
+        cfg.kafka.producer.0.insert("enable.idempotence".into(), "false".into());
+        cfg.kafka.producer.0.insert("request.required.acks".into(), "0".into());
+        let c = producer_config(&cfg);
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("request.required.acks"), None);
+        assert!(cfg.validate().is_err());
+    }
 }
 
 /// A started worker: every stage running.
@@ -161,6 +194,10 @@ pub struct Worker {
     inference: std::thread::JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     stop_background: ShutdownTrigger,
+    /// The periodic commit loop, stopped before the final commit.
+    commits: (JoinHandle<()>, ShutdownTrigger),
+    committer: Arc<commit::Committer>,
+    fatal: Arc<Fatal>,
 }
 
 impl Worker {
@@ -189,9 +226,11 @@ impl Worker {
             listener.local_addr().map_err(|source| WorkerError::Start { what: "the metrics endpoint", source })?;
 
         let tracker = Arc::new(OffsetTracker::new());
+        let committer = Arc::new(commit::Committer::new(tracker.clone(), metrics.clone()));
         let gaps = Arc::new(GapWatch::default());
         let context = WorkerContext {
             tracker: tracker.clone(),
+            committer: committer.clone(),
             metrics: metrics.clone(),
             revoke_timeout: cfg.shutdown.timeout,
             closing: Default::default(),
@@ -229,6 +268,8 @@ impl Worker {
             sink_tx.blocking_send(Outcome::Classified(done)).is_ok()
         })
         .map_err(|source| WorkerError::Start { what: "the inference thread", source })?;
+        let output_topics = Arc::new(OutputTopics::default());
+        let fatal = Arc::new(Fatal::default());
         let router = Router {
             producer: producer.clone(),
             routing: cfg.routing.clone(),
@@ -236,6 +277,8 @@ impl Worker {
             tracker: tracker.clone(),
             metrics: metrics.clone(),
             retry_backoff: cfg.kafka.produce_retry_backoff,
+            topics: output_topics.clone(),
+            fatal: fatal.clone(),
         };
         let router = tokio::spawn(router.run(router_rx));
         let consume = tokio::spawn(
@@ -248,6 +291,7 @@ impl Worker {
                 gaps,
                 to_batcher,
                 to_router,
+                fatal: fatal.clone(),
             }
             .run(shutdown),
         );
@@ -263,16 +307,23 @@ impl Worker {
                 }
             }));
         }
-        background.push(tokio::spawn(commit::commit_loop(
+        let (stop_commits, commits_shutdown) = Shutdown::new();
+        let commits = tokio::spawn(commit::commit_loop(
             consumer.clone(),
-            tracker.clone(),
-            metrics.clone(),
+            committer.clone(),
             cfg.kafka.commit_interval,
-            background_shutdown.clone(),
-        )));
+            commits_shutdown,
+        ));
         background.push(tokio::spawn(readiness_loop(
             consumer.clone(),
             cfg.kafka.input_topic.clone(),
+            (cfg.output_topics(), output_topics),
+            Watch {
+                producer: producer.clone(),
+                tracker: tracker.clone(),
+                stall_timeout: cfg.health.stall_timeout,
+                fatal: fatal.clone(),
+            },
             metrics.clone(),
             cfg.kafka.unassigned_timeout,
             background_shutdown,
@@ -295,22 +346,52 @@ impl Worker {
             inference,
             background,
             stop_background,
+            commits: (commits, stop_commits),
+            committer,
+            fatal,
         })
     }
 
     /// Runs until `shutdown`, then drains every stage, commits synchronously
     /// and closes the consumer, all within `shutdown.timeout`.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), WorkerError> {
-        let Worker { metrics, cfg, consumer, producer, tracker, mut consume, batcher, router, inference, .. } = self;
+        let Worker {
+            metrics,
+            cfg,
+            consumer,
+            producer,
+            tracker,
+            mut consume,
+            batcher,
+            router,
+            inference,
+            background,
+            stop_background,
+            commits,
+            committer,
+            fatal,
+            ..
+        } = self;
         // The consume stage stops on `shutdown` too: look at the signal first,
         // and never poll a finished task again.
         let mut consume_done = false;
         tokio::select! {
             biased;
             _ = shutdown.wait() => {}
-            _ = &mut consume => {
+            _ = fatal.wait() => {
+                // Stop fetching: dropping the consume stage's senders lets the later stages drain.
+                consume.abort();
+            }
+            done = &mut consume => {
                 consume_done = true;
-                tracing::error!("the consume stage stopped on its own");
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        fatal.set(format!("the consume stage panicked: {e}"));
+                    }
+                }
+                if fatal.get().is_none() {
+                    tracing::error!("the consume stage stopped on its own");
+                }
             }
         }
         let timeout = cfg.shutdown.timeout;
@@ -320,27 +401,34 @@ impl Worker {
             if !consume_done {
                 let _ = (&mut consume).await;
             }
-            let _ = batcher.await;
-            let _ = router.await;
+            for (stage, done) in [("batcher", batcher.await), ("router", router.await)] {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        fatal.set(format!("the {stage} stage panicked: {e}"));
+                    }
+                }
+            }
         })
         .await
         .is_ok();
         consume.abort();
         consumer.context().closing.store(true, Ordering::SeqCst);
 
+        // The periodic loop stops (and its commit in progress ends) before the final commit.
+        commits.1.trigger();
+        let _ = commits.0.await;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
-        let pending = tracker.pending(None);
-        let (c, t, m) = (consumer.clone(), tracker.clone(), metrics.clone());
+        let c = consumer.clone();
         let committed = tokio::task::spawn_blocking(move || {
             let _ = producer.flush(left);
-            let offsets = t.committable(None);
-            commit::commit_sync(&*c, &offsets, &t, &m)
+            committer.commit(&*c, None)
         })
         .await
         .unwrap_or(false);
-        metrics.in_flight.set(tracker.pending(None) as i64);
-        self.stop_background.trigger();
-        for task in self.background {
+        let pending = tracker.pending(None);
+        metrics.in_flight.set(pending as i64);
+        stop_background.trigger();
+        for task in background {
             let _ = task.await;
         }
         if drained {
@@ -348,6 +436,9 @@ impl Worker {
         }
         // Closing the consumer leaves the group; librdkafka blocks while doing it.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        if let Some(reason) = fatal.get() {
+            return Err(WorkerError::Fatal(reason));
+        }
         if !drained || pending > 0 {
             return Err(WorkerError::ShutdownTimeout { timeout, pending });
         }
@@ -356,13 +447,51 @@ impl Worker {
     }
 }
 
+/// What the readiness loop also watches for liveness.
+struct Watch {
+    /// Its fatal error, if librdkafka reports one.
+    producer: FutureProducer,
+    /// In-flight messages and the last acknowledgement.
+    tracker: Arc<OffsetTracker>,
+    /// `health.stall_timeout`.
+    stall_timeout: Duration,
+    /// Where a fatal error is reported.
+    fatal: Arc<Fatal>,
+}
+
+impl Watch {
+    /// `triagem_stalled` (and `/healthz`), and librdkafka's fatal errors of both clients.
+    fn check(&self, consumer: &WorkerConsumer, metrics: &Metrics) {
+        let stalled = self.tracker.stalled_for().is_some_and(|d| d >= self.stall_timeout);
+        if stalled && metrics.stalled.get() == 0 {
+            tracing::error!(
+                pending = self.tracker.pending(None),
+                "stalled: messages in flight and no output acknowledged for health.stall_timeout ({}); /healthz \
+                 answers 503",
+                humantime::format_duration(self.stall_timeout)
+            );
+        }
+        metrics.stalled.set(stalled as i64);
+        for (client, fatal) in
+            [("consumer", consumer.client().fatal_error()), ("producer", self.producer.client().fatal_error())]
+        {
+            if let Some((code, reason)) = fatal {
+                self.fatal.set(format!("fatal {client} error {code:?}: {reason}"));
+            }
+        }
+    }
+}
+
 /// `triagem_ready`: 1 while the broker answers a metadata request (the model is
-/// loaded by then) and this worker is not idle while its group's lag stands
-/// still ([`IdleWatch`]); `triagem_assigned_partitions` and
-/// `triagem_idle_with_lag` with it.
+/// loaded by then), every output topic exists and takes produces, and this
+/// worker is not idle while its group's lag stands still ([`IdleWatch`]);
+/// `triagem_assigned_partitions`, `triagem_idle_with_lag` and
+/// `triagem_output_topic_unavailable` with it.
 async fn readiness_loop(
     consumer: Arc<WorkerConsumer>,
     topic: String,
+    (outputs, output_topics): (Vec<String>, Arc<OutputTopics>),
+    watch: Watch,
     metrics: Arc<Metrics>,
     unassigned_timeout: Duration,
     mut stop: Shutdown,
@@ -370,10 +499,21 @@ async fn readiness_loop(
     let mut idle = IdleWatch::new(unassigned_timeout);
     let period = (unassigned_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
     loop {
-        let (c, t) = (consumer.clone(), topic.clone());
-        let probe = tokio::task::spawn_blocking(move || consume::probe(&*c, &t, Duration::from_secs(5)))
-            .await
-            .unwrap_or_default();
+        let (c, t, o) = (consumer.clone(), topic.clone(), outputs.clone());
+        let (probe, missing) = tokio::task::spawn_blocking(move || {
+            (consume::probe(&*c, &t, Duration::from_secs(5)), consume::missing_topics(&*c, &o, Duration::from_secs(5)))
+        })
+        .await
+        .unwrap_or_default();
+        if let Some(missing) = &missing {
+            for t in &outputs {
+                let gone = missing.contains(t);
+                if gone && !output_topics.unavailable().contains(t) {
+                    tracing::error!(topic = %t, "output topic does not exist: not ready until it does");
+                }
+                output_topics.set_missing(&metrics, t, gone);
+            }
+        }
         let stuck = idle.update(std::time::Instant::now(), &probe);
         if probe.reachable {
             metrics.assigned_partitions.set(probe.assigned as i64);
@@ -390,7 +530,8 @@ async fn readiness_loop(
             (true, None) => tracing::info!(topic, "no longer idle while the group lags"),
             _ => {}
         }
-        let ready = probe.reachable && stuck.is_none();
+        watch.check(&consumer, &metrics);
+        let ready = probe.reachable && stuck.is_none() && output_topics.unavailable().is_empty();
         let was = metrics.ready.get();
         metrics.ready.set(ready as i64);
         if was != ready as i64 {

@@ -30,17 +30,19 @@ pub struct CommitOffset {
 
 #[derive(Debug, Default)]
 struct PartitionState {
-    /// Consumed offsets not yet known committable, ascending, with their ack flag.
-    pending: VecDeque<(i64, bool)>,
+    /// Consumed offsets not yet known committable, ascending, with their ack flag and when they were consumed.
+    pending: VecDeque<(i64, bool, Instant)>,
     /// Next offset to read once everything before it is acknowledged.
     committable: Option<i64>,
     /// What was last committed successfully.
     committed: Option<i64>,
+    /// Which assignment of the partition this is (new after every revoke).
+    generation: u64,
 }
 
 impl PartitionState {
     fn advance(&mut self) {
-        while let Some(&(offset, true)) = self.pending.front() {
+        while let Some(&(offset, true, _)) = self.pending.front() {
             self.pending.pop_front();
             self.committable = Some(offset + 1);
         }
@@ -54,6 +56,10 @@ pub struct OffsetTracker {
     state: Mutex<BTreeMap<TopicPartition, PartitionState>>,
     /// Signalled on every ack and removal, for [`OffsetTracker::wait_drained`].
     changed: Condvar,
+    /// When an offset was last acknowledged, or tracked while nothing was pending.
+    progress: Mutex<Option<Instant>>,
+    /// The last generation handed out.
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl OffsetTracker {
@@ -67,19 +73,35 @@ impl OffsetTracker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a consumed offset, not yet acknowledged.
-    pub fn track(&self, topic: &str, partition: i32, offset: i64) {
+    /// Records a consumed offset, not yet acknowledged. Returns the
+    /// partition's generation: it changes when the partition is revoked, so
+    /// that work taken before a revoke can tell it is no longer this worker's.
+    pub fn track(&self, topic: &str, partition: i32, offset: i64) -> u64 {
         let mut state = self.lock();
-        let p = state.entry((topic.to_string(), partition)).or_default();
+        if state.values().all(|p| p.pending.is_empty()) {
+            self.progressed();
+        }
+        let p = state.entry((topic.to_string(), partition)).or_insert_with(|| PartitionState {
+            generation: self.generations.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+            ..Default::default()
+        });
+        let generation = p.generation;
         match p.pending.back() {
-            Some(&(last, _)) if offset <= last => {
+            Some(&(last, _, _)) if offset <= last => {
                 // Redelivery after a seek: keep the deque sorted and unique.
-                if let Err(at) = p.pending.binary_search_by_key(&offset, |&(o, _)| o) {
-                    p.pending.insert(at, (offset, false));
+                if let Err(at) = p.pending.binary_search_by_key(&offset, |&(o, _, _)| o) {
+                    p.pending.insert(at, (offset, false, Instant::now()));
                 }
             }
-            _ => p.pending.push_back((offset, false)),
+            _ => p.pending.push_back((offset, false, Instant::now())),
         }
+        generation
+    }
+
+    /// Whether work on `partition` taken in `generation` is still this
+    /// worker's (the partition was not revoked since).
+    pub fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        self.lock().get(&(topic.to_string(), partition)).is_some_and(|p| p.generation == generation)
     }
 
     /// Marks an offset's output acknowledged. Returns false when the offset is
@@ -89,12 +111,13 @@ impl OffsetTracker {
         let Some(p) = state.get_mut(&(topic.to_string(), partition)) else {
             return false;
         };
-        let Ok(at) = p.pending.binary_search_by_key(&offset, |&(o, _)| o) else {
+        let Ok(at) = p.pending.binary_search_by_key(&offset, |&(o, _, _)| o) else {
             return false;
         };
         p.pending[at].1 = true;
         p.advance();
         drop(state);
+        self.progressed();
         self.changed.notify_all();
         true
     }
@@ -158,6 +181,29 @@ impl OffsetTracker {
         }
         drop(state);
         self.changed.notify_all();
+    }
+
+    /// Per tracked partition, how long its oldest unacknowledged message has
+    /// been in flight (zero when none is).
+    pub fn oldest_unacked(&self) -> Vec<(TopicPartition, Duration)> {
+        self.lock()
+            .iter()
+            .map(|(tp, p)| (tp.clone(), p.pending.front().map_or(Duration::ZERO, |&(_, _, since)| since.elapsed())))
+            .collect()
+    }
+
+    fn progressed(&self) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long messages have been in flight without any acknowledgement
+    /// (None when nothing is in flight).
+    pub fn stalled_for(&self) -> Option<Duration> {
+        if self.pending(None) == 0 {
+            return None;
+        }
+        let since = *self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        Some(since.map_or(Duration::ZERO, |t| t.elapsed()))
     }
 
     /// Partitions currently tracked.
@@ -266,6 +312,48 @@ mod tests {
         assert_eq!(t.pending(None), 2);
         t.ack("in", 0, 3);
         assert_eq!(offsets(&t), vec![(0, 4)]);
+    }
+
+    #[test]
+    fn oldest_unacked_is_the_front_of_each_partition() {
+        let t = OffsetTracker::new();
+        t.track("in", 0, 0);
+        std::thread::sleep(Duration::from_millis(30));
+        t.track("in", 0, 1);
+        t.track("in", 1, 0);
+        t.ack("in", 1, 0);
+        let ages: BTreeMap<i32, Duration> = t.oldest_unacked().into_iter().map(|((_, p), d)| (p, d)).collect();
+        assert!(ages[&0] >= Duration::from_millis(30));
+        assert_eq!(ages[&1], Duration::ZERO);
+        t.ack("in", 0, 0);
+        let ages: BTreeMap<i32, Duration> = t.oldest_unacked().into_iter().map(|((_, p), d)| (p, d)).collect();
+        assert!(ages[&0] < Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_revoke_starts_a_new_generation() {
+        let t = OffsetTracker::new();
+        let g = t.track("in", 0, 5);
+        assert!(t.is_current("in", 0, g));
+        t.remove(&[("in".into(), 0)]);
+        assert!(!t.is_current("in", 0, g));
+        let g2 = t.track("in", 0, 5);
+        assert_ne!(g, g2);
+        assert!(!t.is_current("in", 0, g) && t.is_current("in", 0, g2));
+    }
+
+    #[test]
+    fn stalled_for_counts_from_the_last_ack() {
+        let t = OffsetTracker::new();
+        assert_eq!(t.stalled_for(), None);
+        t.track("in", 0, 0);
+        t.track("in", 0, 1);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(t.stalled_for().unwrap() >= Duration::from_millis(30));
+        t.ack("in", 0, 0);
+        assert!(t.stalled_for().unwrap() < Duration::from_millis(30));
+        t.ack("in", 0, 1);
+        assert_eq!(t.stalled_for(), None);
     }
 
     #[test]

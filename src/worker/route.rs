@@ -2,8 +2,15 @@
 //! (or the review topic when its score is below `routing.min_confidence`);
 //! each poison message goes to the dead-letter topic, bytes unchanged. An
 //! offset is acknowledged to the [`OffsetTracker`] only when the broker has
-//! acknowledged the output; a rejected or timed-out produce is counted and
-//! retried, never dropped.
+//! acknowledged the output.
+//!
+//! A failed produce is classified ([`ProduceFailure`]): a transient error is
+//! retried; a topic that is missing or forbidden is retried too, and reported
+//! (`triagem_output_topic_unavailable`, not ready) until it works; a record
+//! that can never be produced (over `message.max.bytes`, rejected by the
+//! broker as invalid) is dead-lettered instead, and a dead letter that
+//! cannot be produced becomes a stub — the reason and source headers, no
+//! payload — so that the partition's offset moves on.
 //!
 //! The output value is the input JSON object plus a `triagem` object (for
 //! text input, `{"text": ..., "triagem": ...}`); its headers are the input's
@@ -13,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
@@ -34,12 +41,83 @@ pub const HEADER_LABEL: &str = "triagem-label";
 pub const HEADER_SCORE: &str = "triagem-score";
 /// Header carrying the dead-letter reason.
 pub const HEADER_ERROR: &str = "triagem-error";
-/// Header carrying the input topic of a dead letter.
+/// Header carrying the input topic of an output (routed or dead letter).
 pub const HEADER_SOURCE_TOPIC: &str = "triagem-source-topic";
-/// Header carrying the input partition of a dead letter.
+/// Header carrying the input partition of an output.
 pub const HEADER_SOURCE_PARTITION: &str = "triagem-source-partition";
-/// Header carrying the input offset of a dead letter.
+/// Header carrying the input offset of an output.
 pub const HEADER_SOURCE_OFFSET: &str = "triagem-source-offset";
+/// Header of a dead-letter stub: the payload's size and why it was left out.
+pub const HEADER_PAYLOAD_DROPPED: &str = "triagem-payload-dropped";
+
+/// What a failed produce means for its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProduceFailure {
+    /// May succeed later (a broker down, a timeout, a leader change): retry.
+    Transient,
+    /// The topic does not exist or this worker may not write it: retry, and
+    /// report the topic unavailable until a produce to it succeeds.
+    TopicUnavailable,
+    /// This record can never be produced (too large, invalid): dead-letter it.
+    RecordRejected,
+}
+
+/// Classifies a produce error (from the enqueue or from the delivery report).
+pub fn classify(error: &KafkaError) -> ProduceFailure {
+    use RDKafkaErrorCode as C;
+    let code = match error {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return ProduceFailure::Transient,
+    };
+    match code {
+        C::MessageSizeTooLarge
+        | C::MessageBatchTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidRecord
+        | C::PolicyViolation => ProduceFailure::RecordRejected,
+        C::UnknownTopicOrPartition
+        | C::UnknownTopic
+        | C::UnknownPartition
+        | C::UnknownTopicId
+        | C::InvalidTopic
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed => ProduceFailure::TopicUnavailable,
+        _ => ProduceFailure::Transient,
+    }
+}
+
+/// Output topics that are missing (seen in the broker's metadata) or that a
+/// produce found missing or forbidden; kept in `triagem_output_topic_unavailable`.
+#[derive(Debug, Default)]
+pub struct OutputTopics {
+    /// Per topic: (missing from the metadata, last produce failed on the topic).
+    state: std::sync::Mutex<std::collections::BTreeMap<String, (bool, bool)>>,
+}
+
+impl OutputTopics {
+    fn update(&self, metrics: &Metrics, topic: &str, f: impl FnOnce(&mut (bool, bool))) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = state.entry(topic.to_string()).or_default();
+        f(entry);
+        metrics.output_topic_unavailable.with_label_values(&[topic]).set((entry.0 || entry.1) as i64);
+    }
+
+    /// What the metadata says: `missing` topics do not exist.
+    pub fn set_missing(&self, metrics: &Metrics, topic: &str, missing: bool) {
+        self.update(metrics, topic, |e| e.0 = missing);
+    }
+
+    /// What the last produce to `topic` said.
+    pub fn set_failing(&self, metrics: &Metrics, topic: &str, failing: bool) {
+        self.update(metrics, topic, |e| e.1 = failing);
+    }
+
+    /// The topics unavailable now.
+    pub fn unavailable(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.iter().filter(|(_, (m, f))| *m || *f).map(|(t, _)| t.clone()).collect()
+    }
+}
 
 /// What reaches the router.
 pub enum Outcome {
@@ -74,6 +152,8 @@ pub struct Output {
     pub envelope: Envelope,
     /// Released on acknowledgement.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// A dead letter already cut down to a stub (nothing left to drop).
+    pub stub: bool,
 }
 
 /// Turns outcomes into outputs and produces them.
@@ -91,6 +171,10 @@ pub struct Router {
     pub metrics: Arc<Metrics>,
     /// Wait before retrying a failed produce.
     pub retry_backoff: Duration,
+    /// Output topics found missing or forbidden.
+    pub topics: Arc<OutputTopics>,
+    /// Told when a delivery task panics (its offset could never be acknowledged).
+    pub fatal: Arc<super::Fatal>,
 }
 
 impl Router {
@@ -117,6 +201,7 @@ impl Router {
                                     headers: output_headers(&pending.envelope, &prediction),
                                     envelope: pending.envelope,
                                     permit: pending.permit,
+                                    stub: false,
                                 }
                             }
                         }
@@ -143,21 +228,27 @@ impl Router {
             topic = %envelope.topic, partition = envelope.partition, offset = envelope.offset,
             error = %poison, "dead letter"
         );
-        Output {
+        let output = Output {
             topic: self.routing.dead_letter_topic.clone(),
             destination: Destination::DeadLetter(poison.reason()),
-            payload: envelope.payload.clone().unwrap_or_default(),
+            payload: Vec::new(),
             headers: dead_letter_headers(&envelope, &poison),
             envelope,
             permit,
+            stub: false,
+        };
+        let size = output.envelope.payload.as_ref().map_or(0, Vec::len);
+        if size > self.routing.dead_letter_max_bytes {
+            let why = format!("over routing.dead_letter_max_bytes = {}", self.routing.dead_letter_max_bytes);
+            return stub(output, &why);
         }
+        let payload = output.envelope.payload.clone().unwrap_or_default();
+        Output { payload, ..output }
     }
 
-    /// Produces until the broker acknowledges, then acknowledges the input offset.
-    pub async fn deliver(self, output: Output) {
-        let gauge = self.metrics.queue(QUEUE_PRODUCER);
-        gauge.inc();
-        let mut attempt = 0u32;
+    /// Hands `output` to the producer now (waiting while its queue is full),
+    /// so that outputs are enqueued in the order this is called.
+    async fn enqueue(&self, output: &Output) -> Result<DeliveryFuture, KafkaError> {
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
             for (key, value) in &output.headers {
@@ -167,18 +258,104 @@ impl Router {
             if let Some(key) = &output.envelope.key {
                 record = record.key(key);
             }
-            match self.producer.send(record, Timeout::Never).await {
-                Ok(_) => break,
-                Err((e, _)) => {
-                    attempt += 1;
-                    self.metrics.produce_errors.with_label_values(&[output.topic.as_str()]).inc();
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for the broker's acknowledgement of an enqueued output, handles
+    /// failures by their [`ProduceFailure`], then acknowledges the input offset.
+    pub async fn settle(self, mut output: Output, mut enqueued: Result<DeliveryFuture, KafkaError>) {
+        let gauge = self.metrics.queue(QUEUE_PRODUCER);
+        gauge.inc();
+        let mut attempt = 0u32;
+        loop {
+            let result = match enqueued {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(e) => Err(e),
+            };
+            let Err(e) = result else { break };
+            attempt += 1;
+            self.metrics.produce_errors.with_label_values(&[output.topic.as_str()]).inc();
+            match classify(&e) {
+                ProduceFailure::RecordRejected => match self.rejected(output, &e) {
+                    Some(next) => {
+                        output = next;
+                        attempt = 0;
+                    }
+                    None => {
+                        gauge.dec();
+                        return;
+                    }
+                },
+                ProduceFailure::TopicUnavailable => {
+                    if attempt == 1 {
+                        tracing::error!(
+                            topic = %output.topic, error = %e,
+                            "output topic missing or forbidden; retrying (triagem_output_topic_unavailable)"
+                        );
+                    }
+                    self.topics.set_failing(&self.metrics, &output.topic, true);
+                    tokio::time::sleep(self.retry_backoff).await;
+                }
+                ProduceFailure::Transient => {
                     tracing::warn!(topic = %output.topic, error = %e, attempt, "produce failed; retrying");
                     tokio::time::sleep(self.retry_backoff.min(Duration::from_millis(100) * attempt)).await;
                 }
             }
+            if !self.current(&output) {
+                gauge.dec();
+                return;
+            }
+            enqueued = self.enqueue(&output).await;
         }
         gauge.dec();
+        self.topics.set_failing(&self.metrics, &output.topic, false);
         self.acknowledged(&output);
+    }
+
+    /// A record the producer or broker rejects for good: what to produce
+    /// instead (a dead letter; for a dead letter, a stub without payload), or
+    /// None when even a stub was rejected (logged, counted, acknowledged).
+    fn rejected(&self, output: Output, error: &KafkaError) -> Option<Output> {
+        self.metrics.outputs_rejected.with_label_values(&[output.topic.as_str()]).inc();
+        let e = &output.envelope;
+        match output.destination {
+            Destination::Label(_) | Destination::Review(_) => {
+                tracing::warn!(
+                    topic = %output.topic, partition = e.partition, offset = e.offset, error = %error,
+                    "output rejected for good; dead-lettering its input"
+                );
+                let poison = Poison::OutputRejected(format!("{} rejected the output: {error}", output.topic));
+                Some(self.dead_letter(output.envelope, poison, output.permit))
+            }
+            Destination::DeadLetter(_) if !output.stub => {
+                tracing::warn!(
+                    topic = %output.topic, partition = e.partition, offset = e.offset, error = %error,
+                    bytes = output.payload.len(),
+                    "dead letter rejected for good; producing a stub (reason and source, no payload)"
+                );
+                Some(stub(output, &error.to_string()))
+            }
+            Destination::DeadLetter(_) => {
+                tracing::error!(
+                    topic = %output.topic, partition = e.partition, offset = e.offset, error = %error,
+                    "even the dead-letter stub was rejected: this input has no output (see triagem_outputs_rejected_total)"
+                );
+                let e = &output.envelope;
+                self.tracker.ack(&e.topic, e.partition, e.offset);
+                None
+            }
+        }
     }
 
     fn acknowledged(&self, output: &Output) {
@@ -200,16 +377,79 @@ impl Router {
     }
 
     /// Runs until `rx` is closed, then waits for every delivery to finish.
+    /// Outputs are enqueued one after the other in the order they arrive
+    /// (inside an outcome, by input partition and offset), so that the outputs
+    /// of one input partition reach each topic in input order (the producer is
+    /// idempotent: its own retries keep that order); their acknowledgements
+    /// are awaited concurrently.
     pub async fn run(self, mut rx: mpsc::Receiver<Outcome>) {
         let mut deliveries = JoinSet::new();
         while let Some(outcome) = rx.recv().await {
-            for output in self.outputs(outcome) {
-                deliveries.spawn(self.clone().deliver(output));
+            let mut outputs = self.outputs(outcome);
+            outputs.sort_by(|a, b| {
+                (&a.envelope.topic, a.envelope.partition, a.envelope.offset).cmp(&(
+                    &b.envelope.topic,
+                    b.envelope.partition,
+                    b.envelope.offset,
+                ))
+            });
+            for output in outputs {
+                if !self.current(&output) {
+                    continue;
+                }
+                let enqueued = self.enqueue(&output).await;
+                deliveries.spawn(self.clone().settle(output, enqueued));
             }
-            while deliveries.try_join_next().is_some() {}
+            while let Some(done) = deliveries.try_join_next() {
+                self.check(done);
+            }
         }
-        while deliveries.join_next().await.is_some() {}
+        while let Some(done) = deliveries.join_next().await {
+            self.check(done);
+        }
     }
+
+    /// Whether the output's input partition is still this worker's; when it
+    /// is not (revoked, its revoke timed out) the output is abandoned — its
+    /// slot freed, nothing more written — since the partition's new owner
+    /// consumes the message again from the committed offset.
+    fn current(&self, output: &Output) -> bool {
+        let e = &output.envelope;
+        let current = self.tracker.is_current(&e.topic, e.partition, e.generation);
+        if !current {
+            self.metrics.outputs_abandoned.inc();
+            tracing::debug!(
+                topic = %e.topic, partition = e.partition, offset = e.offset,
+                "partition revoked: output abandoned, its new owner routes the message"
+            );
+        }
+        current
+    }
+
+    /// A delivery task that panicked leaves its offset unacknowledged for good: fatal.
+    fn check(&self, done: Result<(), tokio::task::JoinError>) {
+        if let Err(e) = done {
+            if e.is_panic() {
+                self.fatal.set(format!("a delivery task panicked: {e}"));
+            }
+        }
+    }
+}
+
+/// The stub of a dead letter that cannot be produced: no payload, no key or
+/// input headers (either may be what is too large), the reason and source
+/// headers, and `triagem-payload-dropped`.
+fn stub(output: Output, error: &str) -> Output {
+    let e = &output.envelope;
+    let mut headers: Vec<(String, Option<Vec<u8>>)> =
+        output.headers.iter().filter(|(k, _)| k.starts_with("triagem-")).cloned().collect();
+    headers.push((
+        HEADER_PAYLOAD_DROPPED.into(),
+        Some(format!("{} bytes: {error}", e.payload.as_ref().map_or(0, Vec::len)).into_bytes()),
+    ));
+    let mut envelope = output.envelope;
+    envelope.key = envelope.key.filter(|k| k.len() <= 256);
+    Output { payload: Vec::new(), headers, envelope, stub: true, ..output }
 }
 
 /// The output value: the body plus `"triagem": {label, score, scores, model, model_version, classified_at}`.
@@ -235,21 +475,32 @@ pub fn render_output(decoded: &Decoded, prediction: &Prediction, model: &ModelIn
     serde_json::to_vec(&Value::Object(object)).expect("a JSON map always serializes")
 }
 
-/// Headers of a routed output: the input's, then `triagem-label` and `triagem-score`.
+/// Headers of a routed output: the input's, then `triagem-label`,
+/// `triagem-score` and the source coordinates (`triagem-source-topic`,
+/// `-partition`, `-offset`: what a downstream consumer de-duplicates on, since
+/// at-least-once may deliver an output twice and keys are not unique).
 pub fn output_headers(envelope: &Envelope, prediction: &Prediction) -> Vec<(String, Option<Vec<u8>>)> {
     let mut headers = envelope.headers.clone();
     headers.push((HEADER_LABEL.into(), Some(prediction.label.clone().into_bytes())));
     headers.push((HEADER_SCORE.into(), Some(format!("{:.6}", prediction.score).into_bytes())));
+    headers.extend(source_headers(envelope));
     headers
+}
+
+/// `triagem-source-topic`, `triagem-source-partition`, `triagem-source-offset`.
+fn source_headers(envelope: &Envelope) -> [(String, Option<Vec<u8>>); 3] {
+    [
+        (HEADER_SOURCE_TOPIC.into(), Some(envelope.topic.clone().into_bytes())),
+        (HEADER_SOURCE_PARTITION.into(), Some(envelope.partition.to_string().into_bytes())),
+        (HEADER_SOURCE_OFFSET.into(), Some(envelope.offset.to_string().into_bytes())),
+    ]
 }
 
 /// Headers of a dead letter: the input's, then the reason and the source coordinates.
 pub fn dead_letter_headers(envelope: &Envelope, poison: &Poison) -> Vec<(String, Option<Vec<u8>>)> {
     let mut headers = envelope.headers.clone();
     headers.push((HEADER_ERROR.into(), Some(poison.header().into_bytes())));
-    headers.push((HEADER_SOURCE_TOPIC.into(), Some(envelope.topic.clone().into_bytes())));
-    headers.push((HEADER_SOURCE_PARTITION.into(), Some(envelope.partition.to_string().into_bytes())));
-    headers.push((HEADER_SOURCE_OFFSET.into(), Some(envelope.offset.to_string().into_bytes())));
+    headers.extend(source_headers(envelope));
     headers
 }
 
@@ -261,6 +512,50 @@ mod tests {
 
     fn json_cfg() -> InputConfig {
         InputConfig { format: InputFormat::Json, text_field: "text".into(), max_bytes: 100 }
+    }
+
+    #[test]
+    fn a_dead_letter_copies_the_payload_only_up_to_the_cap() {
+        let mut routing = RoutingConfig::default();
+        routing.dead_letter_max_bytes = 10;
+        let router = Router {
+            producer: rdkafka::config::ClientConfig::new().create().unwrap(),
+            routing,
+            model: ModelInfo {
+                name: "m".into(),
+                version: "v".into(),
+                labels: vec![],
+                path: Default::default(),
+                max_len: 8,
+            },
+            tracker: Arc::new(OffsetTracker::new()),
+            metrics: Metrics::new().unwrap(),
+            retry_backoff: Duration::from_millis(1),
+            topics: Default::default(),
+            fatal: Default::default(),
+        };
+        let env = |n: usize| Envelope { payload: Some(vec![b'x'; n]), key: Some(b"k".to_vec()), ..Default::default() };
+        let small = router.dead_letter(env(10), Poison::EmptyText, None);
+        assert_eq!(small.payload.len(), 10);
+        let big = router.dead_letter(env(11), Poison::Oversize { size: 11, max: 5 }, None);
+        assert!(big.payload.is_empty() && big.stub);
+        let dropped = big.headers.iter().find(|(k, _)| k == HEADER_PAYLOAD_DROPPED).unwrap();
+        assert_eq!(dropped.1.as_deref(), Some(&b"11 bytes: over routing.dead_letter_max_bytes = 10"[..]));
+        assert!(big.headers.iter().any(|(k, v)| k == HEADER_ERROR && v.as_deref().unwrap().starts_with(b"oversize")));
+    }
+
+    #[test]
+    fn produce_errors_are_classified() {
+        use RDKafkaErrorCode as C;
+        let c = |code| classify(&KafkaError::MessageProduction(code));
+        assert_eq!(c(C::MessageSizeTooLarge), ProduceFailure::RecordRejected);
+        assert_eq!(c(C::InvalidRecord), ProduceFailure::RecordRejected);
+        assert_eq!(c(C::UnknownTopicOrPartition), ProduceFailure::TopicUnavailable);
+        assert_eq!(c(C::UnknownTopic), ProduceFailure::TopicUnavailable);
+        assert_eq!(c(C::TopicAuthorizationFailed), ProduceFailure::TopicUnavailable);
+        assert_eq!(c(C::MessageTimedOut), ProduceFailure::Transient);
+        assert_eq!(c(C::NotEnoughReplicas), ProduceFailure::Transient);
+        assert_eq!(classify(&KafkaError::Canceled), ProduceFailure::Transient);
     }
 
     #[test]
@@ -299,6 +594,9 @@ mod tests {
         let h = output_headers(&env, &p);
         assert_eq!(h[0].0, "trace");
         assert_eq!(h[1], (HEADER_LABEL.to_string(), Some(b"venda".to_vec())));
+        assert_eq!(h[3], (HEADER_SOURCE_TOPIC.to_string(), Some(b"in".to_vec())));
+        assert_eq!(h[4], (HEADER_SOURCE_PARTITION.to_string(), Some(b"2".to_vec())));
+        assert_eq!(h[5], (HEADER_SOURCE_OFFSET.to_string(), Some(b"9".to_vec())));
         let h = dead_letter_headers(&env, &Poison::EmptyText);
         assert_eq!(h[1].1.as_deref(), Some(&b"empty_text: text is empty"[..]));
         assert_eq!(h[3].1.as_deref(), Some(&b"2"[..]));

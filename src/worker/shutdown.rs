@@ -40,6 +40,46 @@ impl ShutdownTrigger {
     }
 }
 
+/// Set once when the worker cannot go on — a fatal librdkafka error, a
+/// consume error librdkafka calls fatal, a panicked task —: [`super::Worker::run`]
+/// then stops like on SIGTERM and returns the reason, and `triagem worker`
+/// exits non-zero so that its supervisor restarts it.
+#[derive(Debug, Default)]
+pub struct Fatal {
+    /// The first reason given.
+    reason: std::sync::Mutex<Option<String>>,
+    /// Wakes [`Fatal::wait`].
+    notify: tokio::sync::Notify,
+}
+
+impl Fatal {
+    /// Records `reason` (the first one wins) and wakes the waiter.
+    pub fn set(&self, reason: impl Into<String>) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            let reason = reason.into();
+            tracing::error!(reason = %reason, "fatal: the worker stops");
+            *r = Some(reason);
+            self.notify.notify_one();
+        }
+    }
+
+    /// The reason, once set.
+    pub fn get(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Resolves once a reason is set.
+    pub async fn wait(&self) -> String {
+        loop {
+            if let Some(r) = self.get() {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT (SIGINT only where there is no SIGTERM).
 pub(super) async fn wait_for_signal() {
     #[cfg(unix)]

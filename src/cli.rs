@@ -207,11 +207,17 @@ pub struct ModelArgs {
     /// Compute device: cpu, cuda (needs the `cuda` build) or auto (the GPU when there is one).
     #[arg(long, env = "TRIAGEM_DEVICE", value_enum, default_value_t = model::ComputeDevice::Cpu)]
     pub device: model::ComputeDevice,
+    /// CPU threads of the model; 0 = automatic: RAYON_NUM_THREADS when set, else the CPUs this process may
+    /// use (its affinity mask and its container's CPU quota).
+    #[arg(long, env = "TRIAGEM_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
 impl ModelArgs {
-    /// Loads the model directory onto the device.
+    /// Sets the model's thread count (call before other threads start), then loads the model directory
+    /// onto the device.
     pub fn load(&self) -> Result<model::Classifier, model::ModelError> {
+        model::threads::init(self.threads);
         model::Classifier::load(&self.model, &self.device.open()?)
     }
 }

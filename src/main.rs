@@ -125,6 +125,8 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
 /// so the config is read before logging starts (its errors go to stderr as any error).
 fn run_worker(a: WorkerArgs, log_format: Option<LogFormat>) -> Result<()> {
     let cfg = Config::load(a.config.as_deref())?;
+    // Before any other thread starts (logging, tokio): candle reads the count from the environment.
+    triagem::model::threads::init(cfg.model.threads);
     init_logging(log_format.unwrap_or(cfg.log.format));
     worker::run(cfg)?;
     Ok(())

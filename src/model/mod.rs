@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod threads;
 
 use std::path::{Path, PathBuf};
 
@@ -310,14 +311,16 @@ impl Classifier {
 
     /// Raw logits, one row per text, in one forward pass (before calibration: what `transformers` computes).
     pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
-        Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?)
+        threads::install(|| Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?))
     }
 
     /// The encoder's last hidden states, (text, token, hidden), padded to the
     /// longest text: what `transformers` calls `last_hidden_state`.
     pub fn hidden_states(&self, texts: &[&str]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
-        let (ids, masks) = self.input_tensors(texts)?;
-        Ok(self.model.hidden_states(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?.to_vec3()?)
+        threads::install(|| {
+            let (ids, masks) = self.input_tensors(texts)?;
+            Ok(self.model.hidden_states(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?.to_vec3()?)
+        })
     }
 
     fn logits_tensor(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
@@ -334,16 +337,19 @@ impl Classifier {
     /// Predictions for `texts`, in one forward pass, with calibrated scores
     /// (softmax of the logits divided by the model's temperature). An empty
     /// slice gives an empty result.
+    /// Runs on the model's thread pool ([`threads`]).
     pub fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, ModelError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let mut logits = self.logits_tensor(texts)?;
-        if self.temperature != 1.0 {
-            logits = (logits.to_dtype(DType::F32)? / self.temperature as f64)?;
-        }
-        let probs = bert::probabilities(&logits)?;
-        Ok(probs.into_iter().map(|row| self.prediction(row)).collect())
+        threads::install(|| {
+            let mut logits = self.logits_tensor(texts)?;
+            if self.temperature != 1.0 {
+                logits = (logits.to_dtype(DType::F32)? / self.temperature as f64)?;
+            }
+            let probs = bert::probabilities(&logits)?;
+            Ok(probs.into_iter().map(|row| self.prediction(row)).collect())
+        })
     }
 
     fn prediction(&self, row: Vec<f32>) -> Prediction {

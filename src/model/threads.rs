@@ -8,15 +8,22 @@
 //! a thread outside any pool, every one of those sections is handed to
 //! rayon's global pool and the caller sleeps until it is done: about twenty
 //! futex sleeps and wake-ups per message at batch 1, which on two cores cost
-//! more than the arithmetic (`triagem bench` shows it: `--threads` against the
-//! `global pool` row). Run inside [`install`], a section starts on the calling
-//! pool thread and the other pool threads only steal what is worth stealing; a
-//! pool of one thread runs everything inline.
+//! more than the arithmetic (measured: 42,000 voluntary context switches and
+//! 1.3 s of system time for 2,048 messages at batch 1, against 5,000 and
+//! 0.07 s inside the pool). Run inside [`install`], a section starts on the
+//! calling pool thread and the other pool threads only steal what is worth
+//! stealing; a pool of one thread runs everything inline.
 //!
-//! candle also reads the thread count from the environment
-//! (`RAYON_NUM_THREADS`, at each matrix product and when it starts its
-//! element-wise pool), so [`init`] sets it: call it at the start of the
-//! process, before any other thread exists.
+//! candle reads its thread counts from the environment: `RAYON_NUM_THREADS`
+//! at each matrix product (more than 1: the `gemm` crate splits large products
+//! over the current rayon pool, ours), and `CANDLE_NUM_THREADS` once, for the
+//! size of its own pool of element-wise workers (large GELU, additions), which
+//! spin for a while after each operation. Beside our pool those spinning
+//! workers take the cores the matrix products need: on two cores they halved
+//! the throughput at batch 32. So [`init`] sets `RAYON_NUM_THREADS` to the
+//! model's count and, unless the user set it, `CANDLE_NUM_THREADS` to 1 (no
+//! element-wise workers: those operations run on the calling thread). Call
+//! it at the start of the process, before any other thread exists.
 
 use std::sync::OnceLock;
 
@@ -39,13 +46,16 @@ pub fn resolve(requested: usize) -> usize {
 
 /// Sets the model's thread count for this process and returns it. The first
 /// call decides (later calls, and [`install`] before any call, keep the pool
-/// they find). Sets `RAYON_NUM_THREADS` for candle: call it before other
-/// threads start.
+/// they find). Sets `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS` for candle
+/// (see the module docs): call it before other threads start.
 pub fn init(requested: usize) -> usize {
     let n = resolve(requested);
     if POOL.get().is_none() {
         // Edition 2021: set_var is safe to call; it is done before the process starts its threads.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
     }
     pool_with(n).current_num_threads()
 }

@@ -262,7 +262,9 @@ impl Classifier {
         // place, so a load racing a retrain never maps a half-written file.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
             .map_err(|e| bad_weights(e.to_string()))?;
-        let model = BertClassifier::load(&cfg, labels.len(), vb).map_err(|e| bad_weights(e.to_string()))?;
+        let mut model = BertClassifier::load(&cfg, labels.len(), vb).map_err(|e| bad_weights(e.to_string()))?;
+        // Loaded to serve: its weights never change, so the fused inference path is safe.
+        model.fuse_for_inference().map_err(|e| bad_weights(e.to_string()))?;
         let name = dir
             .canonicalize()
             .ok()

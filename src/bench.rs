@@ -75,7 +75,7 @@ pub struct Row {
     pub batching: String,
     /// Messages per second.
     pub messages_per_second: f64,
-    /// Mean padded tokens per message (triagem rows).
+    /// Mean padded tokens per message (triagem rows), after `predict`'s grouping by length.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub padded_tokens_per_message: Option<f64>,
 }
@@ -125,7 +125,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     for &size in &opts.batch_sizes {
         let n = if size == 1 { texts.len().min(BATCH1_MESSAGES) } else { texts.len() };
         let chunks: Vec<&[&str]> = texts[..n].chunks(size.max(1)).collect();
-        let padded: usize = lengths[..n].chunks(size.max(1)).map(|c| c.len() * c.iter().max().unwrap_or(&0)).sum();
+        let padded: usize = lengths[..n].chunks(size.max(1)).map(padded_tokens).sum();
         classifier.predict(chunks[0])?; // warm-up
         let start = Instant::now();
         for chunk in &chunks {
@@ -141,7 +141,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     for chunk in texts.chunks(window) {
         let counted: Vec<(&str, usize)> = chunk.iter().map(|t| (*t, encoder.count_tokens(t))).collect();
         for batch in batcher::plan(counted, &opts.limits) {
-            padded += batch.padded_tokens();
+            padded += padded_tokens(&batch.items.iter().map(|t| encoder.count_tokens(t)).collect::<Vec<_>>());
             classifier.predict(&batch.items)?;
         }
     }
@@ -224,6 +224,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         end_to_end,
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// Tokens a batch of texts of `lengths` costs once `predict` has grouped it by length and padded each group.
+fn padded_tokens(lengths: &[usize]) -> usize {
+    model::group_by_length(lengths).iter().map(|g| g.len() * g.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
 }
 
 fn row(runtime: &str, batching: String, n: usize, start: Instant, padded: Option<f64>) -> Row {

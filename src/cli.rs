@@ -35,6 +35,43 @@ pub enum Command {
     /// Put load on a running worker: send messages at a rate, read every output back, and report counts,
     /// missing and duplicate messages, throughput and end-to-end latency (exit 1 when any is missing).
     Loadgen(LoadgenArgs),
+    /// Measure the model path as the worker runs it (batch 1/8/32 and the worker's length-aware batching,
+    /// tokenisation included), its FLOP ceiling and peak memory; with --peers / --end-to-end, put the
+    /// peers' and the worker's end-to-end figures (written by scripts/bench.sh) in the same table.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL file whose `prompt` fields are the texts (cycled to --messages).
+    #[arg(long, env = "TRIAGEM_BENCH_DATA", default_value = "data/teste.jsonl")]
+    pub data: PathBuf,
+    /// Texts per row (batch 1 times at most 512 of them).
+    #[arg(long, env = "TRIAGEM_BENCH_MESSAGES", default_value_t = 2048)]
+    pub messages: usize,
+    /// Fixed batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch_sizes: Vec<usize>,
+    /// The worker's batch.max_messages for the `worker` row.
+    #[arg(long, env = "TRIAGEM__BATCH__MAX_MESSAGES", default_value_t = 32)]
+    pub max_messages: usize,
+    /// The worker's batch.max_tokens for the `worker` row.
+    #[arg(long, env = "TRIAGEM__BATCH__MAX_TOKENS", default_value_t = 4096)]
+    pub max_tokens: usize,
+    /// JSON line of the peers (/work/shared/bench/peer_throughput.py-style: torch_b1, onnxrt_b32, …).
+    #[arg(long)]
+    pub peers: Option<PathBuf>,
+    /// `triagem loadgen --json` output of the worker through a broker (repeatable: one row each).
+    #[arg(long)]
+    pub end_to_end: Vec<PathBuf>,
+    /// The CPU's fp32 peak in GFLOP/s for the ceiling; measured with a matrix product when absent.
+    #[arg(long)]
+    pub peak_gflops: Option<f64>,
+    /// Print only the JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -207,11 +244,17 @@ pub struct ModelArgs {
     /// Compute device: cpu, cuda (needs the `cuda` build) or auto (the GPU when there is one).
     #[arg(long, env = "TRIAGEM_DEVICE", value_enum, default_value_t = model::ComputeDevice::Cpu)]
     pub device: model::ComputeDevice,
+    /// CPU threads of the model; 0 = automatic: RAYON_NUM_THREADS when set, else the CPUs this process may
+    /// use (its affinity mask and its container's CPU quota).
+    #[arg(long, env = "TRIAGEM_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
 impl ModelArgs {
-    /// Loads the model directory onto the device.
+    /// Sets the model's thread count (call before other threads start), then loads the model directory
+    /// onto the device.
     pub fn load(&self) -> Result<model::Classifier, model::ModelError> {
+        model::threads::init(self.threads);
         model::Classifier::load(&self.model, &self.device.open()?)
     }
 }

@@ -270,11 +270,14 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// `cpu`, `cuda` (needs the `cuda` build) or `auto`.
     pub device: ComputeDevice,
+    /// CPU threads of the model; 0 = automatic (`RAYON_NUM_THREADS`, else the CPUs the process may use,
+    /// container CPU quota included). See `model::threads`.
+    pub threads: usize,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { path: "models/triagem".into(), device: ComputeDevice::Cpu }
+        Self { path: "models/triagem".into(), device: ComputeDevice::Cpu, threads: 0 }
     }
 }
 

@@ -15,6 +15,8 @@
 //!     consume → decode → batch → infer (one blocking thread) → route/produce →
 //!     commit offsets.
 //!   - [`demo`]: the worker against an in-process broker, for a first look.
+//!   - [`bench`]: the model path's speed as the worker runs it, beside the
+//!     peers' and the end-to-end figures, the FLOP ceiling and peak memory.
 //!   - [`kafka`]: the librdkafka settings every client starts from, shared
 //!     by the worker and loadgen.
 //!   - [`loadgen`]: the end-to-end benchmark: sends at a rate, reads every
@@ -28,6 +30,7 @@
 //! broker of the integration tests (`tests/broker_conformance.rs` checks it
 //! first).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

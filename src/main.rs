@@ -6,10 +6,10 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::json;
-use triagem::cli::{ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, LoadgenArgs, TrainArgs, WorkerArgs};
+use triagem::cli::{BenchArgs, ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, LoadgenArgs, TrainArgs, WorkerArgs};
 use triagem::config::{Config, LogFormat};
 use triagem::data::Dataset;
-use triagem::{demo, eval, loadgen, train, worker};
+use triagem::{bench, demo, eval, loadgen, train, worker};
 
 fn main() {
     let cli = Cli::parse();
@@ -20,6 +20,7 @@ fn main() {
         Command::Worker(args) => run_worker(args, cli.log_format),
         Command::Demo(args) => logged(cli.log_format, || run_demo(args)),
         Command::Loadgen(args) => logged(cli.log_format, || run_loadgen(args)),
+        Command::Bench(args) => logged(cli.log_format, || run_bench(args)),
     };
     if let Err(e) = result {
         eprintln!("error: {}", error_chain(&e));
@@ -125,6 +126,8 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
 /// so the config is read before logging starts (its errors go to stderr as any error).
 fn run_worker(a: WorkerArgs, log_format: Option<LogFormat>) -> Result<()> {
     let cfg = Config::load(a.config.as_deref())?;
+    // Before any other thread starts (logging, tokio): candle reads the count from the environment.
+    triagem::model::threads::init(cfg.model.threads);
     init_logging(log_format.unwrap_or(cfg.log.format));
     worker::run(cfg)?;
     Ok(())
@@ -177,5 +180,30 @@ fn run_loadgen(a: LoadgenArgs) -> Result<()> {
         }
     }
     result?;
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    // Before logging's and any other thread: candle reads the count from the environment.
+    triagem::model::threads::init(a.model.threads);
+    let report = bench::run(&bench::BenchOptions {
+        model: a.model.model,
+        device: a.model.device,
+        data: a.data,
+        messages: a.messages,
+        batch_sizes: a.batch_sizes,
+        limits: triagem::worker::batcher::Limits {
+            max_messages: a.max_messages,
+            max_tokens: a.max_tokens,
+            max_wait: std::time::Duration::ZERO,
+        },
+        peers: a.peers,
+        end_to_end: a.end_to_end,
+        peak_gflops: a.peak_gflops,
+    })?;
+    if !a.json {
+        println!("{}", report.render());
+    }
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -138,6 +138,9 @@ struct Attention {
     query: Linear,
     key: Linear,
     value: Linear,
+    /// Inference only: query (pre-scaled by 1/√head_dim), key and value as one
+    /// product, built by [`BertClassifier::fuse_for_inference`].
+    fused_qkv: Option<Linear>,
     output: Linear,
     norm: LayerNorm,
     heads: usize,
@@ -158,6 +161,7 @@ impl Attention {
             query: linear(h, h, sa.pp("query"))?,
             key: linear(h, h, sa.pp("key"))?,
             value: linear(h, h, sa.pp("value"))?,
+            fused_qkv: None,
             output: linear(h, h, out.pp("dense"))?,
             norm: LayerNorm::load(h, cfg.layer_norm_eps, out.pp("LayerNorm"))?,
             heads: cfg.num_attention_heads,
@@ -173,10 +177,21 @@ impl Attention {
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(self.query.forward(xs)?)?;
-        let k = split(self.key.forward(xs)?)?;
-        let v = split(self.value.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
+        let scores_of = |q: &Tensor, k: &Tensor| q.matmul(&k.t()?);
+        let (scores, v) = match &self.fused_qkv {
+            Some(qkv) if !mode.training() => {
+                // One product, one copy into (3, batch, heads, seq, head_dim); q is already scaled.
+                let all = qkv.forward(xs)?.reshape((b, s, 3, self.heads, self.head_dim))?;
+                let all = all.permute((2, 0, 3, 1, 4))?.contiguous()?;
+                (scores_of(&all.get(0)?, &all.get(1)?)?, all.get(2)?)
+            }
+            _ => {
+                let q = split(self.query.forward(xs)?)?;
+                let k = split(self.key.forward(xs)?)?;
+                ((scores_of(&q, &k)? / (self.head_dim as f64).sqrt())?, split(self.value.forward(xs)?)?)
+            }
+        };
+        let scores = scores.broadcast_add(mask)?;
         let probs = if mode.training() {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
@@ -242,6 +257,26 @@ impl BertClassifier {
             classifier: linear(cfg.hidden_size, num_labels, vb.pp("classifier"))?,
             dropout: cfg.hidden_dropout_prob,
         })
+    }
+
+    /// Prepares the evaluation path for serving: each layer's query, key and
+    /// value projections become one matrix product (the query pre-scaled by
+    /// 1/√head_dim), a copy of the weights taken now. Only for a model whose
+    /// weights no longer change: the training path keeps using the separate,
+    /// trainable projections, but a fused copy would not follow later updates.
+    pub fn fuse_for_inference(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            let a = &mut layer.attention;
+            let scale = 1.0 / (a.head_dim as f64).sqrt();
+            let bias = |l: &Linear| {
+                l.bias().cloned().ok_or_else(|| candle_core::Error::Msg("a projection without bias".into()))
+            };
+            let weight =
+                Tensor::cat(&[(a.query.weight() * scale)?, a.key.weight().clone(), a.value.weight().clone()], 0)?;
+            let bias = Tensor::cat(&[(bias(&a.query)? * scale)?, bias(&a.key)?, bias(&a.value)?], 0)?;
+            a.fused_qkv = Some(Linear::new(weight, Some(bias)));
+        }
+        Ok(())
     }
 
     /// The encoder's output, (batch, seq, hidden), for `input_ids` and `attention_mask`, both (batch, seq) u32.
@@ -323,5 +358,15 @@ mod tests {
         for (a, b) in inference.iter().flatten().zip(training.iter().flatten()) {
             assert!((a - b).abs() < 1e-4, "inference {inference:?} vs training {training:?}");
         }
+        // Fusing the projections for serving changes the evaluation path only, not its logits.
+        let mut model = model;
+        model.fuse_for_inference().unwrap();
+        let fused = model.forward(&ids, &masks, &mut Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+        for (a, b) in inference.iter().flatten().zip(fused.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5, "unfused {inference:?} vs fused {fused:?}");
+        }
+        let mut rng = StdRng::seed_from_u64(0);
+        let training_after = model.forward(&ids, &masks, &mut Mode::Train(&mut rng)).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(training, training_after, "the training path must not use the fused copy");
     }
 }

@@ -1,7 +1,14 @@
-//! Micro-batching. The batcher owns the open batch alone and closes it at
-//! `max_messages`, when the next message would push it over `max_tokens`
-//! padded tokens (messages × longest, as the model pads), or `max_wait`
-//! after its first message, whichever comes first.
+//! Micro-batching, length-aware. The batcher owns the open window of
+//! messages alone. A window closes `max_wait` after its first message, or
+//! as soon as it holds a full batch's worth (`max_messages` messages or
+//! `max_tokens` tokens) and nothing more is waiting in its input, or at
+//! [`WINDOW_BATCHES`] × `max_messages`. [`plan`] then sorts the window by
+//! token count and cuts it into batches of at most `max_messages` messages
+//! and `max_tokens` padded tokens (messages × longest, as the model pads): a
+//! batch holds messages of similar lengths, so little of it is padding, and a
+//! larger batch is never slower per message than a smaller one for padding's
+//! sake. Messages leave in length order, not arrival order; each keeps its
+//! partition and offset, which is all the router and the offset tracker need.
 //!
 //! The channel it sends closed batches into has capacity 1: one batch waits
 //! (prepared) while the inference thread computes the previous one, and when
@@ -16,6 +23,9 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, QUEUE_BATCHER, QUEUE_INFERENCE};
 
+/// A window holds at most this many batches' worth of messages (`max_messages` each) before it is cut.
+pub const WINDOW_BATCHES: usize = 4;
+
 /// When a batch closes.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -23,14 +33,14 @@ pub struct Limits {
     pub max_messages: usize,
     /// Most padded tokens (messages × longest) in a batch; a single longer message still forms a batch.
     pub max_tokens: usize,
-    /// Longest a batch stays open after its first message.
+    /// Longest a window stays open after its first message.
     pub max_wait: Duration,
 }
 
 /// A closed batch.
 #[derive(Debug)]
 pub struct Batch<T> {
-    /// The messages, in arrival order.
+    /// The messages, shortest first.
     pub items: Vec<T>,
     /// Token count of the longest message.
     pub longest: usize,
@@ -43,7 +53,25 @@ impl<T> Batch<T> {
     }
 }
 
-/// Runs until `rx` is closed and drained; the last open batch is flushed.
+/// Cuts a window of `(item, tokens)` into batches: sorted by token count
+/// (stable: equal lengths keep their order), then filled in that order until
+/// the next item would exceed `max_messages` or `max_tokens` padded tokens.
+pub fn plan<T>(mut window: Vec<(T, usize)>, limits: &Limits) -> Vec<Batch<T>> {
+    window.sort_by_key(|(_, n)| *n);
+    let mut batches: Vec<Batch<T>> = Vec::new();
+    for (item, n) in window {
+        match batches.last_mut() {
+            Some(b) if b.items.len() < limits.max_messages && (b.items.len() + 1) * n <= limits.max_tokens => {
+                b.items.push(item);
+                b.longest = n;
+            }
+            _ => batches.push(Batch { items: vec![item], longest: n }),
+        }
+    }
+    batches
+}
+
+/// Runs until `rx` is closed and drained; the last open window is flushed.
 /// Stops early if `tx` is closed (the inference thread is gone).
 pub async fn run<T>(
     mut rx: mpsc::Receiver<T>,
@@ -52,46 +80,47 @@ pub async fn run<T>(
     tokens: impl Fn(&T) -> usize,
     metrics: Option<Arc<Metrics>>,
 ) {
-    let mut carry: Option<(T, usize)> = None;
-    loop {
-        let (first, n) = match carry.take() {
-            Some(c) => c,
-            None => match rx.recv().await {
-                Some(item) => {
-                    let n = tokens(&item);
-                    (item, n)
-                }
-                None => return,
-            },
-        };
+    let max_window = limits.max_messages.max(1) * WINDOW_BATCHES;
+    let mut closed = false;
+    while !closed {
+        let Some(first) = rx.recv().await else { return };
         let deadline = Instant::now() + limits.max_wait;
-        let mut batch = Batch { items: vec![first], longest: n };
-        while batch.items.len() < limits.max_messages {
-            tokio::select! {
-                biased;
-                item = rx.recv() => match item {
-                    Some(item) => {
-                        let n = tokens(&item);
-                        let longest = batch.longest.max(n);
-                        if (batch.items.len() + 1) * longest > limits.max_tokens {
-                            carry = Some((item, n));
-                            break;
-                        }
-                        batch.items.push(item);
-                        batch.longest = longest;
-                    }
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
+        let n = tokens(&first);
+        let mut total = n;
+        let mut window = vec![(first, n)];
+        while window.len() < max_window {
+            let full = window.len() >= limits.max_messages || total >= limits.max_tokens;
+            let item = if full {
+                // A batch's worth is here: take only what is already waiting.
+                match rx.try_recv() {
+                    Ok(item) => Some(item),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    item = rx.recv() => item,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            };
+            let Some(item) = item else {
+                closed = true;
+                break;
+            };
+            let n = tokens(&item);
+            total += n;
+            window.push((item, n));
+        }
+        for batch in plan(window, &limits) {
+            if let Some(m) = &metrics {
+                let n = batch.items.len() as i64;
+                m.queue(QUEUE_BATCHER).sub(n);
+                m.queue(QUEUE_INFERENCE).add(n);
             }
-        }
-        if let Some(m) = &metrics {
-            let n = batch.items.len() as i64;
-            m.queue(QUEUE_BATCHER).sub(n);
-            m.queue(QUEUE_INFERENCE).add(n);
-        }
-        if tx.send(batch).await.is_err() {
-            return;
+            if tx.send(batch).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -120,16 +149,41 @@ mod tests {
     async fn closes_at_max_messages_without_waiting() {
         let (tx, mut rx) = spawn(limits(3, 1000, 60_000));
         let start = Instant::now();
-        for s in ["a", "b", "c", "d"] {
+        for s in ["a", "b", "c"] {
             tx.send(s.into()).await.unwrap();
         }
         let b = rx.recv().await.unwrap();
         assert_eq!(texts(&b), ["a", "b", "c"]);
         assert_eq!(start.elapsed(), Duration::ZERO, "a full batch must not wait for max_wait");
-        // The fourth waits for its own max_wait.
+        // A later message waits for its own max_wait.
+        tx.send("d".into()).await.unwrap();
         let b = rx.recv().await.unwrap();
         assert_eq!(texts(&b), ["d"]);
         assert_eq!(start.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_is_already_waiting_joins_the_window_and_is_cut_into_batches() {
+        let (tx, mut rx) = spawn(limits(3, 1000, 60_000));
+        let start = Instant::now();
+        for s in ["a", "b", "c", "d"] {
+            tx.send(s.into()).await.unwrap();
+        }
+        assert_eq!(texts(&rx.recv().await.unwrap()), ["a", "b", "c"]);
+        assert_eq!(texts(&rx.recv().await.unwrap()), ["d"]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_is_sorted_by_length_before_it_is_cut() {
+        let (tx, mut rx) = spawn(limits(2, 1000, 50));
+        for s in ["aaaa", "b", "ccc", "dd"] {
+            tx.send(s.into()).await.unwrap();
+        }
+        let b = rx.recv().await.unwrap();
+        assert_eq!((texts(&b), b.longest), (vec!["b", "dd"], 2));
+        let b = rx.recv().await.unwrap();
+        assert_eq!((texts(&b), b.longest), (vec!["ccc", "aaaa"], 4));
     }
 
     #[tokio::test(start_paused = true)]
@@ -146,20 +200,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn closes_before_exceeding_max_tokens() {
+    async fn no_batch_exceeds_max_tokens() {
         let (tx, mut rx) = spawn(limits(10, 10, 1000));
         for s in ["aaa", "bbb", "ccc", "ddddd", "e"] {
             tx.send(s.into()).await.unwrap();
         }
         let start = Instant::now();
         let b = rx.recv().await.unwrap();
-        // 3 × 3 = 9 fits; adding "ddddd" would make 4 × 5 = 20 > 10.
-        assert_eq!(texts(&b), ["aaa", "bbb", "ccc"]);
+        // Sorted: e, aaa, bbb, ccc, ddddd. 3 × 3 = 9 fits; adding "ccc" would make 4 × 3 = 12 > 10.
+        assert_eq!(texts(&b), ["e", "aaa", "bbb"]);
         assert_eq!(b.padded_tokens(), 9);
-        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(start.elapsed(), Duration::ZERO, "a window holding max_tokens must not wait");
         let b = rx.recv().await.unwrap();
         // 2 × 5 = 10 fits.
-        assert_eq!(texts(&b), ["ddddd", "e"]);
+        assert_eq!(texts(&b), ["ccc", "ddddd"]);
         assert_eq!(b.longest, 5);
     }
 
@@ -168,8 +222,8 @@ mod tests {
         let (tx, mut rx) = spawn(limits(10, 4, 1000));
         tx.send("0123456789".into()).await.unwrap();
         tx.send("a".into()).await.unwrap();
-        assert_eq!(texts(&rx.recv().await.unwrap()), ["0123456789"]);
         assert_eq!(texts(&rx.recv().await.unwrap()), ["a"]);
+        assert_eq!(texts(&rx.recv().await.unwrap()), ["0123456789"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -186,15 +240,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_batch_is_prepared_while_another_is_taken() {
         let (tx, mut rx) = spawn(limits(1, 1000, 10));
-        for s in ["a", "b", "c", "d"] {
+        let sent = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+        for s in sent {
             tx.send(s.into()).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        // Nobody has read yet: one batch sits in the channel, one is held by the
-        // batcher waiting to send, the rest wait in its input.
-        assert_eq!(tx.capacity(), 100 - 2);
-        for s in ["a", "b", "c", "d"] {
+        // Nobody has read yet: one batch sits in the channel, the batcher holds
+        // the rest of its window waiting to send, the others wait in its input.
+        assert_eq!(tx.capacity(), 100 - (sent.len() - WINDOW_BATCHES));
+        for s in sent {
             assert_eq!(texts(&rx.recv().await.unwrap()), [s]);
         }
+    }
+
+    #[test]
+    fn plan_never_pads_more_than_arrival_order() {
+        let l = limits(4, 64, 0);
+        let lens = [3usize, 17, 4, 9, 2, 16, 5, 5, 12, 1, 8, 3];
+        let window: Vec<(usize, usize)> = lens.iter().map(|&n| (n, n)).collect();
+        let batches = plan(window, &l);
+        assert_eq!(batches.iter().map(|b| b.items.len()).sum::<usize>(), lens.len());
+        for b in &batches {
+            assert!(b.items.len() <= 4 && b.padded_tokens() <= 64, "{b:?}");
+            assert!(b.items.windows(2).all(|w| w[0] <= w[1]), "not sorted: {b:?}");
+        }
+        let sorted: usize = batches.iter().map(Batch::padded_tokens).sum();
+        let arrival: usize = lens.chunks(4).map(|c| c.len() * c.iter().max().unwrap()).sum();
+        assert!(sorted < arrival, "{sorted} padded tokens sorted vs {arrival} in arrival order");
     }
 }

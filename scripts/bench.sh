@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The benchmark, in one run, as one table plus one JSON line (the last line):
+#   1. the peers on the same model directory and texts (PyTorch eager + transformers, and ONNX Runtime on
+#      the same weights exported to ONNX), with scripts/peer_throughput.py, when a Python with torch,
+#      transformers, onnx and onnxruntime is given in TRIAGEM_BENCH_PYTHON (skipped, with a message, when not);
+#   2. the worker end to end through a real broker (triagem-test-broker, librdkafka's mock cluster in its own
+#      process; BROKER=tansu for tansu): `triagem loadgen` as fast as possible, then at half that rate
+#      for the latency;
+#   3. `triagem bench`: triagem's model path at batch 1/8/32 and at the worker's batching, tokenisation
+#      included, the FLOP ceiling and peak memory, with 1 and 2 folded into its table.
+#
+# Usage: scripts/bench.sh [MODEL_DIR]            (default models/triagem)
+# Env:   TRIAGEM_BIN (default target/release/triagem; built when missing), TRIAGEM_BENCH_PYTHON,
+#        BENCH_THREADS (2: the model's threads, and the peers'), BENCH_MESSAGES (2048),
+#        BENCH_DATA (data/teste.jsonl), E2E_COUNT (20000; 0 skips the end-to-end runs),
+#        BROKER (test | tansu), BENCH_OUT (a directory to keep the parts in).
+# A base model without a classification head (models/base/all-MiniLM-L6-v2) is given a fresh, untrained
+# two-label head first (needs TRIAGEM_BENCH_PYTHON): the speed is the forward pass's, the labels mean nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-models/triagem}
+bin=${TRIAGEM_BIN:-target/release/triagem}
+threads=${BENCH_THREADS:-2}
+messages=${BENCH_MESSAGES:-2048}
+data=${BENCH_DATA:-data/teste.jsonl}
+e2e_count=${E2E_COUNT:-20000}
+broker_kind=${BROKER:-test}
+python=${TRIAGEM_BENCH_PYTHON:-}
+out=${BENCH_OUT:-$(mktemp -d)}
+mkdir -p "$out"
+say() { echo "bench: $*" >&2; }
+
+if [ ! -x "$bin" ] || [ ! -x "$(dirname "$bin")/triagem-test-broker" ]; then
+  case "$bin" in
+    target/release/triagem) say "building the release binaries"; cargo build --release --locked --bins >&2 ;;
+    *) say "no $bin (or triagem-test-broker beside it)"; exit 2 ;;
+  esac
+fi
+broker_bin="$(dirname "$bin")/triagem-test-broker"
+[ -f "$model/config.json" ] || { say "no model in $model (scripts/demo.sh or triagem train makes models/triagem)"; exit 2; }
+
+have_python=0
+if [ -n "$python" ] && "$python" -c 'import torch, transformers, onnx, onnxruntime' 2>/dev/null; then
+  have_python=1
+elif [ -n "$python" ]; then
+  say "$python lacks torch, transformers, onnx or onnxruntime: no peers"
+else
+  say "TRIAGEM_BENCH_PYTHON not set: no peers (PyTorch, ONNX Runtime) in this run"
+fi
+
+# A base checkpoint without a head: save it as BertForSequenceClassification with a fresh 2-label head.
+if ! grep -q '"id2label"' "$model/config.json" || ! "$bin" classify --model "$model" --threads 1 ok >/dev/null 2>&1; then
+  [ "$have_python" = 1 ] || { say "$model has no classification head and there is no Python to add one"; exit 2; }
+  say "$model has no classification head: benchmarking it with a fresh, untrained one"
+  "$python" - "$model" "$out/with-head" <<'PY'
+import sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+src, dst = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+m = AutoModelForSequenceClassification.from_pretrained(
+    src, num_labels=2, id2label={0: "suporte", 1: "venda"}, label2id={"suporte": 0, "venda": 1})
+m.save_pretrained(dst, safe_serialization=True)
+AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+PY
+  model="$out/with-head"
+fi
+
+peer_args=()
+if [ "$have_python" = 1 ]; then
+  say "peers: PyTorch and ONNX Runtime, $threads threads"
+  "$python" scripts/peer_throughput.py "$model" "$data" --threads "$threads" --n "$messages" \
+    >"$out/peers.txt" 2>"$out/peers.log" || { say "peer script failed, see $out/peers.log"; tail -5 "$out/peers.log" >&2; exit 1; }
+  peer_args=(--peers "$out/peers.txt")
+fi
+
+e2e_args=()
+if [ "$e2e_count" -gt 0 ]; then
+  pids=()
+  cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+  trap cleanup EXIT
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  topics=(atendimento.venda atendimento.suporte atendimento.revisao atendimento.dlq)
+  if [ "$broker_kind" = tansu ]; then
+    command -v tansu >/dev/null || { say "tansu missing: scripts/install-tansu.sh"; exit 2; }
+    port=$(free_port)
+    tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine memory://tansu/ >"$out/broker.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
+    tansu topic create --broker "tcp://127.0.0.1:$port" --partitions 6 atendimento.mensagens >/dev/null
+    for t in "${topics[@]}"; do tansu topic create --broker "tcp://127.0.0.1:$port" --partitions 1 "$t" >/dev/null; done
+    brokers="127.0.0.1:$port"
+  else
+    specs=(--topic atendimento.mensagens:6)
+    for t in "${topics[@]}"; do specs+=(--topic "$t:1"); done
+    "$broker_bin" serve "${specs[@]}" >"$out/broker.out" 2>"$out/broker.log" &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q '^bootstrap.servers=' "$out/broker.out" 2>/dev/null && break; sleep 0.1; done
+    brokers=$(sed -n 's/^bootstrap.servers=//p' "$out/broker.out" | head -1)
+    [ -n "$brokers" ] || { say "the test broker did not start: $(cat "$out/broker.log")"; exit 1; }
+  fi
+  metrics_port=$(free_port)
+  TRIAGEM__KAFKA__BROKERS="$brokers" TRIAGEM__METRICS__LISTEN="127.0.0.1:$metrics_port" \
+    TRIAGEM__MODEL__PATH="$model" TRIAGEM__MODEL__THREADS="$threads" \
+    TRIAGEM__KAFKA__CONSUMER__FETCH__WAIT__MAX__MS=10 RUST_LOG=warn \
+    "$bin" worker --config config/default.toml >"$out/worker.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+  say "worker end to end through the $broker_kind broker: $e2e_count messages as fast as possible"
+  "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \
+    >"$out/e2e-max.json"
+  half=$(python3 -c "import json,sys; print(max(1, int(json.load(open(sys.argv[1]))['throughput'] / 2)))" "$out/e2e-max.json")
+  say "worker end to end at half that rate: $half msg/s for 20 s"
+  "$bin" loadgen --brokers "$brokers" --data "$data" --rate "$half" --duration 20s --settle-timeout 60s --quiet \
+    --json >"$out/e2e-half.json"
+  curl -sf "http://127.0.0.1:$metrics_port/metrics" \
+    | grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' >"$out/worker-metrics.txt" || true
+  cleanup
+  trap - EXIT
+  e2e_args=(--end-to-end "$out/e2e-max.json" --end-to-end "$out/e2e-half.json")
+fi
+
+say "triagem's model path, $threads threads"
+"$bin" bench --model "$model" --data "$data" --messages "$messages" --threads "$threads" \
+  "${peer_args[@]}" "${e2e_args[@]}"
+[ -s "$out/worker-metrics.txt" ] && { echo; echo "worker batches during the end-to-end runs:"; cat "$out/worker-metrics.txt"; } >&2
+say "parts kept in $out"

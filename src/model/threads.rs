@@ -27,7 +27,8 @@
 
 use std::sync::OnceLock;
 
-static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+/// The pool, or None when its threads could not be started (then predictions run on the calling thread).
+static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
 
 /// The thread count `requested` stands for: itself when positive; for 0,
 /// `RAYON_NUM_THREADS` when set, else the CPUs this process may use
@@ -57,32 +58,32 @@ pub fn init(requested: usize) -> usize {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
     }
-    pool_with(n).current_num_threads()
+    pool_with(n).map_or(1, |p| p.current_num_threads())
 }
 
 /// Threads of the model's pool (starting it with the automatic count if [`init`] was not called).
 pub fn count() -> usize {
-    pool_with(resolve(0)).current_num_threads()
+    pool_with(resolve(0)).map_or(1, |p| p.current_num_threads())
 }
 
 /// Runs `f` on the model's pool, so that the parallel sections inside it start
 /// on a pool thread instead of waking rayon's global pool each time.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let pool = pool_with(resolve(0));
-    if pool.current_thread_index().is_some() {
-        return f();
+    match pool_with(resolve(0)) {
+        Some(pool) if pool.current_thread_index().is_none() => pool.install(f),
+        _ => f(),
     }
-    pool.install(f)
 }
 
-fn pool_with(n: usize) -> &'static rayon::ThreadPool {
+fn pool_with(n: usize) -> Option<&'static rayon::ThreadPool> {
     POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("triagem-model-{i}"))
-            .build()
-            .unwrap_or_else(|e| panic!("cannot start the model's {n} threads: {e}"))
+        let built =
+            rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("triagem-model-{i}")).build();
+        built
+            .map_err(|e| tracing::warn!("cannot start the model's {n} threads ({e}); predicting on the calling thread"))
+            .ok()
     })
+    .as_ref()
 }
 
 #[cfg(test)]

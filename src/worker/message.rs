@@ -216,6 +216,46 @@ mod tests {
         assert_eq!(reason(&payload, &json_cfg()), "oversize");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Arbitrary bytes (raw, or inside a JSON object's text field), sizes
+        /// and both formats: decoding never panics, and each payload is
+        /// either decoded with a non-blank text or poison with a listed reason.
+        #[test]
+        fn any_payload_is_decoded_or_poison_with_a_reason(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            text in ".{0,60}",
+            other in proptest::option::of(proptest::num::i64::ANY),
+            as_json_text in proptest::bool::ANY,
+            absent in proptest::bool::ANY,
+            text_format in proptest::bool::ANY,
+            max_bytes in 1usize..300,
+        ) {
+            let cfg = InputConfig {
+                format: if text_format { InputFormat::Text } else { InputFormat::Json },
+                text_field: "text".into(),
+                max_bytes,
+            };
+            let payload = if as_json_text {
+                serde_json::json!({"text": text, "n": other}).to_string().into_bytes()
+            } else {
+                bytes
+            };
+            let input = if absent { None } else { Some(payload.as_slice()) };
+            match decode(input, &cfg) {
+                Ok(d) => {
+                    proptest::prop_assert!(!d.text.trim().is_empty());
+                    proptest::prop_assert!(payload.len() <= max_bytes);
+                }
+                Err(p) => {
+                    proptest::prop_assert!(Poison::REASONS.contains(&p.reason()));
+                    proptest::prop_assert!(p.header().starts_with(p.reason()));
+                }
+            }
+        }
+    }
+
     #[test]
     fn text_format() {
         let cfg = InputConfig { format: InputFormat::Text, ..json_cfg() };

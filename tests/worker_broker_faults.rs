@@ -428,3 +428,62 @@ async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
         outs.len() - n
     );
 }
+
+/// The broker gone for 10 s mid-stream (the test broker drops every
+/// connection and refuses new ones), then back: the worker reports not ready
+/// meanwhile (`/readyz` 503) and, once the broker is back, routes everything:
+/// nothing lost, duplicates counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
+    let broker = Broker::start();
+    let topics = Topics::new("down");
+    broker.create_topics(&topics, 2).await;
+    let group = unique("g-down");
+    let n = 4000;
+    let inputs: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
+        .collect();
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
+    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s")]);
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let readyz = url.replace("/metrics", "/readyz");
+    let u = url.clone();
+    assert!(
+        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&u) >= 500.0))
+            .await
+            .unwrap(),
+        "nothing routed:\n{}",
+        worker.log_text()
+    );
+    broker.down();
+    let before = outputs_acknowledged(&url);
+    let r = readyz.clone();
+    let down_at = std::time::Instant::now();
+    let not_ready =
+        tokio::task::spawn_blocking(move || eventually_blocking(Duration::from_secs(10), || http_get(&r).0 == 503))
+            .await
+            .unwrap();
+    let not_ready_after = down_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
+    let during = outputs_acknowledged(&url);
+    broker.up();
+    assert!(not_ready, "/readyz stayed 200 with the broker down:\n{}", worker.log_text());
+    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
+    assert_eq!(distinct(&outs), n, "inputs lost ({} outputs read):\n{}", outs.len(), worker.log_text());
+    let r = readyz.clone();
+    let ready =
+        tokio::task::spawn_blocking(move || eventually_blocking(Duration::from_secs(30), || http_get(&r).0 == 200))
+            .await
+            .unwrap();
+    assert!(ready, "not ready after the broker came back:\n{}", worker.log_text());
+    let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(2)).await;
+    println!(
+        "broker down 10 s: not ready after {not_ready_after:?}; {before} outputs acknowledged before, {during} when it \
+         came back; {} outputs for {n} inputs, 0 lost, {} duplicates",
+        outs.len(),
+        outs.len() - n
+    );
+}

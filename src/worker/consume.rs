@@ -114,7 +114,15 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // librdkafka keeps a partition's pause across a revoke and a new
+        // assignment; the consume stage pauses again if no slot is free.
+        if let Rebalance::Assign(tpl) = rebalance {
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::warn!(error = %e, "cannot resume the assigned partitions");
+            }
+            self.metrics.consumer_paused.set(0);
+        }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.metrics.assigned_partitions.set(assigned as i64);
     }

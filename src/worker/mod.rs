@@ -501,7 +501,10 @@ async fn readiness_loop(
     loop {
         let (c, t, o) = (consumer.clone(), topic.clone(), outputs.clone());
         let (probe, missing) = tokio::task::spawn_blocking(move || {
-            (consume::probe(&*c, &t, Duration::from_secs(5)), consume::missing_topics(&*c, &o, Duration::from_secs(5)))
+            let probe = consume::probe(&*c, &t, Duration::from_secs(5));
+            // An unreachable broker is reported at once, without waiting for a second timeout.
+            let missing = if probe.reachable { consume::missing_topics(&*c, &o, Duration::from_secs(5)) } else { None };
+            (probe, missing)
         })
         .await
         .unwrap_or_default();

@@ -244,7 +244,9 @@ async fn graceful_shutdown_commits_everything_routed() {
 
 /// Outputs of one input partition reach each output topic in input order,
 /// while the broker rejects produce requests with retriable errors (the
-/// producer retries them itself) — many records in flight at once.
+/// producer retries them itself) — many records in flight at once — and
+/// while the batcher sorts each window by length (texts of four lengths per
+/// label, so a window is cut into batches that do not follow input order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_keep_input_order_across_retries() {
     let s = setup("order");
@@ -253,7 +255,9 @@ async fn outputs_keep_input_order_across_retries() {
         ClientConfig::new().set("bootstrap.servers", &s.cfg.kafka.brokers).set("linger.ms", "20").create().unwrap();
     let deliveries: Vec<_> = (0..n)
         .map(|i| {
-            let text = if i % 3 == 0 { "quero comprar uma tv" } else { "minha tv quebrou" };
+            let longer = " por favor".repeat(3 - i % 4);
+            let text =
+                if i % 3 == 0 { format!("quero comprar uma tv{longer}") } else { format!("minha tv quebrou{longer}") };
             let v = serde_json::json!({"text": text, "id": i}).to_string();
             p.send_result(FutureRecord::to(&s.cfg.kafka.input_topic).key(&format!("k-{i}")).payload(&v).partition(0))
                 .map_err(|(e, _)| e)

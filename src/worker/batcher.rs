@@ -7,8 +7,12 @@
 //! and `max_tokens` padded tokens (messages × longest, as the model pads): a
 //! batch holds messages of similar lengths, so little of it is padding, and a
 //! larger batch is never slower per message than a smaller one for padding's
-//! sake. Messages leave in length order, not arrival order; each keeps its
-//! partition and offset, which is all the router and the offset tracker need.
+//! sake. Messages leave in length order, not arrival order; the last batch of
+//! a window says so ([`Batch::closes_window`]), and the inference thread hands
+//! the router a whole window at once, which the router puts back in input
+//! order (per partition) before producing: a window holds every message
+//! consumed between the previous window and the next, so outputs keep their
+//! input order across batches too.
 //!
 //! The channel it sends closed batches into has capacity 1: one batch waits
 //! (prepared) while the inference thread computes the previous one, and when
@@ -44,6 +48,8 @@ pub struct Batch<T> {
     pub items: Vec<T>,
     /// Token count of the longest message.
     pub longest: usize,
+    /// The last batch cut from its window: the window's results can go to the router.
+    pub closes_window: bool,
 }
 
 impl<T> Batch<T> {
@@ -65,8 +71,11 @@ pub fn plan<T>(mut window: Vec<(T, usize)>, limits: &Limits) -> Vec<Batch<T>> {
                 b.items.push(item);
                 b.longest = n;
             }
-            _ => batches.push(Batch { items: vec![item], longest: n }),
+            _ => batches.push(Batch { items: vec![item], longest: n, closes_window: false }),
         }
+    }
+    if let Some(last) = batches.last_mut() {
+        last.closes_window = true;
     }
     batches
 }
@@ -267,5 +276,8 @@ mod tests {
         let sorted: usize = batches.iter().map(Batch::padded_tokens).sum();
         let arrival: usize = lens.chunks(4).map(|c| c.len() * c.iter().max().unwrap()).sum();
         assert!(sorted < arrival, "{sorted} padded tokens sorted vs {arrival} in arrival order");
+        let closing: Vec<bool> = batches.iter().map(|b| b.closes_window).collect();
+        assert_eq!(closing.iter().filter(|c| **c).count(), 1, "{closing:?}");
+        assert_eq!(closing.last(), Some(&true), "only the window's last batch closes it: {closing:?}");
     }
 }

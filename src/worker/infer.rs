@@ -67,7 +67,10 @@ pub struct Classified {
 }
 
 /// Starts the inference thread. It runs until `rx` is closed and drained or
-/// `sink` returns false (the router is gone).
+/// `sink` returns false (the router is gone). `sink` gets the results of a
+/// whole window of the batcher at once (the batches up to one that
+/// [`Batch::closes_window`]), so that the router can restore input order
+/// across the window's length-sorted batches.
 pub fn spawn<P: Predict>(
     model: P,
     mut rx: mpsc::Receiver<Batch<Pending>>,
@@ -75,7 +78,9 @@ pub fn spawn<P: Predict>(
     mut sink: impl FnMut(Vec<Classified>) -> bool + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("triagem-inference".into()).spawn(move || {
+        let mut window: Vec<Classified> = Vec::new();
         while let Some(batch) = rx.blocking_recv() {
+            let closes_window = batch.closes_window;
             let n = batch.items.len();
             metrics.queue(QUEUE_INFERENCE).sub(n as i64);
             metrics.batch_size.observe(n as f64);
@@ -116,9 +121,13 @@ pub fn spawn<P: Predict>(
                     batch.items.into_iter().map(|pending| Classified { pending, result: Err(e.clone()) }).collect()
                 }
             };
-            if !sink(classified) {
-                break;
+            window.extend(classified);
+            if closes_window && !sink(std::mem::take(&mut window)) {
+                return;
             }
+        }
+        if !window.is_empty() {
+            sink(window);
         }
     })
 }

@@ -378,8 +378,9 @@ impl Router {
 
     /// Runs until `rx` is closed, then waits for every delivery to finish.
     /// Outputs are enqueued one after the other in the order they arrive
-    /// (inside an outcome, by input partition and offset), so that the outputs
-    /// of one input partition reach each topic in input order (the producer is
+    /// (inside an outcome — a whole batcher window, see `infer::spawn` — by
+    /// input partition and offset), so that the outputs of one input
+    /// partition reach each topic in input order (the producer is
     /// idempotent: its own retries keep that order); their acknowledgements
     /// are awaited concurrently.
     pub async fn run(self, mut rx: mpsc::Receiver<Outcome>) {

@@ -102,12 +102,12 @@ impl Broker {
         Broker::start_kind(BrokerKind::from_env())
     }
 
-    /// Starts a broker of `kind` (a blocking wait for its address; see [`blocking`]).
+    /// Starts a broker of `kind`.
     pub fn start_kind(kind: BrokerKind) -> Broker {
-        blocking(|| match kind {
+        match kind {
             BrokerKind::Test => Broker::test_broker(1),
             BrokerKind::Tansu => Broker::tansu(),
-        })
+        }
     }
 
     /// `triagem-test-broker serve --control` with `brokers` brokers; waits for its address.
@@ -182,10 +182,6 @@ impl Broker {
     /// Sends one control command to the test broker and returns its answer (`Err` with its error line).
     pub fn command(&self, line: &str) -> Result<(), String> {
         let control = self.control.as_ref().unwrap_or_else(|| panic!("{:?} has no control channel", self.kind));
-        blocking(|| self.exchange(control, line))
-    }
-
-    fn exchange(&self, control: &Mutex<Control>, line: &str) -> Result<(), String> {
         let mut c = control.lock().unwrap();
         writeln!(c.stdin, "{line}").and_then(|_| c.stdin.flush()).expect("write to triagem-test-broker");
         let mut reply = String::new();
@@ -428,16 +424,14 @@ impl WorkerProc {
 
     /// Waits for exit, up to `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        blocking(|| {
-            let deadline = Instant::now() + limit;
-            while Instant::now() < deadline {
-                if let Some(status) = self.child.try_wait().unwrap() {
-                    return Some(status);
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
             }
-            None
-        })
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// The URL of its metrics endpoint, from its log (polled without blocking the runtime).
@@ -470,10 +464,6 @@ impl Drop for WorkerProc {
 
 /// GET over plain HTTP/1.0 (no client crate needed).
 pub fn http_get(url: &str) -> (u16, String) {
-    blocking(|| http_get_now(url))
-}
-
-fn http_get_now(url: &str) -> (u16, String) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let mut s = TcpStream::connect(host).unwrap();
@@ -628,10 +618,6 @@ pub async fn read_outputs(
 
 /// Offsets committed by `group` on `topic`'s partitions (None where nothing is committed).
 pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
-    blocking(|| committed_now(brokers, group, topic, partitions))
-}
-
-fn committed_now(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -674,20 +660,6 @@ pub fn outputs_acknowledged(metrics_url: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Runs `f`, which blocks (a process's output, a socket, a Kafka request), so
-/// that an async test does not stall the runtime: on a worker thread of a
-/// multi-thread runtime through `block_in_place` (the runtime hands that
-/// thread's other tasks to another one first); elsewhere (a plain `#[test]`, a
-/// `spawn_blocking` thread) it simply runs. Every blocking helper here goes
-/// through it, so async tests can call them directly.
-pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
 }
 
 /// Polls `f` (which may block: an HTTP GET, a Kafka request) every 200 ms

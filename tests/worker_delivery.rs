@@ -173,6 +173,61 @@ async fn two_workers_split_partitions_and_route_each_message_once() {
     assert_eq!(all, (0..partitions).collect::<Vec<_>>());
 }
 
+/// A second worker joins mid-stream (a revoke with messages in flight on the
+/// first), then the first leaves mid-stream (SIGTERM: its partitions go to
+/// the second): every input must be routed; the duplicates are counted.
+///
+/// Ignored while it shows a defect (README, Known issues): on 30 Nov 2026 one
+/// run of two lost 199 of 6,000 inputs (one partition's tail never routed
+/// within 120 s), and every run routes about every input twice (12,794 and,
+/// on the code before issue 10, 11,880 outputs for 6,000 inputs).
+///
+/// ```sh
+/// cargo test --test worker_delivery -- --ignored a_worker_joining --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "shows a handover defect under investigation: see the README's known issues"]
+async fn a_worker_joining_then_one_leaving_mid_stream_loses_nothing() {
+    let broker = Broker::start();
+    let topics = Topics::new("handover");
+    let partitions = 4;
+    broker.create_topics(&topics, partitions).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g-handover");
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
+    let (chunk, n) = (2000, 6000);
+    let p = producer(&broker.addr);
+    produce_all(&p, &topics.input, &inputs(0, chunk)).await;
+
+    let mut a = WorkerProc::start(&config, &[]);
+    let url_a = a.metrics_url(Duration::from_secs(30)).await;
+    let u = url_a.clone();
+    assert!(eventually(LIMIT, move || outputs_acknowledged(&u) >= 300.0).await, "A routed nothing:\n{}", a.log_text());
+    // B joins while the next messages arrive: A's partitions are revoked with messages in flight.
+    let b = WorkerProc::start(&config, &[]);
+    produce_all(&p, &topics.input, &inputs(chunk, chunk)).await;
+    let log_b = b.log.clone();
+    let b_assigned = move || std::fs::read_to_string(&log_b).unwrap_or_default().contains("partitions assigned");
+    assert!(eventually(LIMIT, b_assigned).await, "B never got partitions:\n{}", b.log_text());
+    let at_leave = outputs_acknowledged(&url_a);
+    // A leaves mid-stream (SIGTERM) while more arrive: its partitions go to B.
+    a.terminate();
+    produce_all(&p, &topics.input, &inputs(2 * chunk, chunk)).await;
+    let status = a.wait_exit(Duration::from_secs(25)).expect("A did not exit within shutdown.timeout");
+    assert!(status.success(), "A exited with {status}:\n{}", a.log_text());
+
+    let outs = read_outputs(&broker.addr, &topics.outputs(), Duration::from_secs(120), |o| per_id(o).len() >= n).await;
+    let counts = per_id(&outs);
+    let lost: Vec<u64> = (0..n as u64).filter(|i| !counts.contains_key(i)).collect();
+    assert!(lost.is_empty(), "{} inputs lost, e.g. {:?}\n{}", lost.len(), &lost[..lost.len().min(10)], b.log_text());
+    let all = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await;
+    println!(
+        "handover: {n} inputs, {} outputs, 0 lost, {} duplicates (A had routed {at_leave:.0} when it was sent SIGTERM)",
+        all.len(),
+        all.len() - n
+    );
+}
+
 /// The issue-9 scenario, repeated (`TRIAGEM_REPEAT`, default 10): 3 input
 /// partitions, one worker with the production batch and commit settings, 488
 /// messages then 20,000 more, SIGKILL once about 700 outputs exist, and an

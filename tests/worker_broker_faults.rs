@@ -91,9 +91,7 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     broker.create_topics(&topics, 1).await;
     let group = unique("g-idle");
     let n = 20;
-    let inputs: Vec<(String, Vec<u8>)> = (0..n)
-        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
-        .collect();
+    let inputs = chat_inputs(0, n);
     produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
 
     // The holder: static membership sorts members by group.instance.id, so
@@ -165,6 +163,18 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     assert!(ready, "not ready again after getting the partition:\n{}", worker.log_text());
     assert_eq!(metric(&url, "triagem_assigned_partitions"), 1.0);
 }
+
+/// Creates every topic of `topics` but the `suporte` output, which the
+/// missing-topic tests create later.
+async fn create_all_but_suporte(broker: &Broker, topics: &Topics, input_partitions: i32) {
+    broker.create_topic(&topics.input, input_partitions).await;
+    for t in [&topics.venda, &topics.review, &topics.dlq] {
+        broker.create_topic(t, 1).await;
+    }
+}
+
+/// Worker config extra: the producer notices a topic created later within 1 s.
+const SUPORTE_WITHIN_1S: &str = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
 
 /// Produces `payloads` in order to partition 0 of `topic` with a producer that
 /// accepts records up to 2 MB (the broker does: its limit is the topic's).
@@ -252,23 +262,18 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
 async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     let broker = Broker::start();
     let topics = Topics::new("missing");
-    broker.create_topic(&topics.input, 1).await;
-    for t in [&topics.venda, &topics.review, &topics.dlq] {
-        broker.create_topic(t, 1).await;
-    }
+    create_all_but_suporte(&broker, &topics, 1).await;
     let group = unique("g-missing");
     let n = 24;
     let texts: Vec<&str> = (0..n).map(|i| TEXTS[i % TEXTS.len()]).collect();
     let expected = expected_predictions(&texts);
-    let inputs: Vec<(String, Vec<u8>)> =
-        (0..n).map(|i| (format!("k-{i}"), json!({"text": texts[i], "id": i}).to_string().into_bytes())).collect();
+    let inputs = chat_inputs(0, n);
     produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
     let venda = expected.iter().filter(|p| p.label == "venda").count();
     assert!(venda > 0 && venda < n);
 
     let dir = tempfile::tempdir().unwrap();
-    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
-    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, SUPORTE_WITHIN_1S);
     let worker = WorkerProc::start(
         &config,
         &[("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF", "200ms"), ("TRIAGEM__HEALTH__STALL_TIMEOUT", "3s")],
@@ -326,20 +331,14 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
 async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
     let broker = Broker::start();
     let topics = Topics::new("pause");
-    broker.create_topic(&topics.input, 1).await;
-    for t in [&topics.venda, &topics.review, &topics.dlq] {
-        broker.create_topic(t, 1).await;
-    }
+    create_all_but_suporte(&broker, &topics, 1).await;
     let group = unique("g-pause");
     let n = 40;
-    let inputs: Vec<(String, Vec<u8>)> = (0..n)
-        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
-        .collect();
+    let inputs = chat_inputs(0, n);
     produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
-    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, SUPORTE_WITHIN_1S);
     let worker = WorkerProc::start(
         &config,
         &[
@@ -383,20 +382,14 @@ async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
 async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
     let broker = Broker::start();
     let topics = Topics::new("revoke");
-    broker.create_topic(&topics.input, 2).await;
-    for t in [&topics.venda, &topics.review, &topics.dlq] {
-        broker.create_topic(t, 1).await;
-    }
+    create_all_but_suporte(&broker, &topics, 2).await;
     let group = unique("g-revoke");
     let n = 60;
-    let inputs: Vec<(String, Vec<u8>)> = (0..n)
-        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
-        .collect();
+    let inputs = chat_inputs(0, n);
     produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let extra = "[kafka.producer]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n";
-    let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, SUPORTE_WITHIN_1S);
     let env = [("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF", "200ms"), ("TRIAGEM__SHUTDOWN__TIMEOUT", "2s")];
     let first = WorkerProc::start(&config, &env);
     let url = first.metrics_url(Duration::from_secs(30)).await;
@@ -440,9 +433,7 @@ async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
     broker.create_topics(&topics, 2).await;
     let group = unique("g-down");
     let n = 4000;
-    let inputs: Vec<(String, Vec<u8>)> = (0..n)
-        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
-        .collect();
+    let inputs = chat_inputs(0, n);
     produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");

@@ -9,16 +9,9 @@ mod worker_common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde_json::json;
 use worker_common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn inputs(from: usize, n: usize) -> Vec<(String, Vec<u8>)> {
-    (from..from + n)
-        .map(|i| (format!("k-{i}"), json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes()))
-        .collect()
-}
 
 /// Outputs per input id.
 fn per_id(outs: &[Out]) -> HashMap<u64, usize> {
@@ -48,7 +41,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
     let p = producer(&broker.addr);
     let first = 400;
-    let mut ends = produce_all(&p, &topics.input, &inputs(0, first)).await;
+    let mut ends = produce_all(&p, &topics.input, &chat_inputs(0, first)).await;
 
     let mut worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
@@ -62,7 +55,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     println!("SIGKILL with {first} inputs; committed then: {committed_at_kill:?}");
 
     let more = 100;
-    for (p, end) in produce_all(&p, &topics.input, &inputs(first, more)).await {
+    for (p, end) in produce_all(&p, &topics.input, &chat_inputs(first, more)).await {
         ends.insert(p, end);
     }
     let n = first + more;
@@ -99,7 +92,7 @@ async fn sigterm_finishes_commits_and_exits_0() {
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
     let p = producer(&broker.addr);
     let n = 300;
-    produce_all(&p, &topics.input, &inputs(0, n)).await;
+    produce_all(&p, &topics.input, &chat_inputs(0, n)).await;
 
     let mut worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
@@ -146,7 +139,7 @@ async fn two_workers_split_partitions_and_route_each_message_once() {
 
     let n = 200;
     let p = producer(&broker.addr);
-    produce_all(&p, &topics.input, &inputs(0, n)).await;
+    produce_all(&p, &topics.input, &chat_inputs(0, n)).await;
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id(o).len() >= n).await;
     let counts = per_id(&outs);
     assert_eq!(counts.len(), n, "inputs lost");
@@ -197,7 +190,7 @@ async fn a_worker_joining_then_one_leaving_mid_stream_loses_nothing() {
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
     let (chunk, n) = (2000, 6000);
     let p = producer(&broker.addr);
-    produce_all(&p, &topics.input, &inputs(0, chunk)).await;
+    produce_all(&p, &topics.input, &chat_inputs(0, chunk)).await;
 
     let mut a = WorkerProc::start(&config, &[]);
     let url_a = a.metrics_url(Duration::from_secs(30)).await;
@@ -205,14 +198,14 @@ async fn a_worker_joining_then_one_leaving_mid_stream_loses_nothing() {
     assert!(eventually(LIMIT, move || outputs_acknowledged(&u) >= 300.0).await, "A routed nothing:\n{}", a.log_text());
     // B joins while the next messages arrive: A's partitions are revoked with messages in flight.
     let b = WorkerProc::start(&config, &[]);
-    produce_all(&p, &topics.input, &inputs(chunk, chunk)).await;
+    produce_all(&p, &topics.input, &chat_inputs(chunk, chunk)).await;
     let log_b = b.log.clone();
     let b_assigned = move || std::fs::read_to_string(&log_b).unwrap_or_default().contains("partitions assigned");
     assert!(eventually(LIMIT, b_assigned).await, "B never got partitions:\n{}", b.log_text());
     let at_leave = outputs_acknowledged(&url_a);
     // A leaves mid-stream (SIGTERM) while more arrive: its partitions go to B.
     a.terminate();
-    produce_all(&p, &topics.input, &inputs(2 * chunk, chunk)).await;
+    produce_all(&p, &topics.input, &chat_inputs(2 * chunk, chunk)).await;
     let status = a.wait_exit(Duration::from_secs(25)).expect("A did not exit within shutdown.timeout");
     assert!(status.success(), "A exited with {status}:\n{}", a.log_text());
 
@@ -259,9 +252,9 @@ async fn sigkill_restart_repeated() {
         let group = unique("g-repeat");
         let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
         let p = producer(&broker.addr);
-        produce_all(&p, &topics.input, &inputs(0, first)).await;
+        produce_all(&p, &topics.input, &chat_inputs(0, first)).await;
         let mut worker = WorkerProc::start(&config, &env);
-        produce_all(&p, &topics.input, &inputs(first, more)).await;
+        produce_all(&p, &topics.input, &chat_inputs(first, more)).await;
         let url = worker.metrics_url(Duration::from_secs(30)).await;
         // About 700 outputs, and a commit made: the restart resumes from committed offsets inside batches.
         let started = tokio::task::spawn_blocking(move || {

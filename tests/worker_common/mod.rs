@@ -336,6 +336,15 @@ pub const TEXTS: &[&str] = &[
     "preciso da nota fiscal do meu pedido",
 ];
 
+/// Keyed JSON chat messages `k-{i}` / `{"text": TEXTS[i % …], "id": i}` for ids `from..from + n`.
+pub fn chat_inputs(from: usize, n: usize) -> Vec<(String, Vec<u8>)> {
+    (from..from + n)
+        .map(|i| {
+            (format!("k-{i}"), serde_json::json!({"text": TEXTS[i % TEXTS.len()], "id": i}).to_string().into_bytes())
+        })
+        .collect()
+}
+
 /// The `triagem worker` config of a test.
 pub fn write_config(dir: &Path, brokers: &str, group: &str, topics: &Topics, extra: &str) -> PathBuf {
     let text = format!(

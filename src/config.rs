@@ -89,6 +89,9 @@ pub struct KafkaConfig {
     pub input_topic: String,
     /// Consumed messages whose offset is not yet committable; at this many, consumption pauses.
     pub max_in_flight: usize,
+    /// Bytes (value, key and headers) of those messages; at this many, consumption pauses too. A
+    /// soft bound: the message that crosses it is kept, so it is exceeded by at most one message.
+    pub max_in_flight_bytes: bytesize::ByteSize,
     /// How often committable offsets are committed (asynchronously; synchronously on revoke and shutdown).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -114,6 +117,7 @@ impl Default for KafkaConfig {
             group_id: "triagem".into(),
             input_topic: "atendimento.mensagens".into(),
             max_in_flight: 2000,
+            max_in_flight_bytes: bytesize::ByteSize::mib(64),
             commit_interval: Duration::from_secs(1),
             produce_retry_backoff: Duration::from_millis(500),
             unassigned_timeout: Duration::from_secs(60),
@@ -401,6 +405,7 @@ impl Config {
         };
         self.check_producer_durability()?;
         positive("kafka.max_in_flight", self.kafka.max_in_flight as u64)?;
+        positive("kafka.max_in_flight_bytes", self.kafka.max_in_flight_bytes.as_u64())?;
         positive("input.max_bytes", self.input.max_bytes as u64)?;
         positive("batch.max_messages", self.batch.max_messages as u64)?;
         positive("batch.max_tokens", self.batch.max_tokens as u64)?;
@@ -520,6 +525,11 @@ fn keyed(e: serde_path_to_error::Error<config::ConfigError>) -> ConfigError {
         Some(head) => format!("{head}expected a duration with its unit, e.g. \"500ms\", \"2s\", \"1m\""),
         None => reason,
     };
+    // bytesize's wording.
+    let reason = match reason.strip_suffix("expected parsable string") {
+        Some(head) => format!("{head}expected a size with its unit, e.g. \"64MiB\", \"500KB\", or a number of bytes"),
+        None => reason,
+    };
     ConfigError::Key { key, reason }
 }
 
@@ -635,6 +645,30 @@ mod tests {
         assert_eq!(cfg.kafka.commit_interval, Duration::from_secs(90));
         assert_eq!(cfg.batch.max_wait, Duration::from_micros(250));
         assert_eq!(cfg.shutdown.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn sizes_take_units_or_bytes() {
+        let f = toml("[kafka]\nmax_in_flight_bytes = \"16MiB\"\n");
+        let cfg = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(cfg.kafka.max_in_flight_bytes.as_u64(), 16 << 20);
+        let f = toml("[kafka]\nmax_in_flight_bytes = 1000000\n");
+        assert_eq!(
+            Config::load_with_env(Some(f.path()), env(&[])).unwrap().kafka.max_in_flight_bytes.as_u64(),
+            1_000_000
+        );
+        let cfg = Config::load_with_env(None, env(&[("TRIAGEM__KAFKA__MAX_IN_FLIGHT_BYTES", "16384")])).unwrap();
+        assert_eq!(cfg.kafka.max_in_flight_bytes.as_u64(), 16384);
+        let err = Config::load_with_env(None, env(&[("TRIAGEM__KAFKA__MAX_IN_FLIGHT_BYTES", "lots")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kafka.max_in_flight_bytes: invalid value: string \"lots\", expected a size with its unit, e.g. \"64MiB\", \
+             \"500KB\", or a number of bytes"
+        );
+        let f = toml("[kafka]\nmax_in_flight_bytes = 0\n");
+        let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("kafka.max_in_flight_bytes"), "{err}");
+        println!("{err}");
     }
 
     #[test]

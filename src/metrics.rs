@@ -64,6 +64,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// `triagem_in_flight_messages`
     pub in_flight: IntGauge,
+    /// `triagem_in_flight_bytes`
+    pub in_flight_bytes: IntGauge,
     /// `triagem_model_info{name,version,labels,device}`
     pub model_info: IntGaugeVec,
     /// `triagem_ready`
@@ -183,6 +185,11 @@ impl Metrics {
                 &["topic", "partition"],
             )?,
             in_flight: gauge(&r, "in_flight_messages", "Consumed messages whose offset is not yet committable.")?,
+            in_flight_bytes: gauge(
+                &r,
+                "in_flight_bytes",
+                "Bytes (value, key and headers) of the messages in flight, against kafka.max_in_flight_bytes.",
+            )?,
             model_info: gauge_vec(
                 &r,
                 "model_info",
@@ -248,8 +255,8 @@ impl Metrics {
             consumer_paused: gauge(
                 &r,
                 "consumer_paused",
-                "1 while fetching is paused because kafka.max_in_flight messages are in flight (the consumer is \
-                 still polled).",
+                "1 while fetching is paused because kafka.max_in_flight messages or kafka.max_in_flight_bytes \
+                 bytes are in flight (the consumer is still polled).",
             )?,
             outputs_rejected: counter(
                 &r,

@@ -194,6 +194,13 @@ fn dashboard_shows_every_view_operators_need() {
         "triagem_process_cpu_seconds_total",
         "triagem_process_resident_memory_bytes",
         "triagem_ready",
+        "triagem_oldest_unacked_seconds",
+        "triagem_consumer_paused",
+        "triagem_stalled",
+        "triagem_output_topic_unavailable",
+        "triagem_outputs_rejected_total",
+        "triagem_outputs_abandoned_total",
+        "triagem_in_flight_bytes",
         "up",
     ] {
         assert!(in_dashboard(name), "{DASHBOARD} does not chart {name}");

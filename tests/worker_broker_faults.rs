@@ -373,6 +373,96 @@ async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
     assert_eq!(metric(&url, "triagem_consumer_paused"), 0.0);
 }
 
+/// Backpressure by bytes: 4 KB inputs, `kafka.max_in_flight_bytes` 16 KiB
+/// and a `kafka.max_in_flight` (1,000) that never binds, with outputs held by
+/// a missing topic. Fetching pauses once the held bytes reach the bound, the
+/// bytes in flight stay under the bound plus one message (the one that
+/// crosses it; the check allows one more, a message librdkafka had already
+/// handed over when the partition was paused) — `triagem_in_flight_bytes` —,
+/// and once the topic exists everything is routed. Without the bound, every
+/// `suporte` input (about half of 60) would be held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_bytes_pause_fetching_at_their_bound() {
+    let broker = Broker::start();
+    let topics = Topics::new("bytes");
+    create_all_but_suporte(&broker, &topics, 1).await;
+    let group = unique("g-bytes");
+    let n = 60;
+    let pad = "x".repeat(4000);
+    let inputs: Vec<(String, Vec<u8>)> = chat_inputs(0, n)
+        .into_iter()
+        .map(|(k, v)| {
+            let mut doc: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            doc["pad"] = json!(pad);
+            (k, doc.to_string().into_bytes())
+        })
+        .collect();
+    let largest = inputs.iter().map(|(k, v)| k.len() + v.len()).max().unwrap() as f64;
+    produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.addr, &group, &topics, SUPORTE_WITHIN_1S);
+    let worker = WorkerProc::start(
+        &config,
+        &[
+            ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "1000"),
+            ("TRIAGEM__KAFKA__MAX_IN_FLIGHT_BYTES", "16KiB"),
+            ("TRIAGEM__INPUT__MAX_BYTES", "10000"),
+            ("TRIAGEM__KAFKA__PRODUCE_RETRY_BACKOFF", "200ms"),
+        ],
+    );
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    let u = url.clone();
+    let paused = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_consumer_paused") == 1.0)
+    })
+    .await
+    .unwrap();
+    assert!(paused, "fetching never paused:\n{}", worker.log_text());
+    // Several commit intervals (the gauges' period) with the held outputs still waiting.
+    let mut peak = 0.0f64;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak = peak.max(metric(&url, "triagem_in_flight_bytes"));
+    }
+    let (held, messages) = (metric(&url, "triagem_in_flight_bytes"), metric(&url, "triagem_in_flight_messages"));
+    let bound = 16.0 * 1024.0;
+    println!(
+        "max_in_flight_bytes 16 KiB, {largest:.0}-byte inputs, outputs held by a missing topic: paused with {held:.0} \
+         bytes in {messages:.0} messages in flight (peak {peak:.0}; bound plus one message {:.0})",
+        bound + largest
+    );
+    assert!(peak <= bound + 2.0 * largest, "{peak} bytes in flight, over the bound plus two messages");
+    broker.create_topic(&topics.suporte, 1).await;
+    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
+    assert_eq!(distinct(&outs), n, "inputs lost:\n{}", worker.log_text());
+}
+
+/// A fatal librdkafka error ends the worker with a non-zero exit, so that its
+/// supervisor restarts it, instead of a worker that looks alive and routes
+/// nothing: the broker answers the idempotent producer's InitProducerId with
+/// CLUSTER_AUTHORIZATION_FAILED (31), which librdkafka makes a fatal error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_client_error_exits_non_zero() {
+    let broker = Broker::start();
+    let topics = Topics::new("fatal");
+    broker.create_topics(&topics, 1).await;
+    broker.command("errors InitProducerId 31").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.addr, &unique("g-fatal"), &topics, "");
+    let started = std::time::Instant::now();
+    let mut worker = WorkerProc::start(&config, &[]);
+    let (status, worker) =
+        tokio::task::spawn_blocking(move || (worker.wait_exit(Duration::from_secs(60)), worker)).await.unwrap();
+    let log = worker.log_text();
+    let status = status.unwrap_or_else(|| panic!("the worker did not exit within 60 s of a fatal error:\n{log}"));
+    let reason = log.lines().find(|l| l.contains("fatal:")).unwrap_or_default().to_string();
+    println!("fatal producer error: exit {status} after {:.1} s; {reason}", started.elapsed().as_secs_f64());
+    assert!(!status.success(), "exit status {status} after a fatal error:\n{log}");
+    assert!(log.contains("ClusterAuthorizationFailed") || log.contains("CLUSTER_AUTHORIZATION"), "{log}");
+}
+
 /// A revoke with messages in flight that cannot finish (their outputs wait for
 /// a missing topic): after `shutdown.timeout` (2 s here) the revoke gives
 /// up on them, and the first worker abandons them — it frees their slots and

@@ -21,6 +21,9 @@
 //! - `down BROKER` / `up BROKER` — drop every connection and refuse new ones /
 //!   accept them again (`BROKER` is an id from 1, or `all`);
 //! - `rtt BROKER MS` — delay every response of a broker;
+//! - `errors API ERR[,ERR…]` — answer the next requests of Kafka API `API`
+//!   (a name such as `InitProducerId` or `Produce`) with these Kafka error
+//!   codes, one request each (`0` lets one through);
 //! - `ping` — answers `ok`.
 //!
 //! Topics a client names without creating them are auto-created with 4
@@ -39,6 +42,7 @@ use clap::{Parser, Subcommand};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientContext;
 
 #[derive(Parser)]
@@ -155,14 +159,54 @@ fn command<C: ClientContext>(mock: &MockCluster<'_, C>, brokers: i32, line: &str
         }
         ["down", id] => Ok(mock.broker_down(broker_id(Some(id), brokers)?)?),
         ["up", id] => Ok(mock.broker_up(broker_id(Some(id), brokers)?)?),
+        ["errors", api, codes] => {
+            let api = api_key(api)?;
+            let errors = codes
+                .split(',')
+                .map(|c| {
+                    let n: i32 = c.parse().with_context(|| format!("error code {c:?} is not a number"))?;
+                    RDKafkaRespErr::try_from(n).map_err(|_| anyhow::anyhow!("{n} is not a Kafka error code"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            mock.request_errors(api, &errors);
+            Ok(())
+        }
         ["rtt", id, ms] => {
             let ms: u64 = ms.parse().context("MS must be a number")?;
             Ok(mock.broker_round_trip_time(broker_id(Some(id), brokers)?, Duration::from_millis(ms))?)
         }
         _ => {
-            bail!("unknown command {line:?} (create TOPIC PARTITIONS | down BROKER | up BROKER | rtt BROKER MS | ping)")
+            bail!(
+                "unknown command {line:?} (create TOPIC PARTITIONS | down BROKER | up BROKER | rtt BROKER MS | \
+                 errors API ERR[,ERR…] | ping)"
+            )
         }
     }
+}
+
+/// A Kafka API by name (the ones the tests inject errors into).
+fn api_key(name: &str) -> Result<RDKafkaApiKey> {
+    use RDKafkaApiKey::*;
+    let known = [
+        Produce,
+        Fetch,
+        Metadata,
+        OffsetCommit,
+        OffsetFetch,
+        FindCoordinator,
+        JoinGroup,
+        Heartbeat,
+        SyncGroup,
+        InitProducerId,
+        AddPartitionsToTxn,
+        AddOffsetsToTxn,
+        EndTxn,
+        TxnOffsetCommit,
+    ];
+    known.into_iter().find(|k| format!("{k:?}") == name).with_context(|| {
+        let names: Vec<String> = known.iter().map(|k| format!("{k:?}")).collect();
+        format!("unknown API {name:?}: expected one of {}", names.join(", "))
+    })
 }
 
 /// Prints each assignment of the member's topic.

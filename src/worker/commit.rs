@@ -109,10 +109,12 @@ pub fn commit_sync<C: ConsumerContext, K: Consumer<C>>(
     }
 }
 
-/// Commits what became committable, every `interval`, until `stop`.
+/// Commits what became committable, every `interval`, until `stop`; updates
+/// the in-flight gauges (messages, bytes, oldest unacknowledged) on the way.
 pub(super) async fn commit_loop(
     consumer: Arc<WorkerConsumer>,
     committer: Arc<Committer>,
+    bytes: Arc<super::consume::ByteBudget>,
     interval: Duration,
     mut stop: Shutdown,
 ) {
@@ -124,6 +126,7 @@ pub(super) async fn commit_loop(
             _ = tick.tick() => {}
         }
         committer.metrics.in_flight.set(committer.tracker.pending(None) as i64);
+        committer.metrics.in_flight_bytes.set(bytes.used() as i64);
         for ((topic, partition), age) in committer.tracker.oldest_unacked() {
             committer
                 .metrics

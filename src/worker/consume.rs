@@ -2,12 +2,13 @@
 //! reads messages, tracks their offsets and hands them on (decoded ones to the
 //! batcher, poison ones straight to the router).
 //!
-//! Backpressure: each message takes a slot of `kafka.max_in_flight`; when none
-//! is left the assigned partitions are paused while the consumer keeps being
-//! polled (rebalances, statistics and errors are still served, and librdkafka's
-//! `max.poll.interval.ms` never passes), and resumed when a slot frees. The
-//! hand-off channels are bounded, so a slow model or broker pauses
-//! consumption instead of growing memory.
+//! Backpressure: each message takes a [`Slot`]: one of `kafka.max_in_flight`
+//! and its bytes of `kafka.max_in_flight_bytes` ([`ByteBudget`]); when no
+//! slot is left or the bytes reach the bound, the assigned partitions are
+//! paused while the consumer keeps being polled (rebalances, statistics and
+//! errors are still served, and librdkafka's `max.poll.interval.ms` never
+//! passes), and resumed when room frees. The hand-off channels are bounded,
+//! so a slow model or broker pauses consumption instead of growing memory.
 //!
 //! Rebalance: before partitions are revoked, [`WorkerContext::pre_rebalance`]
 //! waits (up to `shutdown.timeout`) until every message taken from them has
@@ -23,7 +24,7 @@
 //! batch than asked for (tansu 0.6.0, see the README) makes them too.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::message::{decode, Envelope, Pending};
 use super::offsets::{OffsetTracker, TopicPartition};
@@ -203,12 +204,105 @@ pub fn envelope<M: Message>(m: &M) -> Envelope {
     }
 }
 
+/// The bytes of the messages in flight, against `kafka.max_in_flight_bytes`.
+///
+/// A soft bound, like Kafka's `fetch.max.bytes`: the consume stage stops
+/// taking messages once the bound is reached, and the message that crosses it
+/// is kept, so the bytes in flight stay under the bound plus one message
+/// (itself at most `input.max_bytes` once decoded, or what the broker allows).
+#[derive(Debug)]
+pub struct ByteBudget {
+    /// Bytes held by live [`Slot`]s.
+    used: AtomicU64,
+    /// The bound.
+    max: u64,
+    /// Woken when bytes are released.
+    freed: Notify,
+}
+
+impl ByteBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: u64) -> Arc<Self> {
+        Arc::new(ByteBudget { used: AtomicU64::new(0), max, freed: Notify::new() })
+    }
+
+    /// Whether the bytes in flight have reached the bound.
+    pub fn full(&self) -> bool {
+        self.used.load(Ordering::SeqCst) >= self.max
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the bytes in flight are under the bound.
+    pub async fn room(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if !self.full() {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    fn take(self: &Arc<Self>, bytes: u64) -> HeldBytes {
+        self.used.fetch_add(bytes, Ordering::SeqCst);
+        HeldBytes { bytes, budget: self.clone() }
+    }
+}
+
+/// Bytes of a [`ByteBudget`], given back on drop.
+#[derive(Debug)]
+struct HeldBytes {
+    bytes: u64,
+    budget: Arc<ByteBudget>,
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.budget.freed.notify_waiters();
+    }
+}
+
+/// What a message holds while it is in flight — one of `kafka.max_in_flight`
+/// (none for a message that arrived while fetching was paused) and its bytes
+/// of `kafka.max_in_flight_bytes` —, released when it is dropped (once its
+/// output is acknowledged, or its work abandoned).
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// Its place among `kafka.max_in_flight`.
+    _permit: Option<OwnedSemaphorePermit>,
+    /// Its bytes.
+    _bytes: Option<HeldBytes>,
+}
+
+impl Slot {
+    /// A slot holding `permit` (if any) and `bytes` of `budget`.
+    pub fn new(permit: Option<OwnedSemaphorePermit>, budget: &Arc<ByteBudget>, bytes: u64) -> Slot {
+        Slot { _permit: permit, _bytes: Some(budget.take(bytes)) }
+    }
+}
+
+/// The bytes a message holds in the pipeline: value, key and headers.
+pub fn message_bytes(envelope: &Envelope) -> u64 {
+    let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+    let headers: usize = envelope.headers.iter().map(|(k, v)| k.len() + len(v)).sum();
+    (len(&envelope.payload) + len(&envelope.key) + headers) as u64
+}
+
 /// The consume stage's inputs and outputs.
 pub struct ConsumeStage {
     /// The subscribed consumer.
     pub consumer: Arc<WorkerConsumer>,
     /// One permit per message in flight (`kafka.max_in_flight`).
     pub slots: Arc<Semaphore>,
+    /// The bytes in flight (`kafka.max_in_flight_bytes`).
+    pub bytes: Arc<ByteBudget>,
     /// How to decode.
     pub input: InputConfig,
     /// Where consumed offsets are recorded.
@@ -228,15 +322,21 @@ pub struct ConsumeStage {
 impl ConsumeStage {
     /// Reads until `shutdown`; dropping its senders then lets the later stages drain.
     ///
-    /// When every slot of `kafka.max_in_flight` is taken, the assigned
-    /// partitions are paused and the consumer is still polled (so rebalance,
-    /// statistics and error events are served and `max.poll.interval.ms` never
-    /// passes); they are resumed as soon as a slot frees. A message that
-    /// arrives while paused (fetched before the pause, or from a partition
-    /// assigned meanwhile, which is paused at once) is processed without a slot.
+    /// When every slot of `kafka.max_in_flight` is taken, or the bytes in
+    /// flight reach `kafka.max_in_flight_bytes`, the assigned partitions are
+    /// paused and the consumer is still polled (so rebalance, statistics and
+    /// error events are served and `max.poll.interval.ms` never passes); they
+    /// are resumed as soon as there is room again. A message that arrives
+    /// while paused (fetched before the pause, or from a partition assigned
+    /// meanwhile, which is paused at once) is processed without a slot of
+    /// `kafka.max_in_flight`; its bytes are counted.
     pub async fn run(self, mut shutdown: Shutdown) {
         loop {
-            let (permit, message) = match self.slots.clone().try_acquire_owned() {
+            let room = match self.bytes.full() {
+                true => Err(tokio::sync::TryAcquireError::NoPermits),
+                false => self.slots.clone().try_acquire_owned(),
+            };
+            let (permit, message) = match room {
                 Ok(p) => {
                     let m = tokio::select! {
                         biased;
@@ -251,17 +351,16 @@ impl ConsumeStage {
                     let got = tokio::select! {
                         biased;
                         _ = shutdown.wait() => None,
-                        p = self.slots.clone().acquire_owned() => Some((p.ok(), None)),
-                        m = self.consumer.recv() => Some((None, Some(m))),
+                        open = self.room() => Some((open, None)),
+                        m = self.consumer.recv() => Some((false, Some(m))),
                     };
                     match got {
                         None => break,
-                        Some((permit, None)) => {
+                        Some((open, None)) => {
                             self.set_paused(false);
-                            if permit.is_none() {
+                            if !open {
                                 break;
                             }
-                            drop(permit);
                             continue;
                         }
                         Some((_, Some(m))) => (None, m),
@@ -283,6 +382,7 @@ impl ConsumeStage {
             };
             self.metrics.consumed.with_label_values(&[envelope.topic.as_str(), &envelope.partition.to_string()]).inc();
             let mut envelope = envelope;
+            let slot = Slot::new(permit, &self.bytes, message_bytes(&envelope));
             envelope.generation = self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
             if let Some(gap) = self.gaps.observe(&envelope.topic, envelope.partition, envelope.offset) {
                 gap.emit(&envelope.topic, envelope.partition, &self.metrics);
@@ -290,13 +390,13 @@ impl ConsumeStage {
             match decode(envelope.payload.as_deref(), &self.input) {
                 Ok(decoded) => {
                     self.metrics.queue(QUEUE_BATCHER).inc();
-                    let pending = Pending { envelope, decoded, permit };
+                    let pending = Pending { envelope, decoded, slot };
                     if self.to_batcher.send(pending).await.is_err() {
                         break;
                     }
                 }
                 Err(poison) => {
-                    let outcome = Outcome::Poison { envelope, poison, permit };
+                    let outcome = Outcome::Poison { envelope, poison, slot };
                     if self.to_router.send(outcome).await.is_err() {
                         break;
                     }
@@ -304,6 +404,16 @@ impl ConsumeStage {
             }
         }
         tracing::info!("stopped fetching");
+    }
+
+    /// Resolves once a slot of `kafka.max_in_flight` is free and the bytes in
+    /// flight are under `kafka.max_in_flight_bytes` (false: the slots are closed).
+    async fn room(&self) -> bool {
+        if self.slots.acquire().await.is_err() {
+            return false;
+        }
+        self.bytes.room().await;
+        true
     }
 
     /// Pauses (or resumes) every assigned partition; `triagem_consumer_paused` with it.
@@ -314,7 +424,10 @@ impl ConsumeStage {
             tracing::warn!(error = %e, paused, "cannot pause or resume the assigned partitions");
         }
         if self.metrics.consumer_paused.get() != paused as i64 {
-            tracing::debug!(paused, "kafka.max_in_flight reached: fetching paused, polling goes on");
+            tracing::debug!(
+                paused,
+                "kafka.max_in_flight or kafka.max_in_flight_bytes reached: fetching paused, polling goes on"
+            );
             self.metrics.consumer_paused.set(paused as i64);
         }
     }

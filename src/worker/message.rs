@@ -5,6 +5,7 @@
 
 use serde_json::{Map, Value};
 
+pub use super::consume::Slot;
 use crate::config::{InputConfig, InputFormat};
 
 /// A consumed message, detached from librdkafka, carried through the pipeline
@@ -29,8 +30,9 @@ pub struct Envelope {
     pub generation: u64,
 }
 
-/// A decoded message travelling to the model, holding its slot of
-/// `kafka.max_in_flight` until its output is acknowledged.
+/// A decoded message travelling to the model, holding its [`Slot`] of
+/// `kafka.max_in_flight` and `kafka.max_in_flight_bytes` until its output is
+/// acknowledged.
 #[derive(Debug)]
 pub struct Pending {
     /// Where it came from, key and headers.
@@ -38,7 +40,7 @@ pub struct Pending {
     /// Its text and body.
     pub decoded: Decoded,
     /// Released (dropped) when the output is acknowledged: the consume stage pauses when none is left.
-    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub slot: Slot,
 }
 
 /// Why a message goes to the dead-letter topic. [`Poison::reason`] is the

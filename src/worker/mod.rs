@@ -281,10 +281,12 @@ impl Worker {
             fatal: fatal.clone(),
         };
         let router = tokio::spawn(router.run(router_rx));
+        let bytes = consume::ByteBudget::new(cfg.kafka.max_in_flight_bytes.as_u64());
         let consume = tokio::spawn(
             ConsumeStage {
                 consumer: consumer.clone(),
                 slots: Arc::new(Semaphore::new(cfg.kafka.max_in_flight)),
+                bytes: bytes.clone(),
                 input: cfg.input.clone(),
                 tracker: tracker.clone(),
                 metrics: metrics.clone(),
@@ -311,6 +313,7 @@ impl Worker {
         let commits = tokio::spawn(commit::commit_loop(
             consumer.clone(),
             committer.clone(),
+            bytes,
             cfg.kafka.commit_interval,
             commits_shutdown,
         ));

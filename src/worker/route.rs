@@ -23,13 +23,13 @@ use chrono::{SecondsFormat, Utc};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::infer::Classified;
 use serde_json::{json, Map, Value};
 
-use super::message::{Body, Decoded, Envelope, Poison};
+use super::message::{Body, Decoded, Envelope, Poison, Slot};
 use super::offsets::OffsetTracker;
 use crate::config::RoutingConfig;
 use crate::metrics::{Metrics, QUEUE_PRODUCER};
@@ -124,7 +124,7 @@ pub enum Outcome {
     /// A batch back from the inference thread.
     Classified(Vec<Classified>),
     /// A message that could not be decoded.
-    Poison { envelope: Envelope, poison: Poison, permit: Option<OwnedSemaphorePermit> },
+    Poison { envelope: Envelope, poison: Poison, slot: Slot },
 }
 
 /// Why an output is produced: decides which counters its acknowledgement moves.
@@ -151,7 +151,7 @@ pub struct Output {
     /// The input message (key, source coordinates, timestamp).
     pub envelope: Envelope,
     /// Released on acknowledgement.
-    pub permit: Option<OwnedSemaphorePermit>,
+    pub slot: Slot,
     /// A dead letter already cut down to a stub (nothing left to drop).
     pub stub: bool,
 }
@@ -181,7 +181,7 @@ impl Router {
     /// The outputs of one outcome.
     pub fn outputs(&self, outcome: Outcome) -> Vec<Output> {
         match outcome {
-            Outcome::Poison { envelope, poison, permit } => vec![self.dead_letter(envelope, poison, permit)],
+            Outcome::Poison { envelope, poison, slot } => vec![self.dead_letter(envelope, poison, slot)],
             Outcome::Classified(batch) => {
                 let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
                 batch
@@ -190,7 +190,7 @@ impl Router {
                         let Classified { pending, result } = c;
                         match result {
                             Err(e) => {
-                                self.dead_letter(pending.envelope, Poison::Inference(e.to_string()), pending.permit)
+                                self.dead_letter(pending.envelope, Poison::Inference(e.to_string()), pending.slot)
                             }
                             Ok(prediction) => {
                                 let (topic, destination) = self.destination(&prediction.label, prediction.score);
@@ -200,7 +200,7 @@ impl Router {
                                     payload: render_output(&pending.decoded, &prediction, &self.model, &now),
                                     headers: output_headers(&pending.envelope, &prediction),
                                     envelope: pending.envelope,
-                                    permit: pending.permit,
+                                    slot: pending.slot,
                                     stub: false,
                                 }
                             }
@@ -223,7 +223,7 @@ impl Router {
         }
     }
 
-    fn dead_letter(&self, envelope: Envelope, poison: Poison, permit: Option<OwnedSemaphorePermit>) -> Output {
+    fn dead_letter(&self, envelope: Envelope, poison: Poison, slot: Slot) -> Output {
         tracing::debug!(
             topic = %envelope.topic, partition = envelope.partition, offset = envelope.offset,
             error = %poison, "dead letter"
@@ -234,7 +234,7 @@ impl Router {
             payload: Vec::new(),
             headers: dead_letter_headers(&envelope, &poison),
             envelope,
-            permit,
+            slot,
             stub: false,
         };
         let size = output.envelope.payload.as_ref().map_or(0, Vec::len);
@@ -336,7 +336,7 @@ impl Router {
                     "output rejected for good; dead-lettering its input"
                 );
                 let poison = Poison::OutputRejected(format!("{} rejected the output: {error}", output.topic));
-                Some(self.dead_letter(output.envelope, poison, output.permit))
+                Some(self.dead_letter(output.envelope, poison, output.slot))
             }
             Destination::DeadLetter(_) if !output.stub => {
                 tracing::warn!(
@@ -536,9 +536,9 @@ mod tests {
             fatal: Default::default(),
         };
         let env = |n: usize| Envelope { payload: Some(vec![b'x'; n]), key: Some(b"k".to_vec()), ..Default::default() };
-        let small = router.dead_letter(env(10), Poison::EmptyText, None);
+        let small = router.dead_letter(env(10), Poison::EmptyText, Slot::default());
         assert_eq!(small.payload.len(), 10);
-        let big = router.dead_letter(env(11), Poison::Oversize { size: 11, max: 5 }, None);
+        let big = router.dead_letter(env(11), Poison::Oversize { size: 11, max: 5 }, Slot::default());
         assert!(big.payload.is_empty() && big.stub);
         let dropped = big.headers.iter().find(|(k, _)| k == HEADER_PAYLOAD_DROPPED).unwrap();
         assert_eq!(dropped.1.as_deref(), Some(&b"11 bytes: over routing.dead_letter_max_bytes = 10"[..]));

@@ -390,7 +390,7 @@ fn python() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_inside_a_batch_returns_every_record_from_there() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topic = unique("conformance-seek");
     let expected = produce_batches(&broker, &topic).await.unwrap_or_else(|e| panic!("{e}"));
     let problems = tokio::task::spawn_blocking(move || {
@@ -404,7 +404,7 @@ async fn a_fetch_inside_a_batch_returns_every_record_from_there() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_members_partitions_go_to_a_new_member_within_the_session_timeout() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topic = unique("conformance-group");
     let expected = produce_batches(&broker, &topic).await.unwrap_or_else(|e| panic!("{e}"));
     let (broker, problems) = tokio::task::spawn_blocking(move || {
@@ -418,7 +418,7 @@ async fn a_killed_members_partitions_go_to_a_new_member_within_the_session_timeo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_offsets_read_back_as_written() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topic = unique("conformance-commit");
     broker.create_topic(&topic, PARTITIONS).await;
     let (broker, problems) = tokio::task::spawn_blocking(move || {
@@ -434,7 +434,7 @@ async fn committed_offsets_read_back_as_written() {
 #[ignore = "needs kafka-python: scripts/test.sh runs it with a venv (TRIAGEM_PYTHON)"]
 async fn kafka_python_sees_the_same() {
     let python = python();
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topic = unique("conformance-py");
     let expected = produce_batches(&broker, &topic).await.unwrap_or_else(|e| panic!("{e}"));
     let (broker, problems) = tokio::task::spawn_blocking(move || {
@@ -451,7 +451,7 @@ async fn kafka_python_sees_the_same() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "tansu 0.6.0 fails it (skips records after a seek inside a batch); needs scripts/install-tansu.sh"]
 async fn tansu_conformance() {
-    let broker = Broker::start_kind(BrokerKind::Tansu);
+    let broker = Broker::start_kind(BrokerKind::Tansu).await;
     let topic = unique("conformance-tansu");
     let expected = produce_batches(&broker, &topic).await.unwrap_or_else(|e| panic!("{e}"));
     let (broker, problems) = tokio::task::spawn_blocking(move || {

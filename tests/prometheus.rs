@@ -52,7 +52,7 @@ impl Prometheus {
         let server = Prometheus { child, url: format!("http://127.0.0.1:{port}"), log };
         let ready_url = server.api("/-/ready");
         let ready = eventually(Duration::from_secs(30), move || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http_get(&ready_url).0 == 200
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http_get_blocking(&ready_url).0 == 200
         })
         .await;
         assert!(ready, "prometheus did not become ready:\n{}", server.log_text());
@@ -64,22 +64,22 @@ impl Prometheus {
     }
 
     /// `GET /api/v1/…`, its `data` when the status is success.
-    fn get(&self, path: &str) -> Value {
-        let (status, body) = http_get(&self.api(path));
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = http_get(&self.api(path)).await;
         let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
         assert!(status == 200 && v["status"] == "success", "{path}: {status} {body}");
         v["data"].clone()
     }
 
     /// The result of an instant query.
-    fn query(&self, promql: &str) -> Vec<Value> {
+    async fn query(&self, promql: &str) -> Vec<Value> {
         let q = utf8_percent_encode(promql, NON_ALPHANUMERIC);
-        self.get(&format!("/api/v1/query?query={q}"))["result"].as_array().cloned().unwrap_or_default()
+        self.get(&format!("/api/v1/query?query={q}")).await["result"].as_array().cloned().unwrap_or_default()
     }
 
     /// The state of alert `name` (`pending`, `firing`), if it is active.
-    fn alert_state(&self, name: &str) -> Option<String> {
-        let alerts = self.get("/api/v1/alerts")["alerts"].as_array().cloned().unwrap_or_default();
+    async fn alert_state(&self, name: &str) -> Option<String> {
+        let alerts = self.get("/api/v1/alerts").await["alerts"].as_array().cloned().unwrap_or_default();
         alerts.iter().find(|a| a["labels"]["alertname"] == name).map(|a| a["state"].as_str().unwrap().to_string())
     }
 
@@ -123,7 +123,7 @@ fn grafana_query(expr: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_fires_the_dead_letter_alert_and_every_dashboard_query_has_data() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("prom");
     broker.create_topics(&topics, 2).await;
     let dir = tempfile::tempdir().unwrap();
@@ -152,7 +152,7 @@ async fn prometheus_fires_the_dead_letter_alert_and_every_dashboard_query_has_da
         let url = prometheus.url.clone();
         move || {
             eventually_blocking(LIMIT, || {
-                let (_, body) = http_get(&format!("{url}/api/v1/query?query=up%3D%3D1"));
+                let (_, body) = http_get_blocking(&format!("{url}/api/v1/query?query=up%3D%3D1"));
                 body.contains("\"result\":[{")
             })
         }
@@ -160,7 +160,7 @@ async fn prometheus_fires_the_dead_letter_alert_and_every_dashboard_query_has_da
     .await
     .unwrap();
     assert!(scraped, "prometheus never scraped the worker at {target}:\n{}", prometheus.log_text());
-    assert_eq!(prometheus.alert_state(alert), None, "{alert} is active before any poison");
+    assert_eq!(prometheus.alert_state(alert).await, None, "{alert} is active before any poison");
 
     // 10 % poison, sent in rounds so that rates have samples on both sides.
     let p = producer(&broker.addr);
@@ -179,7 +179,7 @@ async fn prometheus_fires_the_dead_letter_alert_and_every_dashboard_query_has_da
         }
         sent += 20;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        state = prometheus.alert_state(alert);
+        state = prometheus.alert_state(alert).await;
         if state.as_deref() == Some("firing") && sent >= 200 {
             break;
         }
@@ -193,11 +193,12 @@ async fn prometheus_fires_the_dead_letter_alert_and_every_dashboard_query_has_da
     )
     .unwrap();
     let exprs = deploy_names::dashboard_exprs(&dashboard);
-    let empty: Vec<&String> = exprs
-        .iter()
-        .filter(|e| !e.trim().is_empty())
-        .filter(|e| prometheus.query(&grafana_query(e)).is_empty())
-        .collect();
+    let mut empty: Vec<&String> = Vec::new();
+    for e in exprs.iter().filter(|e| !e.trim().is_empty()) {
+        if prometheus.query(&grafana_query(e)).await.is_empty() {
+            empty.push(e);
+        }
+    }
     assert!(empty.is_empty(), "{} of {} dashboard queries return no data: {empty:#?}", empty.len(), exprs.len());
     println!("{alert} fired after {sent} messages; all {} dashboard queries returned data", exprs.len());
 }

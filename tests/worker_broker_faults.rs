@@ -18,8 +18,12 @@ use worker_common::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn metric(url: &str, series: &str) -> f64 {
-    sample(&http_get(url).1, series)
+async fn metric(url: &str, series: &str) -> f64 {
+    sample(&http_get(url).await.1, series)
+}
+
+fn metric_blocking(url: &str, series: &str) -> f64 {
+    sample(&http_get_blocking(url).1, series)
 }
 
 /// Records deleted before the group read them (the test broker keeps the last
@@ -27,7 +31,7 @@ fn metric(url: &str, series: &str) -> f64 {
 /// its group's committed offset and says so, with the exact count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_deleted_before_they_were_read_are_a_gap() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("gap");
     broker.create_topics(&topics, 1).await;
     let group = unique("g-gap");
@@ -66,14 +70,14 @@ async fn records_deleted_before_they_were_read_are_a_gap() {
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
     let done = tokio::task::spawn_blocking(move || {
-        eventually_blocking(LIMIT, || outputs_acknowledged(&u) >= (high - low) as f64)
+        eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&u) >= (high - low) as f64)
     })
     .await
     .unwrap();
     assert!(done, "the worker did not route offsets {low}..{high}");
     let labels = format!("{{partition=\"0\",topic=\"{}\"}}", topics.input);
-    assert_eq!(metric(&url, &format!("triagem_offset_gaps_total{labels}")), 1.0);
-    assert_eq!(metric(&url, &format!("triagem_offsets_skipped_total{labels}")), (low - 3) as f64);
+    assert_eq!(metric(&url, &format!("triagem_offset_gaps_total{labels}")).await, 1.0);
+    assert_eq!(metric(&url, &format!("triagem_offsets_skipped_total{labels}")).await, (low - 3) as f64);
     let log = worker.log_text();
     assert!(log.contains("offset gap: expected offset 3 after the committed offset"), "{log}");
     println!("committed 3, low watermark {low}: the worker counted a gap of {} offsets", low - 3);
@@ -86,7 +90,7 @@ async fn records_deleted_before_they_were_read_are_a_gap() {
 /// backlog and is ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("idle");
     broker.create_topics(&topics, 1).await;
     let group = unique("g-idle");
@@ -130,38 +134,39 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     let (u, r) = (url.clone(), readyz.clone());
     let not_ready = tokio::task::spawn_blocking(move || {
         eventually_blocking(Duration::from_secs(60), || {
-            metric(&u, "triagem_idle_with_lag") == 1.0 && http_get(&r).0 == 503
+            metric_blocking(&u, "triagem_idle_with_lag") == 1.0 && http_get_blocking(&r).0 == 503
         })
     })
     .await
     .unwrap();
     assert!(not_ready, "the worker stayed ready without partitions:\n{}", worker.log_text());
-    let (status, body) = http_get(&readyz);
+    let (status, body) = http_get(&readyz).await;
     assert_eq!(status, 503);
     assert!(body.contains("no input partition assigned"), "{body}");
-    assert_eq!(metric(&url, "triagem_assigned_partitions"), 0.0);
-    assert_eq!(metric(&url, "triagem_ready"), 0.0);
-    assert_eq!(outputs_acknowledged(&url), 0.0);
+    assert_eq!(metric(&url, "triagem_assigned_partitions").await, 0.0);
+    assert_eq!(metric(&url, "triagem_ready").await, 0.0);
+    assert_eq!(outputs_acknowledged(&url).await, 0.0);
     assert!(worker.log_text().contains("messages of lag that no member works off"), "{}", worker.log_text());
 
     stop_tx.send(()).unwrap();
     holder.join().unwrap();
     let u = url.clone();
-    let routed =
-        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&u) >= n as f64))
-            .await
-            .unwrap();
+    let routed = tokio::task::spawn_blocking(move || {
+        eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&u) >= n as f64)
+    })
+    .await
+    .unwrap();
     assert!(routed, "the worker never got the partition back:\n{}", worker.log_text());
     let (u, r) = (url.clone(), readyz.clone());
     let ready = tokio::task::spawn_blocking(move || {
         eventually_blocking(Duration::from_secs(30), || {
-            metric(&u, "triagem_idle_with_lag") == 0.0 && http_get(&r).0 == 200
+            metric_blocking(&u, "triagem_idle_with_lag") == 0.0 && http_get_blocking(&r).0 == 200
         })
     })
     .await
     .unwrap();
     assert!(ready, "not ready again after getting the partition:\n{}", worker.log_text());
-    assert_eq!(metric(&url, "triagem_assigned_partitions"), 1.0);
+    assert_eq!(metric(&url, "triagem_assigned_partitions").await, 1.0);
 }
 
 /// Creates every topic of `topics` but the `suporte` output, which the
@@ -200,7 +205,7 @@ async fn produce_large(brokers: &str, topic: &str, payloads: &[(String, Vec<u8>)
 /// offsets are committed to the end and SIGTERM exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("toolarge");
     broker.create_topics(&topics, 1).await;
     let group = unique("g-toolarge");
@@ -221,7 +226,7 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
     let total = inputs.len() as i64;
     let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
     let all_committed = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(90), || committed(&b, &g, &t, 1)[0] == Some(total))
+        eventually_blocking(Duration::from_secs(90), || committed_blocking(&b, &g, &t, 1)[0] == Some(total))
     })
     .await
     .unwrap();
@@ -239,7 +244,7 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
     let big =
         dead.iter().find(|o| o.headers["triagem-source-offset"] == "21").expect("the rejected output's dead letter");
     assert!(big.headers["triagem-error"].starts_with("output_rejected:"), "{:?}", big.headers);
-    let rejected = metric_sum(&url, "triagem_outputs_rejected_total");
+    let rejected = metric_sum(&url, "triagem_outputs_rejected_total").await;
     println!(
         "outputs rejected for good: {rejected}; dead letters: {} (payload bytes: {:?}); routed: {}",
         dead.len(),
@@ -247,8 +252,8 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
         routed.len()
     );
     assert!(rejected >= 1.0);
-    worker.terminate();
-    let status = worker.wait_exit(Duration::from_secs(25)).expect("no exit after SIGTERM");
+    worker.terminate().await;
+    let status = worker.wait_exit(Duration::from_secs(25)).await.expect("no exit after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", worker.log_text());
 }
 
@@ -260,7 +265,7 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
 /// routed and the worker is ready and live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("missing");
     create_all_but_suporte(&broker, &topics, 1).await;
     let group = unique("g-missing");
@@ -284,26 +289,31 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     let series = format!("triagem_output_topic_unavailable{{topic=\"{}\"}}", topics.suporte);
     let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
     let reported = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric(&u, &s) == 1.0 && http_get(&r).0 == 503)
+        eventually_blocking(Duration::from_secs(30), || {
+            metric_blocking(&u, &s) == 1.0 && http_get_blocking(&r).0 == 503
+        })
     })
     .await
     .unwrap();
     assert!(reported, "the missing topic was not reported:\n{}", worker.log_text());
-    let (_, body) = http_get(&readyz);
+    let (_, body) = http_get(&readyz).await;
     assert!(body.contains(&topics.suporte), "{body}");
     let outs = read_outputs(&broker.addr, &[topics.venda.clone()], Duration::from_secs(60), |o| o.len() >= venda).await;
     assert_eq!(outs.len(), venda, "the outputs to the existing topic did not flow");
-    assert_eq!(metric(&url, "triagem_ready"), 0.0);
+    assert_eq!(metric(&url, "triagem_ready").await, 0.0);
     // Nothing acknowledged for health.stall_timeout (3 s) while outputs wait: not live either.
     let (u, h) = (url.clone(), healthz.clone());
     let unhealthy = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_stalled") == 1.0 && http_get(&h).0 == 503)
+        eventually_blocking(Duration::from_secs(30), || {
+            metric_blocking(&u, "triagem_stalled") == 1.0 && http_get_blocking(&h).0 == 503
+        })
     })
     .await
     .unwrap();
     assert!(unhealthy, "/healthz stayed 200 while nothing could be acknowledged:\n{}", worker.log_text());
     // No commit covers the held messages: the lag is unknown, their age is not.
-    let age = metric(&url, &format!("triagem_oldest_unacked_seconds{{partition=\"0\",topic=\"{}\"}}", topics.input));
+    let age =
+        metric(&url, &format!("triagem_oldest_unacked_seconds{{partition=\"0\",topic=\"{}\"}}", topics.input)).await;
     println!("oldest unacknowledged message of the stuck partition: {age} s");
     assert!(age >= 1.0, "oldest unacknowledged age {age}");
 
@@ -313,12 +323,14 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     assert_eq!(ids.len(), n, "inputs lost after the topic was created:\n{}", worker.log_text());
     let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
     let ready = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric(&u, &s) == 0.0 && http_get(&r).0 == 200)
+        eventually_blocking(Duration::from_secs(30), || {
+            metric_blocking(&u, &s) == 0.0 && http_get_blocking(&r).0 == 200
+        })
     })
     .await
     .unwrap();
     assert!(ready, "not ready after the topic was created:\n{}", worker.log_text());
-    assert_eq!(http_get(&healthz).0, 200, "still unhealthy after the topic was created");
+    assert_eq!(http_get(&healthz).await.0, 200, "still unhealthy after the topic was created");
     println!("missing output topic: {venda} outputs flowed meanwhile, {} after it was created, 0 lost", n - venda);
 }
 
@@ -329,7 +341,7 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
 /// poll interval exceeded; once the topic exists, everything is routed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("pause");
     create_all_but_suporte(&broker, &topics, 1).await;
     let group = unique("g-pause");
@@ -350,14 +362,14 @@ async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
     let paused = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_consumer_paused") == 1.0)
+        eventually_blocking(Duration::from_secs(30), || metric_blocking(&u, "triagem_consumer_paused") == 1.0)
     })
     .await
     .unwrap();
     assert!(paused, "fetching never paused:\n{}", worker.log_text());
     // Longer than max.poll.interval.ms with every slot held.
     tokio::time::sleep(Duration::from_secs(9)).await;
-    let held = outputs_acknowledged(&url);
+    let held = outputs_acknowledged(&url).await;
     broker.create_topic(&topics.suporte, 1).await;
     let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
@@ -370,7 +382,7 @@ async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
         log.to_lowercase().contains("poll interval")
     );
     assert!(!log.to_lowercase().contains("poll interval"), "the worker stopped polling:\n{log}");
-    assert_eq!(metric(&url, "triagem_consumer_paused"), 0.0);
+    assert_eq!(metric(&url, "triagem_consumer_paused").await, 0.0);
 }
 
 /// Backpressure by bytes: 4 KB inputs, `kafka.max_in_flight_bytes` 16 KiB
@@ -383,7 +395,7 @@ async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
 /// `suporte` input (about half of 60) would be held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_bytes_pause_fetching_at_their_bound() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("bytes");
     create_all_but_suporte(&broker, &topics, 1).await;
     let group = unique("g-bytes");
@@ -414,7 +426,7 @@ async fn in_flight_bytes_pause_fetching_at_their_bound() {
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
     let paused = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_consumer_paused") == 1.0)
+        eventually_blocking(Duration::from_secs(30), || metric_blocking(&u, "triagem_consumer_paused") == 1.0)
     })
     .await
     .unwrap();
@@ -423,9 +435,10 @@ async fn in_flight_bytes_pause_fetching_at_their_bound() {
     let mut peak = 0.0f64;
     for _ in 0..15 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        peak = peak.max(metric(&url, "triagem_in_flight_bytes"));
+        peak = peak.max(metric(&url, "triagem_in_flight_bytes").await);
     }
-    let (held, messages) = (metric(&url, "triagem_in_flight_bytes"), metric(&url, "triagem_in_flight_messages"));
+    let (held, messages) =
+        (metric(&url, "triagem_in_flight_bytes").await, metric(&url, "triagem_in_flight_messages").await);
     let bound = 16.0 * 1024.0;
     println!(
         "max_in_flight_bytes 16 KiB, {largest:.0}-byte inputs, outputs held by a missing topic: paused with {held:.0} \
@@ -445,16 +458,15 @@ async fn in_flight_bytes_pause_fetching_at_their_bound() {
 /// CLUSTER_AUTHORIZATION_FAILED (31), which librdkafka makes a fatal error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_client_error_exits_non_zero() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("fatal");
     broker.create_topics(&topics, 1).await;
-    broker.command("errors InitProducerId 31").unwrap();
+    broker.command("errors InitProducerId 31").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &broker.addr, &unique("g-fatal"), &topics, "");
     let started = std::time::Instant::now();
     let mut worker = WorkerProc::start(&config, &[]);
-    let (status, worker) =
-        tokio::task::spawn_blocking(move || (worker.wait_exit(Duration::from_secs(60)), worker)).await.unwrap();
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
     let log = worker.log_text();
     let status = status.unwrap_or_else(|| panic!("the worker did not exit within 60 s of a fatal error:\n{log}"));
     let reason = log.lines().find(|l| l.contains("fatal:")).unwrap_or_default().to_string();
@@ -470,7 +482,7 @@ async fn a_fatal_client_error_exits_non_zero() {
 /// (`triagem_outputs_abandoned_total`). Once the topic exists nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("revoke");
     create_all_but_suporte(&broker, &topics, 2).await;
     let group = unique("g-revoke");
@@ -485,7 +497,9 @@ async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
     let url = first.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
     let held = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric(&u, "triagem_queue_depth{queue=\"producer\"}") > 0.0)
+        eventually_blocking(Duration::from_secs(30), || {
+            metric_blocking(&u, "triagem_queue_depth{queue=\"producer\"}") > 0.0
+        })
     })
     .await
     .unwrap();
@@ -493,12 +507,12 @@ async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
     let second = WorkerProc::start(&config, &env);
     let u = url.clone();
     let abandoned = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(60), || metric(&u, "triagem_outputs_abandoned_total") > 0.0)
+        eventually_blocking(Duration::from_secs(60), || metric_blocking(&u, "triagem_outputs_abandoned_total") > 0.0)
     })
     .await
     .unwrap();
     assert!(abandoned, "the revoked outputs were not abandoned:\n{}", first.log_text());
-    let abandoned = metric(&url, "triagem_outputs_abandoned_total");
+    let abandoned = metric(&url, "triagem_outputs_abandoned_total").await;
     broker.create_topic(&topics.suporte, 1).await;
     let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
@@ -518,7 +532,7 @@ async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
 /// nothing lost, duplicates counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("down");
     broker.create_topics(&topics, 2).await;
     let group = unique("g-down");
@@ -532,33 +546,35 @@ async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
     let readyz = url.replace("/metrics", "/readyz");
     let u = url.clone();
     assert!(
-        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&u) >= 500.0))
+        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&u) >= 500.0))
             .await
             .unwrap(),
         "nothing routed:\n{}",
         worker.log_text()
     );
-    broker.down();
-    let before = outputs_acknowledged(&url);
+    broker.down().await;
+    let before = outputs_acknowledged(&url).await;
     let r = readyz.clone();
     let down_at = std::time::Instant::now();
-    let not_ready =
-        tokio::task::spawn_blocking(move || eventually_blocking(Duration::from_secs(10), || http_get(&r).0 == 503))
-            .await
-            .unwrap();
+    let not_ready = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(10), || http_get_blocking(&r).0 == 503)
+    })
+    .await
+    .unwrap();
     let not_ready_after = down_at.elapsed();
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
-    let during = outputs_acknowledged(&url);
-    broker.up();
+    let during = outputs_acknowledged(&url).await;
+    broker.up().await;
     assert!(not_ready, "/readyz stayed 200 with the broker down:\n{}", worker.log_text());
     let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
     assert_eq!(distinct(&outs), n, "inputs lost ({} outputs read):\n{}", outs.len(), worker.log_text());
     let r = readyz.clone();
-    let ready =
-        tokio::task::spawn_blocking(move || eventually_blocking(Duration::from_secs(30), || http_get(&r).0 == 200))
-            .await
-            .unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(30), || http_get_blocking(&r).0 == 200)
+    })
+    .await
+    .unwrap();
     assert!(ready, "not ready after the broker came back:\n{}", worker.log_text());
     let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(2)).await;
     println!(

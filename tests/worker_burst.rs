@@ -35,7 +35,7 @@ fn rss_kib(pid: u32) -> Option<(u64, u64)> {
 /// until every input's offset is committed. Returns (peak RSS MiB, seconds).
 async fn burst(name: &str, inputs: Vec<(String, Vec<u8>)>, max_bytes: &str) -> (f64, f64) {
     let n = inputs.len() as i64;
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new(name);
     let partitions = 4;
     broker.create_topics(&topics, partitions).await;
@@ -72,7 +72,7 @@ async fn burst(name: &str, inputs: Vec<(String, Vec<u8>)>, max_bytes: &str) -> (
     let start = Instant::now();
     let (addr, g, input) = (broker.addr.clone(), group.clone(), topics.input.clone());
     let all_committed = eventually(Duration::from_secs(1800), move || {
-        committed(&addr, &g, &input, partitions).iter().map(|c| c.unwrap_or(0)).sum::<i64>() >= n
+        committed_blocking(&addr, &g, &input, partitions).iter().map(|c| c.unwrap_or(0)).sum::<i64>() >= n
     })
     .await;
     let seconds = start.elapsed().as_secs_f64();
@@ -80,7 +80,7 @@ async fn burst(name: &str, inputs: Vec<(String, Vec<u8>)>, max_bytes: &str) -> (
     sampler.join().unwrap();
     let peak_mib = peak.load(Ordering::Relaxed) as f64 / 1024.0;
     let committed_now: i64 =
-        committed(&broker.addr, &group, &topics.input, partitions).iter().map(|c| c.unwrap_or(0)).sum();
+        committed(&broker.addr, &group, &topics.input, partitions).await.iter().map(|c| c.unwrap_or(0)).sum();
     assert!(all_committed, "{name}: {committed_now} of {n} committed after {seconds:.0}s:\n{}", worker.log_text());
     println!(
         "BURST {name}: {n} messages, all committed in {seconds:.1}s ({:.0} msg/s), worker peak RSS {peak_mib:.0} MiB",

@@ -24,7 +24,7 @@ fn per_id(outs: &[Out]) -> HashMap<u64, usize> {
 
 fn committed_as_ends(brokers: &str, group: &str, topic: &str, ends: &HashMap<i32, i64>) -> bool {
     let partitions = ends.keys().max().map_or(0, |p| p + 1);
-    let got = committed(brokers, group, topic, partitions);
+    let got = committed_blocking(brokers, group, topic, partitions);
     ends.iter().all(|(p, end)| got[*p as usize] == Some(*end))
 }
 
@@ -33,7 +33,7 @@ fn committed_as_ends(brokers: &str, group: &str, topic: &str, ends: &HashMap<i32
 /// counted and printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_then_restart_loses_nothing() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("kill");
     broker.create_topics(&topics, 2).await;
     let dir = tempfile::tempdir().unwrap();
@@ -46,12 +46,12 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     let mut worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let started =
-        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&url) >= 40.0))
+        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&url) >= 40.0))
             .await
             .unwrap();
     assert!(started, "the worker produced nothing:\n{}", worker.log_text());
-    worker.kill();
-    let committed_at_kill = committed(&broker.addr, &group, &topics.input, 2);
+    worker.kill().await;
+    let committed_at_kill = committed(&broker.addr, &group, &topics.input, 2).await;
     println!("SIGKILL with {first} inputs; committed then: {committed_at_kill:?}");
 
     let more = 100;
@@ -76,7 +76,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     .unwrap();
     assert!(all, "offsets not committed up to the end");
     // The restarted worker started exactly at the committed offsets and saw every offset after them.
-    let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)).await, "triagem_offset_gaps_total");
+    let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)).await, "triagem_offset_gaps_total").await;
     assert_eq!(gaps, 0.0, "the restarted worker saw offset gaps:\n{}", restarted.log_text());
 }
 
@@ -84,7 +84,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
 /// and exits 0; a restarted worker then routes the rest without duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_commits_and_exits_0() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("term");
     broker.create_topics(&topics, 2).await;
     let dir = tempfile::tempdir().unwrap();
@@ -96,18 +96,21 @@ async fn sigterm_finishes_commits_and_exits_0() {
 
     let mut worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
-    assert!(tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged(&url) >= 20.0))
-        .await
-        .unwrap());
-    worker.terminate();
-    let status = worker.wait_exit(Duration::from_secs(25)).expect("worker did not exit within shutdown.timeout");
+    assert!(tokio::task::spawn_blocking(
+        move || eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&url) >= 20.0)
+    )
+    .await
+    .unwrap());
+    worker.terminate().await;
+    let status = worker.wait_exit(Duration::from_secs(25)).await.expect("worker did not exit within shutdown.timeout");
     let log = worker.log_text();
     assert_eq!(status.code(), Some(0), "exit status {status:?}\n{log}");
     assert!(log.contains("stopped cleanly"), "{log}");
 
     // What was routed is exactly what was committed: nothing in flight was dropped.
     let routed = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await.len() as i64;
-    let committed_now: i64 = committed(&broker.addr, &group, &topics.input, 2).iter().map(|c| c.unwrap_or(0)).sum();
+    let committed_now: i64 =
+        committed(&broker.addr, &group, &topics.input, 2).await.iter().map(|c| c.unwrap_or(0)).sum();
     println!("SIGTERM after {routed} outputs; committed {committed_now}");
     assert_eq!(committed_now, routed, "committed offsets must cover exactly the routed messages");
 
@@ -123,7 +126,7 @@ async fn sigterm_finishes_commits_and_exits_0() {
 /// route every message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_partitions_and_route_each_message_once() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("pair");
     let partitions = 4;
     broker.create_topics(&topics, partitions).await;
@@ -148,16 +151,15 @@ async fn two_workers_split_partitions_and_route_each_message_once() {
 
     // Each worker consumed a disjoint, non-empty set of partitions, together all of them.
     let (url_a, url_b) = (a.metrics_url(Duration::from_secs(5)).await, b.metrics_url(Duration::from_secs(5)).await);
-    let consumed = |url: &str| -> Vec<i32> {
-        let (_, page) = http_get(url);
+    let consumed = |page: &str| -> Vec<i32> {
         (0..partitions)
             .filter(|p| {
                 let s = format!("triagem_messages_consumed_total{{partition=\"{p}\",topic=\"{}\"}}", topics.input);
-                sample(&page, &s) > 0.0
+                sample(page, &s) > 0.0
             })
             .collect()
     };
-    let (pa, pb) = (consumed(&url_a), consumed(&url_b));
+    let (pa, pb) = (consumed(&http_get(&url_a).await.1), consumed(&http_get(&url_b).await.1));
     println!("worker A consumed partitions {pa:?}, worker B {pb:?}");
     assert!(!pa.is_empty() && !pb.is_empty(), "one worker did nothing: A {pa:?}, B {pb:?}");
     let mut all: Vec<i32> = pa.iter().chain(&pb).copied().collect();
@@ -190,7 +192,7 @@ async fn a_worker_joining_then_one_leaving_mid_stream_loses_nothing() {
     if !assignor.is_empty() {
         env.push(("TRIAGEM__KAFKA__CONSUMER__PARTITION__ASSIGNMENT__STRATEGY", assignor.as_str()));
     }
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let mut failures = vec![];
     for run in 1..=runs {
         let (lost, line) = handover(&broker, &env).await;
@@ -217,18 +219,22 @@ async fn handover(broker: &Broker, env: &[(&str, &str)]) -> (usize, String) {
     let mut a = WorkerProc::start(&config, env);
     let url_a = a.metrics_url(Duration::from_secs(30)).await;
     let u = url_a.clone();
-    assert!(eventually(LIMIT, move || outputs_acknowledged(&u) >= 300.0).await, "A routed nothing:\n{}", a.log_text());
+    assert!(
+        eventually(LIMIT, move || outputs_acknowledged_blocking(&u) >= 300.0).await,
+        "A routed nothing:\n{}",
+        a.log_text()
+    );
     // B joins while the next messages arrive: A's partitions are revoked with messages in flight.
     let b = WorkerProc::start(&config, env);
     produce_all(&p, &topics.input, &chat_inputs(chunk, chunk)).await;
     let log_b = b.log.clone();
     let b_assigned = move || std::fs::read_to_string(&log_b).unwrap_or_default().contains("partitions assigned");
     assert!(eventually(LIMIT, b_assigned).await, "B never got partitions:\n{}", b.log_text());
-    let at_leave = outputs_acknowledged(&url_a);
+    let at_leave = outputs_acknowledged(&url_a).await;
     // A leaves mid-stream (SIGTERM) while more arrive: its partitions go to B.
-    a.terminate();
+    a.terminate().await;
     produce_all(&p, &topics.input, &chat_inputs(2 * chunk, chunk)).await;
-    let status = a.wait_exit(Duration::from_secs(25)).expect("A did not exit within shutdown.timeout");
+    let status = a.wait_exit(Duration::from_secs(25)).await.expect("A did not exit within shutdown.timeout");
     assert!(status.success(), "A exited with {status}:\n{}", a.log_text());
 
     let mut seen = std::collections::HashSet::new();
@@ -282,7 +288,7 @@ async fn sigkill_restart_repeated() {
         ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "2000"),
         ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1s"),
     ];
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let (first, more, partitions) = (488, 20_000, 3);
     let n = first + more;
     let mut totals = (0usize, 0usize, 0.0f64);
@@ -301,15 +307,16 @@ async fn sigkill_restart_repeated() {
         // About 700 outputs, and a commit made: the restart resumes from committed offsets inside batches.
         let started = tokio::task::spawn_blocking(move || {
             eventually_blocking(LIMIT, || {
-                outputs_acknowledged(&url) >= 700.0 && metric_sum(&url, "triagem_commits_total{result=\"ok\"}") >= 1.0
+                outputs_acknowledged_blocking(&url) >= 700.0
+                    && metric_sum_blocking(&url, "triagem_commits_total{result=\"ok\"}") >= 1.0
             })
         })
         .await
         .unwrap();
         assert!(started, "run {run}: the worker produced or committed nothing:\n{}", worker.log_text());
-        worker.kill();
+        worker.kill().await;
         let committed_at_kill: i64 =
-            committed(&broker.addr, &group, &topics.input, partitions).iter().map(|c| c.unwrap_or(0)).sum();
+            committed(&broker.addr, &group, &topics.input, partitions).await.iter().map(|c| c.unwrap_or(0)).sum();
         let restart = std::time::Instant::now();
         let restarted = WorkerProc::start(&config, &env);
 
@@ -326,7 +333,7 @@ async fn sigkill_restart_repeated() {
         let took = restart.elapsed().as_secs_f64();
         let lost = n - seen.len();
         let duplicates = outs.len() - seen.len();
-        let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)).await, "triagem_offset_gaps_total");
+        let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)).await, "triagem_offset_gaps_total").await;
         println!(
             "run {run:2}: {n} inputs, SIGKILL with {committed_at_kill} committed, {} outputs, lost {lost}, \
              duplicates {duplicates}, offset gaps {gaps}, all routed {took:.1} s after the restart",

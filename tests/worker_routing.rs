@@ -20,7 +20,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// key, headers and fields intact and the label the model gives in-process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_batch_lands_once_in_the_right_topic_intact() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("mixed");
     broker.create_topics(&topics, 2).await;
     let dir = tempfile::tempdir().unwrap();
@@ -81,7 +81,7 @@ async fn mixed_batch_lands_once_in_the_right_topic_intact() {
 /// reason and source coordinates, while the good messages around it are routed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("poison");
     broker.create_topics(&topics, 1).await;
     let dir = tempfile::tempdir().unwrap();
@@ -133,7 +133,7 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
 
     // Each reason is counted.
     let url = worker.metrics_url(Duration::from_secs(5)).await;
-    let (status, page) = http_get(&url);
+    let (status, page) = http_get(&url).await;
     assert_eq!(status, 200);
     for (kind, _) in &poison {
         let series = format!("triagem_messages_dead_lettered_total{{reason=\"{kind}\"}}");
@@ -141,32 +141,36 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
     }
     let u = url.clone();
     assert!(
-        eventually(Duration::from_secs(15), move || sample(&http_get(&u).1, "triagem_commits_total{result=\"ok\"}")
-            > 0.0)
+        eventually(Duration::from_secs(15), move || sample(
+            &http_get_blocking(&u).1,
+            "triagem_commits_total{result=\"ok\"}"
+        ) > 0.0)
         .await,
         "no commit counted"
     );
-    assert_eq!(http_get(&url.replace("/metrics", "/healthz")).0, 200);
+    assert_eq!(http_get(&url.replace("/metrics", "/healthz")).await.0, 200);
     let readyz = url.replace("/metrics", "/readyz");
-    assert!(eventually(Duration::from_secs(15), move || http_get(&readyz).0 == 200).await);
+    assert!(eventually(Duration::from_secs(15), move || http_get_blocking(&readyz).0 == 200).await);
 
     // Every metric the Grafana dashboard and the alert rules query is on this
     // live worker's page (`up` is Prometheus' own). Consumer lag comes with
     // librdkafka's statistics, every 5 s: wait for it.
     let referenced = deploy_names::referenced_metric_names(Path::new(env!("CARGO_MANIFEST_DIR")));
     let missing = move || -> BTreeSet<String> {
-        let exposed = deploy_names::exposed_metric_names(&http_get(&url).1);
+        let exposed = deploy_names::exposed_metric_names(&http_get_blocking(&url).1);
         referenced.keys().filter(|n| *n != "up" && !exposed.contains(*n)).cloned().collect()
     };
     let check = missing.clone();
-    assert!(eventually(Duration::from_secs(20), move || check().is_empty()).await, "not exposed: {:?}", missing());
+    let all_exposed = eventually(Duration::from_secs(20), move || check().is_empty()).await;
+    let left = if all_exposed { BTreeSet::new() } else { off_runtime(missing).await };
+    assert!(all_exposed, "not exposed: {left:?}");
 }
 
 /// Below `routing.min_confidence` a message goes to the review topic, still
 /// carrying its predicted label; at or above, to its label's topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_confidence_goes_to_review() {
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("review");
     broker.create_topics(&topics, 1).await;
     let expected = expected_predictions(TEXTS);
@@ -210,7 +214,7 @@ async fn low_confidence_goes_to_review() {
         }
     }
     assert!(reviewed > 0 && reviewed < TEXTS.len());
-    let (_, page) = http_get(&worker.metrics_url(Duration::from_secs(5)).await);
+    let (_, page) = http_get(&worker.metrics_url(Duration::from_secs(5)).await).await;
     let counted: f64 = ["venda", "suporte"]
         .iter()
         .map(|l| sample(&page, &format!("triagem_messages_review_total{{label=\"{l}\"}}")))

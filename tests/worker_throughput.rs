@@ -29,7 +29,7 @@ const POISON: &[(&str, &[u8])] = &[
 #[ignore = "10,000 messages: run with --ignored --nocapture (release build recommended)"]
 async fn ten_thousand_mixed_messages_survive_a_sigkill() {
     let n: usize = std::env::var("TRIAGEM_THROUGHPUT_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let broker = Broker::start();
+    let broker = Broker::start().await;
     let topics = Topics::new("bulk");
     let partitions = 4;
     broker.create_topics(&topics, partitions).await;
@@ -70,16 +70,19 @@ async fn ten_thousand_mixed_messages_survive_a_sigkill() {
     let (u, half) = (url.clone(), n as f64 / 2.0);
     let (rate, first_at) = tokio::task::spawn_blocking(move || {
         let start = Instant::now();
-        assert!(eventually_blocking(Duration::from_secs(120), || outputs_acknowledged(&u) >= 100.0), "no output");
-        let (c0, t0) = (outputs_acknowledged(&u), Instant::now());
+        assert!(
+            eventually_blocking(Duration::from_secs(120), || outputs_acknowledged_blocking(&u) >= 100.0),
+            "no output"
+        );
+        let (c0, t0) = (outputs_acknowledged_blocking(&u), Instant::now());
         let first_at = start.elapsed();
-        assert!(eventually_blocking(Duration::from_secs(600), || outputs_acknowledged(&u) >= half), "stalled");
-        let (c1, t1) = (outputs_acknowledged(&u), Instant::now());
+        assert!(eventually_blocking(Duration::from_secs(600), || outputs_acknowledged_blocking(&u) >= half), "stalled");
+        let (c1, t1) = (outputs_acknowledged_blocking(&u), Instant::now());
         ((c1 - c0) / (t1 - t0).as_secs_f64(), first_at)
     })
     .await
     .unwrap();
-    worker.kill();
+    worker.kill().await;
     println!(
         "THROUGHPUT: {rate:.0} messages/s end to end (consume → classify → produce acked), \
          first outputs {:.1}s after start; SIGKILL at ~{half} outputs",

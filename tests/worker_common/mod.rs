@@ -4,6 +4,13 @@
 //! topics, the `triagem worker` binary as a child process,
 //! rdkafka producers and readers, and the expected labels computed by loading
 //! the same model in-process.
+//!
+//! The tests are async (rdkafka's futures) on a 2-thread runtime; everything
+//! here that blocks — starting a broker, a control command, an HTTP GET, a
+//! Kafka request, waiting for a child — is an async function that runs on
+//! tokio's blocking pool ([`off_runtime`]), so a test never stalls a runtime
+//! thread. The blocking forms (`*_blocking`) are for code that already runs
+//! there: the checks polled by [`eventually`].
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -12,7 +19,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -93,17 +100,22 @@ pub struct Broker {
     /// Its stderr.
     log: PathBuf,
     /// Commands to the test broker (None for tansu).
-    control: Option<Mutex<Control>>,
+    control: Option<Arc<Mutex<Control>>>,
 }
 
 impl Broker {
     /// Starts the broker `TRIAGEM_TEST_BROKER` names (the test broker by default).
-    pub fn start() -> Broker {
-        Broker::start_kind(BrokerKind::from_env())
+    pub async fn start() -> Broker {
+        Broker::start_kind(BrokerKind::from_env()).await
     }
 
     /// Starts a broker of `kind`.
-    pub fn start_kind(kind: BrokerKind) -> Broker {
+    pub async fn start_kind(kind: BrokerKind) -> Broker {
+        off_runtime(move || Broker::start_blocking(kind)).await
+    }
+
+    /// [`Broker::start_kind`] on the calling thread.
+    pub fn start_blocking(kind: BrokerKind) -> Broker {
         match kind {
             BrokerKind::Test => Broker::test_broker(1),
             BrokerKind::Tansu => Broker::tansu(),
@@ -130,8 +142,13 @@ impl Broker {
             let _ = child.wait();
             panic!("triagem-test-broker printed {line:?}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
         };
-        let broker =
-            Broker { child, addr, kind: BrokerKind::Test, log, control: Some(Mutex::new(Control { stdin, stdout })) };
+        let broker = Broker {
+            child,
+            addr,
+            kind: BrokerKind::Test,
+            log,
+            control: Some(Arc::new(Mutex::new(Control { stdin, stdout }))),
+        };
         let first = broker.addr.split(',').next().unwrap().to_string();
         assert!(
             eventually_blocking(Duration::from_secs(10), || TcpStream::connect(&first).is_ok()),
@@ -180,17 +197,23 @@ impl Broker {
     }
 
     /// Sends one control command to the test broker and returns its answer (`Err` with its error line).
-    pub fn command(&self, line: &str) -> Result<(), String> {
-        let control = self.control.as_ref().unwrap_or_else(|| panic!("{:?} has no control channel", self.kind));
-        let mut c = control.lock().unwrap();
-        writeln!(c.stdin, "{line}").and_then(|_| c.stdin.flush()).expect("write to triagem-test-broker");
-        let mut reply = String::new();
-        c.stdout.read_line(&mut reply).expect("read from triagem-test-broker");
-        match reply.trim() {
-            "ok" => Ok(()),
-            "" => Err(format!("triagem-test-broker exited:\n{}", self.log_text())),
-            other => Err(other.strip_prefix("error: ").unwrap_or(other).to_string()),
-        }
+    pub async fn command(&self, line: &str) -> Result<(), String> {
+        let control = self.control.clone().unwrap_or_else(|| panic!("{:?} has no control channel", self.kind));
+        let (line, log) = (line.to_string(), self.log.clone());
+        off_runtime(move || {
+            let mut c = control.lock().unwrap();
+            writeln!(c.stdin, "{line}").and_then(|_| c.stdin.flush()).expect("write to triagem-test-broker");
+            let mut reply = String::new();
+            c.stdout.read_line(&mut reply).expect("read from triagem-test-broker");
+            match reply.trim() {
+                "ok" => Ok(()),
+                "" => {
+                    Err(format!("triagem-test-broker exited:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
+                }
+                other => Err(other.strip_prefix("error: ").unwrap_or(other).to_string()),
+            }
+        })
+        .await
     }
 
     /// Creates a topic (test broker: a control command; tansu: the admin API).
@@ -198,6 +221,7 @@ impl Broker {
         match self.kind {
             BrokerKind::Test => self
                 .command(&format!("create {name} {partitions}"))
+                .await
                 .unwrap_or_else(|e| panic!("create topic {name}: {e}")),
             BrokerKind::Tansu => admin_create_topics(&self.addr, &[(name, partitions)]).await,
         }
@@ -212,13 +236,13 @@ impl Broker {
     }
 
     /// Test broker: drops every connection and refuses new ones until [`Broker::up`].
-    pub fn down(&self) {
-        self.command("down all").expect("broker down");
+    pub async fn down(&self) {
+        self.command("down all").await.expect("broker down");
     }
 
     /// Test broker: accepts connections again.
-    pub fn up(&self) {
-        self.command("up all").expect("broker up");
+    pub async fn up(&self) {
+        self.command("up all").await.expect("broker up");
     }
 
     /// The broker process's id.
@@ -420,27 +444,28 @@ impl WorkerProc {
     }
 
     /// Sends SIGTERM.
-    pub fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+    pub async fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        let status = off_runtime(move || Command::new("kill").args(["-TERM", &pid]).status().unwrap()).await;
         assert!(status.success());
     }
 
     /// SIGKILL, and reaps it.
-    pub fn kill(&mut self) {
+    pub async fn kill(&mut self) {
         self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        self.wait_exit(Duration::from_secs(10)).await.expect("no exit after SIGKILL");
     }
 
-    /// Waits for exit, up to `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+    /// Waits for exit, up to `limit` (polled without blocking the runtime).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        None
+        self.child.try_wait().unwrap()
     }
 
     /// The URL of its metrics endpoint, from its log (polled without blocking the runtime).
@@ -471,17 +496,40 @@ impl Drop for WorkerProc {
     }
 }
 
-/// GET over plain HTTP/1.0 (no client crate needed).
-pub fn http_get(url: &str) -> (u16, String) {
+/// GET over plain HTTP/1.0 (no client crate needed): (status, body).
+pub async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, request) = http_request(url);
+    let mut s = tokio::net::TcpStream::connect(&host).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    http_response(&response)
+}
+
+/// [`http_get`] on the calling thread.
+pub fn http_get_blocking(url: &str) -> (u16, String) {
+    let (host, request) = http_request(url);
+    let mut s = TcpStream::connect(&host).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    http_response(&response)
+}
+
+/// The host and the request of a GET of `url`.
+fn http_request(url: &str) -> (String, String) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut s = TcpStream::connect(host).unwrap();
-    write!(s, "GET {} HTTP/1.0\r\nHost: {host}\r\n\r\n", if path.is_empty() { "/" } else { path }).unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    let status = body.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let text = body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, text)
+    let request = format!("GET {} HTTP/1.0\r\nHost: {host}\r\n\r\n", if path.is_empty() { "/" } else { path });
+    (host.to_string(), request)
+}
+
+/// The status and body of a response.
+fn http_response(response: &str) -> (u16, String) {
+    let status = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }
 
 /// The value of one sample (`name{labels}`) in a Prometheus text page; 0 when absent.
@@ -626,7 +674,13 @@ pub async fn read_outputs(
 }
 
 /// Offsets committed by `group` on `topic`'s partitions (None where nothing is committed).
-pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+pub async fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    let (b, g, t) = (brokers.to_string(), group.to_string(), topic.to_string());
+    off_runtime(move || committed_blocking(&b, &g, &t, partitions)).await
+}
+
+/// [`committed`] on the calling thread.
+pub fn committed_blocking(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -661,14 +715,31 @@ pub async fn read_all(brokers: &str, topics: &[String], idle: Duration) -> Vec<O
 }
 
 /// Sum of `triagem_messages_routed_total` and `triagem_messages_dead_lettered_total` on a worker's metrics page.
-pub fn outputs_acknowledged(metrics_url: &str) -> f64 {
-    let (_, page) = http_get(metrics_url);
+pub async fn outputs_acknowledged(metrics_url: &str) -> f64 {
+    acknowledged_in(&http_get(metrics_url).await.1)
+}
+
+/// [`outputs_acknowledged`] on the calling thread.
+pub fn outputs_acknowledged_blocking(metrics_url: &str) -> f64 {
+    acknowledged_in(&http_get_blocking(metrics_url).1)
+}
+
+fn acknowledged_in(page: &str) -> f64 {
     page.lines()
         .filter(|l| {
             l.starts_with("triagem_messages_routed_total{") || l.starts_with("triagem_messages_dead_lettered_total{")
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Runs blocking work on tokio's blocking pool and returns its result; a
+/// panic there is the caller's panic.
+pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Polls `f` (which may block: an HTTP GET, a Kafka request) every 200 ms
@@ -691,8 +762,16 @@ pub fn eventually_blocking(limit: Duration, mut f: impl FnMut() -> bool) -> bool
 }
 
 /// Sum of every series of the metric `name` (e.g. `triagem_offset_gaps_total`) on a metrics page.
-pub fn metric_sum(metrics_url: &str, name: &str) -> f64 {
-    let (_, page) = http_get(metrics_url);
+pub async fn metric_sum(metrics_url: &str, name: &str) -> f64 {
+    sum_in(&http_get(metrics_url).await.1, name)
+}
+
+/// [`metric_sum`] on the calling thread.
+pub fn metric_sum_blocking(metrics_url: &str, name: &str) -> f64 {
+    sum_in(&http_get_blocking(metrics_url).1, name)
+}
+
+fn sum_in(page: &str, name: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use triagem::config::Config;
 use triagem::metrics::Metrics;
 use triagem::model::{ModelInfo, Prediction};
-use triagem::worker::infer::{Predict, TokenCounter};
+use triagem::worker::infer::{Predict, Tokenize};
 use triagem::worker::{Shutdown, Worker};
 
 /// "venda" when the text asks about buying or prices, else "suporte".
@@ -36,11 +36,12 @@ impl Predict for Keywords {
         }
     }
 
-    fn token_counter(&self) -> TokenCounter {
-        Arc::new(|t: &str| t.split_whitespace().count() + 2)
+    fn tokenizer(&self) -> Tokenize {
+        // One id per word, between two special ones.
+        Arc::new(|t: &str| std::iter::once(1).chain(t.split_whitespace().map(|_| 5)).chain([2]).collect())
     }
 
-    fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, String> {
+    fn predict(&self, texts: &[&str], _ids: &[&[u32]]) -> Result<Vec<Prediction>, String> {
         Ok(texts
             .iter()
             .map(|t| {

@@ -158,6 +158,8 @@ pub struct Encoded {
 pub struct TextEncoder {
     tokenizer: Tokenizer,
     max_len: usize,
+    /// The padding token's id.
+    pad_id: u32,
 }
 
 impl TextEncoder {
@@ -173,7 +175,7 @@ impl TextEncoder {
             pad_token,
             ..Default::default()
         }));
-        Ok(Self { tokenizer, max_len })
+        Ok(Self { tokenizer, max_len, pad_id })
     }
 
     /// Reads `tokenizer.json`, truncating at the length it declares (or
@@ -208,6 +210,13 @@ impl TextEncoder {
     /// Number of tokens `text` takes after truncation, special tokens included.
     pub fn count_tokens(&self, text: &str) -> usize {
         self.tokenizer.encode_fast(text, true).map(|e| e.get_ids().len()).unwrap_or(self.max_len).min(self.max_len)
+    }
+
+    /// The token ids of one text, truncated, special tokens included, unpadded:
+    /// what [`Classifier::predict_ids`] takes.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self.tokenizer.encode_fast(text, true).map_err(|e| ModelError::Tokenize(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
     }
 }
 
@@ -351,16 +360,26 @@ impl Classifier {
     /// Raw logits of `texts`, one row each in their order, computed in groups
     /// of similar lengths ([`group_by_length`]) so that a batch of mixed
     /// lengths is not padded to its longest text throughout.
-    fn grouped_logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let encoded = self.encoder.encode(texts)?;
-        // Padding is on the right: a text's length is its mask's count of ones.
-        let lengths: Vec<usize> = encoded.masks.iter().map(|m| m.iter().filter(|&&x| x != 0).count()).collect();
-        let mut rows = vec![Vec::new(); texts.len()];
+    fn grouped_logits(&self, ids: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if let Some(i) = ids.iter().position(|t| t.is_empty()) {
+            return Err(ModelError::Tokenize(format!("text {i} of the batch has no tokens")));
+        }
+        let lengths: Vec<usize> = ids.iter().map(|t| t.len()).collect();
+        let pad = self.encoder.pad_id;
+        let mut rows = vec![Vec::new(); ids.len()];
         for group in group_by_length(&lengths) {
             let longest = group.iter().map(|&i| lengths[i]).max().unwrap_or(0);
-            let ids: Vec<Vec<u32>> = group.iter().map(|&i| encoded.ids[i][..longest].to_vec()).collect();
-            let masks: Vec<Vec<u32>> = group.iter().map(|&i| encoded.masks[i][..longest].to_vec()).collect();
-            let (ids, masks) = bert::batch_tensors(&ids, &masks, &self.device)?;
+            let padded = |i: usize, fill: u32, value: Option<u32>| -> Vec<u32> {
+                let mut row: Vec<u32> = match value {
+                    Some(v) => vec![v; lengths[i]],
+                    None => ids[i].to_vec(),
+                };
+                row.resize(longest, fill);
+                row
+            };
+            let group_ids: Vec<Vec<u32>> = group.iter().map(|&i| padded(i, pad, None)).collect();
+            let masks: Vec<Vec<u32>> = group.iter().map(|&i| padded(i, 0, Some(1))).collect();
+            let (ids, masks) = bert::batch_tensors(&group_ids, &masks, &self.device)?;
             let mut logits = self.model.forward(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?;
             if self.temperature != 1.0 {
                 logits = (logits / self.temperature as f64)?;
@@ -387,7 +406,28 @@ impl Classifier {
             return Ok(Vec::new());
         }
         threads::install(|| {
-            let probs = self.grouped_logits(texts)?;
+            let encoded = self.encoder.encode(texts)?;
+            // Padding is on the right: a text's tokens are its mask's ones.
+            let ids: Vec<&[u32]> = encoded
+                .ids
+                .iter()
+                .zip(&encoded.masks)
+                .map(|(ids, mask)| &ids[..mask.iter().filter(|&&m| m != 0).count()])
+                .collect();
+            let probs = self.grouped_logits(&ids)?;
+            Ok(probs.into_iter().map(|row| self.prediction(row)).collect())
+        })
+    }
+
+    /// [`Classifier::predict`] of texts already tokenised by
+    /// [`TextEncoder::tokenize`] (the worker's batcher does it once, for
+    /// `batch.max_tokens` and for the model).
+    pub fn predict_ids(&self, ids: &[&[u32]]) -> Result<Vec<Prediction>, ModelError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        threads::install(|| {
+            let probs = self.grouped_logits(ids)?;
             Ok(probs.into_iter().map(|row| self.prediction(row)).collect())
         })
     }
@@ -530,6 +570,25 @@ mod tests {
             assert_eq!(alone.label, p.label, "{text}");
             assert!((alone.score - p.score).abs() < 1e-5, "{text}: {} vs {}", alone.score, p.score);
         }
+    }
+
+    #[test]
+    fn texts_tokenised_once_predict_the_same_as_texts() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
+        let c = Classifier::load(&dir, &Device::Cpu).unwrap();
+        let long = "meu pedido chegou quebrado e ninguém responde no chat nem no telefone ".repeat(20);
+        let texts = ["oi", "quero comprar uma geladeira", long.as_str(), "tem airfryer 5l?", ""];
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| c.encoder().tokenize(t).unwrap()).collect();
+        assert_eq!(ids[2].len(), c.encoder().max_len(), "a long text is truncated");
+        assert_eq!(ids.iter().map(Vec::len).collect::<Vec<_>>(), texts.map(|t| c.encoder().count_tokens(t)));
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let from_ids = c.predict_ids(&refs).unwrap();
+        for ((text, a), b) in texts.iter().zip(c.predict(&texts).unwrap()).zip(from_ids) {
+            assert_eq!(a.label, b.label, "{text}");
+            assert!((a.score - b.score).abs() < 1e-6, "{text}: {} vs {}", a.score, b.score);
+        }
+        let err = c.predict_ids(&[&ids[0], &[]]).unwrap_err().to_string();
+        assert!(err.contains("text 1 of the batch has no tokens"), "{err}");
     }
 
     #[test]

@@ -81,20 +81,22 @@ pub fn plan<T>(mut window: Vec<(T, usize)>, limits: &Limits) -> Vec<Batch<T>> {
 }
 
 /// Runs until `rx` is closed and drained; the last open window is flushed.
+/// `tokens` prepares each item as it arrives (the worker tokenises its text,
+/// once, for the model too) and returns its token count.
 /// Stops early if `tx` is closed (the inference thread is gone).
 pub async fn run<T>(
     mut rx: mpsc::Receiver<T>,
     tx: mpsc::Sender<Batch<T>>,
     limits: Limits,
-    tokens: impl Fn(&T) -> usize,
+    tokens: impl Fn(&mut T) -> usize,
     metrics: Option<Arc<Metrics>>,
 ) {
     let max_window = limits.max_messages.max(1) * WINDOW_BATCHES;
     let mut closed = false;
     while !closed {
-        let Some(first) = rx.recv().await else { return };
+        let Some(mut first) = rx.recv().await else { return };
         let deadline = Instant::now() + limits.max_wait;
-        let n = tokens(&first);
+        let n = tokens(&mut first);
         let mut total = n;
         let mut window = vec![(first, n)];
         while window.len() < max_window {
@@ -113,11 +115,11 @@ pub async fn run<T>(
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
             };
-            let Some(item) = item else {
+            let Some(mut item) = item else {
                 closed = true;
                 break;
             };
-            let n = tokens(&item);
+            let n = tokens(&mut item);
             total += n;
             window.push((item, n));
         }
@@ -146,7 +148,7 @@ mod tests {
     fn spawn(l: Limits) -> (mpsc::Sender<String>, mpsc::Receiver<Batch<String>>) {
         let (in_tx, in_rx) = mpsc::channel(100);
         let (out_tx, out_rx) = mpsc::channel(1);
-        tokio::spawn(run(in_rx, out_tx, l, |s: &String| s.len(), None));
+        tokio::spawn(run(in_rx, out_tx, l, |s: &mut String| s.len(), None));
         (in_tx, out_rx)
     }
 

@@ -390,7 +390,7 @@ impl ConsumeStage {
             match decode(envelope.payload.as_deref(), &self.input) {
                 Ok(decoded) => {
                     self.metrics.queue(QUEUE_BATCHER).inc();
-                    let pending = Pending { envelope, decoded, slot };
+                    let pending = Pending { envelope, decoded, ids: Vec::new(), slot };
                     if self.to_batcher.send(pending).await.is_err() {
                         break;
                     }

@@ -3,9 +3,11 @@
 //! at the bounded channel in front of it (capacity 1: one batch prepared while
 //! this one computes).
 //!
-//! The pipeline talks to the model through the small [`Predict`] trait over a
-//! plain list of texts; a failure of a whole batch is a `Clone` error fanned
-//! out to each of its messages (they go to the dead-letter topic).
+//! The pipeline talks to the model through the small [`Predict`] trait: the
+//! batcher tokenises each text once with [`Predict::tokenizer`] (for
+//! `batch.max_tokens`), and [`Predict::predict`] gets the texts with their
+//! token ids. A failure of a whole batch is a `Clone` error fanned out to
+//! each of its messages (they go to the dead-letter topic).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -19,17 +21,18 @@ use super::message::Pending;
 use crate::metrics::{Metrics, QUEUE_INFERENCE};
 use crate::model::{Classifier, ModelInfo, Prediction};
 
-/// Counts a text's tokens as the model will see them (for `batch.max_tokens`).
-pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+/// A text's token ids as the model will see them (truncated, special tokens
+/// included); empty when it cannot be tokenised (its batch then fails).
+pub type Tokenize = Arc<dyn Fn(&str) -> Vec<u32> + Send + Sync>;
 
 /// What the worker needs from a model.
 pub trait Predict: Send + 'static {
     /// Name, version and labels, for outputs and metrics.
     fn info(&self) -> ModelInfo;
-    /// A token counter usable from other threads.
-    fn token_counter(&self) -> TokenCounter;
-    /// One prediction per text, in order, in one forward pass.
-    fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, String>;
+    /// The tokenizer, usable from other threads (the batcher's).
+    fn tokenizer(&self) -> Tokenize;
+    /// One prediction per text, in order, given each text and its token ids from [`Predict::tokenizer`].
+    fn predict(&self, texts: &[&str], ids: &[&[u32]]) -> Result<Vec<Prediction>, String>;
 }
 
 impl Predict for Classifier {
@@ -37,13 +40,13 @@ impl Predict for Classifier {
         Classifier::info(self).clone()
     }
 
-    fn token_counter(&self) -> TokenCounter {
+    fn tokenizer(&self) -> Tokenize {
         let encoder = self.encoder().clone();
-        Arc::new(move |text: &str| encoder.count_tokens(text))
+        Arc::new(move |text: &str| encoder.tokenize(text).unwrap_or_default())
     }
 
-    fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, String> {
-        Classifier::predict(self, texts).map_err(|e| e.to_string())
+    fn predict(&self, _texts: &[&str], ids: &[&[u32]]) -> Result<Vec<Prediction>, String> {
+        Classifier::predict_ids(self, ids).map_err(|e| e.to_string())
     }
 }
 
@@ -86,6 +89,7 @@ pub fn spawn<P: Predict>(
             metrics.batch_size.observe(n as f64);
             metrics.batch_tokens.observe(batch.padded_tokens() as f64);
             let texts: Vec<&str> = batch.items.iter().map(|p| p.decoded.text.as_str()).collect();
+            let ids: Vec<&[u32]> = batch.items.iter().map(|p| p.ids.as_slice()).collect();
             // One span per batch: a slow batch can be followed in the logs
             // (`RUST_LOG=triagem=debug` prints its close with the forward time).
             let span = tracing::debug_span!(
@@ -96,7 +100,7 @@ pub fn spawn<P: Predict>(
             );
             let _entered = span.enter();
             let start = Instant::now();
-            let result = match catch_unwind(AssertUnwindSafe(|| model.predict(&texts))) {
+            let result = match catch_unwind(AssertUnwindSafe(|| model.predict(&texts, &ids))) {
                 Ok(Ok(p)) if p.len() == n => Ok(p),
                 Ok(Ok(p)) => Err(InferError::Count { expected: n, got: p.len() }),
                 Ok(Err(e)) => Err(InferError::Model(e)),

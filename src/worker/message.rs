@@ -39,6 +39,8 @@ pub struct Pending {
     pub envelope: Envelope,
     /// Its text and body.
     pub decoded: Decoded,
+    /// Its text's token ids: filled by the batcher, which tokenises each text once.
+    pub ids: Vec<u32>,
     /// Released (dropped) when the output is acknowledged: the consume stage pauses when none is left.
     pub slot: Slot,
 }

@@ -250,7 +250,7 @@ impl Worker {
         let (to_inference, inference_rx) = mpsc::channel(1);
         let (to_router, router_rx) = mpsc::channel::<Outcome>(64);
 
-        let counter = model.token_counter();
+        let tokenize = model.tokenizer();
         let limits = batcher::Limits {
             max_messages: cfg.batch.max_messages,
             max_tokens: cfg.batch.max_tokens,
@@ -260,7 +260,10 @@ impl Worker {
             batcher_rx,
             to_inference,
             limits,
-            move |p: &message::Pending| counter(&p.decoded.text),
+            move |p: &mut message::Pending| {
+                p.ids = tokenize(&p.decoded.text);
+                p.ids.len().max(1)
+            },
             Some(metrics.clone()),
         ));
         let sink_tx = to_router.clone();

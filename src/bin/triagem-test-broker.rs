@@ -21,6 +21,10 @@
 //! - `down BROKER` / `up BROKER` — drop every connection and refuse new ones /
 //!   accept them again (`BROKER` is an id from 1, or `all`);
 //! - `rtt BROKER MS` — delay every response of a broker;
+//! - `errors API ERROR[,ERROR…]` — the next requests of that API (`Produce`,
+//!   `InitProducerId`, `AddPartitionsToTxn`, `AddOffsetsToTxn`, `EndTxn`,
+//!   `TxnOffsetCommit`, `OffsetCommit`, `Fetch`) fail with these errors, one
+//!   each, in order (`ILLEGAL_GENERATION`, `PRODUCER_FENCED`, …: see [`error_code`]);
 //! - `ping` — answers `ok`.
 //!
 //! Topics a client names without creating them are auto-created with 4
@@ -39,6 +43,7 @@ use clap::{Parser, Subcommand};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientContext;
 
 #[derive(Parser)]
@@ -155,14 +160,62 @@ fn command<C: ClientContext>(mock: &MockCluster<'_, C>, brokers: i32, line: &str
         }
         ["down", id] => Ok(mock.broker_down(broker_id(Some(id), brokers)?)?),
         ["up", id] => Ok(mock.broker_up(broker_id(Some(id), brokers)?)?),
+        ["errors", api, errors] => {
+            let api = api_key(api)?;
+            let errors = errors.split(',').map(error_code).collect::<Result<Vec<_>>>()?;
+            mock.request_errors(api, &errors);
+            Ok(())
+        }
         ["rtt", id, ms] => {
             let ms: u64 = ms.parse().context("MS must be a number")?;
             Ok(mock.broker_round_trip_time(broker_id(Some(id), brokers)?, Duration::from_millis(ms))?)
         }
         _ => {
-            bail!("unknown command {line:?} (create TOPIC PARTITIONS | down BROKER | up BROKER | rtt BROKER MS | ping)")
+            bail!("unknown command {line:?} (create TOPIC PARTITIONS | down BROKER | up BROKER | rtt BROKER MS | errors API ERROR[,ERROR…] | ping)")
         }
     }
+}
+
+/// A protocol API by name, for `errors`.
+fn api_key(name: &str) -> Result<RDKafkaApiKey> {
+    use RDKafkaApiKey as A;
+    Ok(match name {
+        "Produce" => A::Produce,
+        "Fetch" => A::Fetch,
+        "OffsetCommit" => A::OffsetCommit,
+        "InitProducerId" => A::InitProducerId,
+        "AddPartitionsToTxn" => A::AddPartitionsToTxn,
+        "AddOffsetsToTxn" => A::AddOffsetsToTxn,
+        "EndTxn" => A::EndTxn,
+        "TxnOffsetCommit" => A::TxnOffsetCommit,
+        _ => bail!(
+            "API {name:?}: expected Produce, Fetch, OffsetCommit, InitProducerId, AddPartitionsToTxn, \
+             AddOffsetsToTxn, EndTxn or TxnOffsetCommit"
+        ),
+    })
+}
+
+/// A broker error by its protocol name, for `errors`.
+fn error_code(name: &str) -> Result<RDKafkaRespErr> {
+    use RDKafkaRespErr as E;
+    Ok(match name {
+        "NOT_COORDINATOR" => E::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+        "COORDINATOR_NOT_AVAILABLE" => E::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+        "ILLEGAL_GENERATION" => E::RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION,
+        "UNKNOWN_MEMBER_ID" => E::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID,
+        "CONCURRENT_TRANSACTIONS" => E::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS,
+        "INVALID_PRODUCER_EPOCH" => E::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH,
+        "PRODUCER_FENCED" => E::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+        "INVALID_TXN_STATE" => E::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE,
+        "NOT_ENOUGH_REPLICAS" => E::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        "REQUEST_TIMED_OUT" => E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        "TRANSPORT" => E::RD_KAFKA_RESP_ERR__TRANSPORT,
+        _ => bail!(
+            "error {name:?}: expected NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE, ILLEGAL_GENERATION, \
+             UNKNOWN_MEMBER_ID, CONCURRENT_TRANSACTIONS, INVALID_PRODUCER_EPOCH, PRODUCER_FENCED, INVALID_TXN_STATE, \
+             NOT_ENOUGH_REPLICAS, REQUEST_TIMED_OUT or TRANSPORT"
+        ),
+    })
 }
 
 /// Prints each assignment of the member's topic.

@@ -567,7 +567,9 @@ impl Out {
 }
 
 /// Reads every output topic from the beginning (no consumer group: assigned
-/// partitions) until `done(all so far)` or `limit` passes.
+/// partitions) until `done(all so far)` or `limit` passes. Reads with
+/// `isolation.level = read_committed` (librdkafka's default, written out: what
+/// a downstream consumer of an exactly-once worker must use).
 pub async fn read_outputs(
     brokers: &str,
     topics: &[String],
@@ -578,6 +580,7 @@ pub async fn read_outputs(
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
         .create()
         .expect("reader");
     let mut tpl = TopicPartitionList::new();

@@ -1,15 +1,14 @@
 //! `kafka.delivery = "exactly_once"` against the test broker in its own
-//! process: outputs and input offsets in one transaction per
-//! `kafka.transaction_interval`; an injected abort is redone; a fenced worker
-//! stops with a clear error and a successor with the same `transactional.id`
-//! goes on. Outputs are read with `isolation.level = read_committed`.
+//! process, behind its transaction layer (`triagem-test-broker serve
+//! --transactions`: librdkafka's mock cluster alone neither fences by
+//! `transactional.id`, nor stores a transaction's offsets, nor hides aborted
+//! records from a `read_committed` reader). Outputs are read with
+//! `isolation.level = read_committed`, as a downstream consumer must.
 //!
-//! What librdkafka's mock cluster (the test broker) does not do — see the
-//! README, exactly-once mode —: it acknowledges a transaction's offset commit
-//! without storing it, writes no commit or abort markers (so a
-//! `read_committed` reader also sees an aborted transaction's records), and
-//! fences nobody when a second producer registers the same `transactional.id`.
-//! The tests below check what it does do, and say where they lean on that.
+//! A stream through one worker; a SIGKILL mid-transaction and a restart; a
+//! second worker with the same `transactional.id` fencing the first; an
+//! injected abort, redone; the broker answering "fenced" on its own. Each
+//! checks every input exactly once: 0 lost, 0 duplicates.
 
 mod worker_common;
 
@@ -55,7 +54,7 @@ async fn metrics_until(url: &str, f: impl Fn(&str) -> bool + Send + 'static) -> 
 /// last one and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_once_in_committed_transactions() {
-    let broker = Broker::start();
+    let broker = Broker::transactional();
     let topics = Topics::new("eos");
     broker.create_topics(&topics, 3).await;
     let dir = tempfile::tempdir().unwrap();
@@ -98,13 +97,10 @@ fn per_id_len(o: &[Out]) -> usize {
 /// A transaction whose offsets the broker refuses (injected
 /// `ILLEGAL_GENERATION` on TxnOffsetCommit, an abortable error) is aborted,
 /// every partition is sought back to its committed offset, and the aborted
-/// outputs are produced again in the next transaction: every input ends up
-/// routed. The mock cluster keeps an aborted transaction's records readable,
-/// so the duplicates seen here are at most that transaction's outputs
-/// (Apache Kafka hides them from a `read_committed` reader: 0).
+/// outputs are produced again in the next transaction: every input once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injected_abort_is_redone() {
-    let broker = Broker::start();
+    let broker = Broker::transactional();
     let topics = Topics::new("eos-abort");
     broker.create_topics(&topics, 3).await;
     let dir = tempfile::tempdir().unwrap();
@@ -130,10 +126,7 @@ async fn an_injected_abort_is_redone() {
         "no transaction aborted:\n{}",
         worker.log_text()
     );
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id_len(o) >= n).await;
-    let counts = per_id(&outs);
-    let lost = (0..n as u64).filter(|i| !counts.contains_key(i)).count();
-    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    let (outs, lost, duplicates) = read_exactly(&broker, &topics, n).await;
     let log = worker.log_text();
     let aborted_outputs: usize = log
         .lines()
@@ -142,23 +135,24 @@ async fn an_injected_abort_is_redone() {
     let page = http_get(&url).1;
     let aborted = sample(&page, "triagem_transactions_total{result=\"aborted\"}");
     println!(
-        "injected abort: {n} inputs, {} outputs, {lost} lost, {duplicates} duplicates (the mock keeps the aborted \
-         transaction's {aborted_outputs} outputs readable); {aborted} aborted",
+        "injected abort: {n} inputs, {} outputs, {lost} lost, {duplicates} duplicates; {aborted} transaction aborted \
+         with {aborted_outputs} outputs, redone",
         outs.len()
     );
     assert_eq!(lost, 0, "inputs lost after the abort:\n{log}");
     assert_eq!(aborted, 1.0);
+    assert!(aborted_outputs > 0, "the aborted transaction held no output:\n{log}");
     assert!(log.contains("rewound to the committed offset"), "{log}");
-    assert!(duplicates <= aborted_outputs, "{duplicates} duplicates, more than the {aborted_outputs} aborted outputs");
+    assert_eq!(duplicates, 0, "the aborted outputs were visible to a read_committed reader");
 }
 
-/// A worker whose producer is fenced (the broker's answer to a newer producer
-/// with the same `transactional.id`, injected on EndTxn since the mock cluster
-/// does not fence by itself) stops with an error naming the id, exit status 1;
-/// a successor with the same id routes every input.
+/// A worker whose transaction end the broker answers as to a fenced producer
+/// (injected `PRODUCER_FENCED` on EndTxn) stops with an error naming its
+/// `transactional.id`, exit status 1; a successor with the same id routes
+/// every input once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_worker_stops_and_its_successor_goes_on() {
-    let broker = Broker::start();
+    let broker = Broker::transactional();
     let topics = Topics::new("eos-fence");
     broker.create_topics(&topics, 3).await;
     let dir = tempfile::tempdir().unwrap();
@@ -190,6 +184,136 @@ async fn a_fenced_worker_stops_and_its_successor_goes_on() {
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id_len(o) >= n).await;
     let counts = per_id(&outs);
     let lost = (0..n as u64).filter(|i| !counts.contains_key(i)).count();
-    println!("successor with the same transactional.id: {n} inputs, {} outputs, {lost} lost", outs.len());
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    println!(
+        "successor with the same transactional.id: {n} inputs, {} outputs, {lost} lost, {duplicates} duplicates",
+        outs.len()
+    );
     assert_eq!(lost, 0, "{}", successor.log_text());
+    assert_eq!(duplicates, 0);
+}
+
+/// Reads the outputs until every one of `n` inputs has one, then until
+/// nothing new arrives for 2 s (a late duplicate would show); returns
+/// (outputs, lost, duplicates).
+async fn read_exactly(broker: &Broker, topics: &Topics, n: usize) -> (Vec<Out>, usize, usize) {
+    let mut complete: Option<(usize, std::time::Instant)> = None;
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, move |o| {
+        if complete.is_none() && per_id_len(o) >= n {
+            complete = Some((o.len(), std::time::Instant::now()));
+        }
+        match &mut complete {
+            Some((len, since)) if *len != o.len() => {
+                *len = o.len();
+                *since = std::time::Instant::now();
+                false
+            }
+            Some((_, since)) => since.elapsed() >= Duration::from_secs(2),
+            None => false,
+        }
+    })
+    .await;
+    let counts = per_id(&outs);
+    let lost = (0..n as u64).filter(|i| !counts.contains_key(i)).count();
+    let duplicates = counts.values().map(|c| c - 1).sum();
+    (outs, lost, duplicates)
+}
+
+/// SIGKILL in the middle of a stream, with transactions open, and a restart
+/// in the same group with the same `transactional.id`: the restarted worker
+/// fences the killed one's producer (its open transaction is aborted),
+/// resumes from the offsets committed with the last committed transaction,
+/// and a `read_committed` read of the outputs has every input exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_transaction_then_restart_routes_each_input_once() {
+    let broker = Broker::transactional();
+    let topics = Topics::new("eos-kill");
+    broker.create_topics(&topics, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g-eos-kill");
+    let config = config(dir.path(), &broker, &group, &topics, &unique("tx"));
+    let p = producer(&broker.addr);
+    let n = 4000;
+    produce_all(&p, &topics.input, &chat_inputs(0, n)).await;
+
+    let mut worker = WorkerProc::start(&config, &[]);
+    let url = worker.metrics_url(Duration::from_secs(30)).await;
+    // The SIGKILL once a few transactions have committed, in the middle of the stream.
+    let killed_at = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            eventually_blocking(LIMIT, || {
+                let page = http_get(&url).1;
+                sample(&page, "triagem_transactions_total{result=\"committed\"}") >= 2.0
+                    && outputs_acknowledged(&url) >= 1000.0
+            });
+            outputs_acknowledged(&url)
+        })
+        .await
+        .unwrap()
+    };
+    worker.kill();
+    let committed_offsets = committed(&broker.addr, &group, &topics.input, 3);
+    let committed_inputs: i64 = committed_offsets.iter().map(|c| c.unwrap_or(0)).sum();
+    println!(
+        "SIGKILL after {killed_at} outputs produced; {committed_inputs} inputs committed with their transactions \
+         ({committed_offsets:?})"
+    );
+    assert!(committed_inputs > 0, "no offset committed with a transaction");
+    assert!(killed_at as i64 > committed_inputs, "nothing was in an open transaction at the SIGKILL");
+
+    let restarted = WorkerProc::start(&config, &[]);
+    let (outs, lost, duplicates) = read_exactly(&broker, &topics, n).await;
+    println!(
+        "SIGKILL mid-transaction and restart: {n} inputs, {} outputs read with read_committed, {lost} lost, \
+         {duplicates} duplicates",
+        outs.len()
+    );
+    assert_eq!(lost, 0, "inputs lost:\n{}", restarted.log_text());
+    assert_eq!(duplicates, 0, "duplicates in a read_committed read:\n{}", restarted.log_text());
+}
+
+/// Two workers with the same `transactional.id` (a replica started twice):
+/// the newer one's registration fences the older, which can no longer write
+/// and stops with an error naming the id (exit status 1); the newer one goes
+/// on, and every input is routed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_with_the_same_transactional_id_is_fenced() {
+    let broker = Broker::transactional();
+    let topics = Topics::new("eos-zombie");
+    broker.create_topics(&topics, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g-eos-zombie");
+    let id = unique("tx");
+    let config = config(dir.path(), &broker, &group, &topics, &id);
+    let p = producer(&broker.addr);
+    let first = 500;
+    produce_all(&p, &topics.input, &chat_inputs(0, first)).await;
+
+    let mut older = WorkerProc::start(&config, &[]);
+    let url = older.metrics_url(Duration::from_secs(30)).await;
+    assert!(
+        metrics_until(&url, |page| sample(page, "triagem_transactions_total{result=\"committed\"}") >= 1.0).await,
+        "no transaction committed:\n{}",
+        older.log_text()
+    );
+    let newer = WorkerProc::start(&config, &[]);
+    newer.metrics_url(Duration::from_secs(30)).await;
+    let more = 1000;
+    produce_all(&p, &topics.input, &chat_inputs(first, more)).await;
+    let status = older.wait_exit(LIMIT).expect("the fenced worker did not stop");
+    let log = older.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("fenced: a newer worker with transactional.id") && log.contains(&id), "{log}");
+    let line = log.lines().find(|l| l.contains("fenced: a newer worker")).unwrap_or_default().to_string();
+    println!("older worker: exit 1; {line}");
+
+    let n = first + more;
+    let (outs, lost, duplicates) = read_exactly(&broker, &topics, n).await;
+    println!(
+        "zombie fenced: {n} inputs, {} outputs read with read_committed, {lost} lost, {duplicates} duplicates",
+        outs.len()
+    );
+    assert_eq!(lost, 0, "inputs lost:\n{}", newer.log_text());
+    assert_eq!(duplicates, 0, "duplicates:\n{}", newer.log_text());
 }

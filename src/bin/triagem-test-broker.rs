@@ -27,6 +27,12 @@
 //!   each, in order (`ILLEGAL_GENERATION`, `PRODUCER_FENCED`, …: see [`error_code`]);
 //! - `ping` — answers `ok`.
 //!
+//! With `--transactions` (one broker only) clients talk to a protocol layer
+//! in front of the mock cluster that adds what the mock leaves out of Kafka
+//! transactions — fencing by `transactional.id`, offsets committed with their
+//! transaction, `read_committed` fetches that skip aborted and open
+//! transactions (see `transactions.rs`) —, for the exactly-once tests.
+//!
 //! Topics a client names without creating them are auto-created with 4
 //! partitions, like a broker with `auto.create.topics.enable`.
 //!
@@ -44,6 +50,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+#[path = "triagem-test-broker/transactions.rs"]
+mod transactions;
 use rdkafka::ClientContext;
 
 #[derive(Parser)]
@@ -66,6 +75,9 @@ enum Cmd {
         /// Read commands from stdin (see the module docs); exit when it closes.
         #[arg(long)]
         control: bool,
+        /// Serve through the transaction layer (fencing, offsets in transactions, read_committed); one broker only.
+        #[arg(long)]
+        transactions: bool,
     },
     /// A consumer-group member that prints its assignments and polls until killed or its stdin closes.
     Member {
@@ -87,7 +99,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Serve { brokers, topics, control } => serve(brokers, &topics, control),
+        Cmd::Serve { brokers, topics, control, transactions } => serve(brokers, &topics, control, transactions),
         Cmd::Member { bootstrap, group, topic, session_timeout_ms } => {
             member(&bootstrap, &group, &topic, session_timeout_ms)
         }
@@ -108,9 +120,12 @@ fn parse_topic(spec: &str) -> Result<(&str, i32)> {
     Ok((name, n))
 }
 
-fn serve(brokers: i32, topics: &[String], control: bool) -> Result<()> {
+fn serve(brokers: i32, topics: &[String], control: bool, with_transactions: bool) -> Result<()> {
     if brokers < 1 {
         bail!("--brokers must be at least 1");
+    }
+    if with_transactions && brokers != 1 {
+        bail!("--transactions serves one broker only (--brokers 1)");
     }
     let mock = MockCluster::new(brokers).context("cannot start librdkafka's mock cluster")?;
     for spec in topics {
@@ -118,7 +133,11 @@ fn serve(brokers: i32, topics: &[String], control: bool) -> Result<()> {
         mock.create_topic(name, partitions, brokers.min(3)).with_context(|| format!("create topic {name}"))?;
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "bootstrap.servers={}", mock.bootstrap_servers())?;
+    let bootstrap = match with_transactions {
+        false => mock.bootstrap_servers(),
+        true => transactions::start(&mock.bootstrap_servers())?,
+    };
+    writeln!(out, "bootstrap.servers={bootstrap}")?;
     out.flush()?;
     if !control {
         loop {

@@ -112,10 +112,22 @@ impl Broker {
 
     /// `triagem-test-broker serve --control` with `brokers` brokers; waits for its address.
     pub fn test_broker(brokers: i32) -> Broker {
+        Broker::test_broker_with(&["--brokers", &brokers.to_string()])
+    }
+
+    /// `triagem-test-broker serve --control --transactions`: one broker behind
+    /// the transaction layer (fencing, offsets in transactions, `read_committed`).
+    pub fn transactional() -> Broker {
+        Broker::test_broker_with(&["--transactions"])
+    }
+
+    /// `triagem-test-broker serve --control ARGS`; waits for its address.
+    fn test_broker_with(args: &[&str]) -> Broker {
         let log = std::env::temp_dir().join(format!("{}.log", unique("test-broker")));
         let err = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_triagem-test-broker"))
-            .args(["serve", "--control", "--brokers", &brokers.to_string()])
+            .args(["serve", "--control"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(err)

@@ -181,7 +181,8 @@ impl Transactions {
     /// transaction committed (true when there was nothing to commit).
     pub fn commit<C: ConsumerContext, K: Consumer<C>>(&self, consumer: &K, tracker: &OffsetTracker) -> bool {
         let _whole = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        if self.fatal.get().is_some() {
+        if self.producer.client().fatal_error().is_some() {
+            // Fenced (or another fatal error): nothing can be committed any more.
             return false;
         }
         let offsets = tracker.committable(None);

@@ -146,9 +146,13 @@ fn read_frame(s: &mut TcpStream) -> Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
+/// Writes one size-prefixed frame in one write (with Nagle's algorithm off:
+/// a request answered before the next is read must not wait for an ACK).
 fn write_frame(s: &mut TcpStream, frame: &[u8]) -> Result<()> {
-    s.write_all(&(frame.len() as i32).to_be_bytes())?;
-    s.write_all(frame)?;
+    let mut buf = Vec::with_capacity(frame.len() + 4);
+    buf.extend_from_slice(&(frame.len() as i32).to_be_bytes());
+    buf.extend_from_slice(frame);
+    s.write_all(&buf)?;
     Ok(())
 }
 
@@ -237,6 +241,8 @@ impl Layer {
     /// One client connection: requests one at a time, each answered before the next is read.
     fn connection(&self, mut client: TcpStream) -> Result<()> {
         let mut upstream = TcpStream::connect(&self.upstream).context("connect to the mock broker")?;
+        client.set_nodelay(true)?;
+        upstream.set_nodelay(true)?;
         loop {
             let request = read_frame(&mut client)?;
             let (request, pending, expects_answer) = match self.on_request(request.clone()) {
@@ -566,6 +572,7 @@ impl Layer {
             .with_correlation_id(1)
             .with_client_id(Some(StrBytes::from_static_str("triagem-test-broker")));
         let mut upstream = TcpStream::connect(&self.upstream)?;
+        upstream.set_nodelay(true)?;
         write_frame(&mut upstream, &encode_request(&header, &request, version)?)?;
         let mut answer = read_frame(&mut upstream)?;
         let _ = ResponseHeader::decode(&mut answer, ApiKey::OffsetCommit.response_header_version(version))?;

@@ -17,8 +17,8 @@
 //!   are remembered with their producer; `EndTxn` marks them committed or
 //!   aborted. A `Fetch` at `isolation.level = read_committed` gets no record
 //!   at or after a partition's first open transaction (the last stable
-//!   offset), and an aborted batch comes back emptied (its offsets, no records,
-//!   as compaction leaves one), so the reader moves past it. The mock alone
+//!   offset), and an aborted batch comes back emptied (its offsets, no
+//!   records, flagged as a control batch), so the reader moves past it. The mock alone
 //!   writes no markers and returns every record.
 //!
 //! One mock broker only; `Metadata` and `FindCoordinator` answers name this
@@ -221,12 +221,14 @@ fn fix_crc(batch: &mut [u8]) {
     batch[17..21].copy_from_slice(&crc.to_be_bytes());
 }
 
-/// A batch with its offsets and no records (what compaction leaves).
+/// A batch with its offsets and no records (what compaction leaves), marked
+/// a control batch: a reader skips it, and librdkafka does not take a fetch
+/// that yields no message but this for a message too large to fit.
 fn emptied(batch: &[u8]) -> Vec<u8> {
     let mut b = batch[..RECORDS_AT].to_vec();
     b[8..12].copy_from_slice(&((RECORDS_AT - 12) as i32).to_be_bytes());
-    // No compression: there is nothing to decompress.
-    let attributes = i16::from_be_bytes([b[21], b[22]]) & !0x07;
+    // No compression (there is nothing to decompress); the control bit.
+    let attributes = (i16::from_be_bytes([b[21], b[22]]) & !0x07) | 0x20;
     b[21..23].copy_from_slice(&attributes.to_be_bytes());
     b[57..61].copy_from_slice(&0i32.to_be_bytes());
     fix_crc(&mut b);

@@ -355,3 +355,50 @@ async fn a_zombie_with_the_same_transactional_id_is_fenced() {
     assert_eq!(lost, 0, "inputs lost:\n{}", newer.log_text());
     assert_eq!(duplicates, 0, "duplicates:\n{}", newer.log_text());
 }
+
+/// A rebalance mid-stream in exactly-once mode (the at-least-once handover
+/// scenario of `worker_delivery`, see the README's known issues): worker A,
+/// worker B (its own `transactional.id`) joining while more inputs arrive,
+/// then A leaving on SIGTERM while more arrive. Each revoke commits the open
+/// transaction before the partitions go, so the next owner starts exactly
+/// where the last committed transaction ended: every input once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_joining_then_one_leaving_routes_each_input_once() {
+    let broker = Broker::transactional();
+    let topics = Topics::new("eos-handover");
+    broker.create_topics(&topics, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g-eos-handover");
+    let config = config(dir.path(), &broker, &group, &topics, &unique("tx-a"));
+    let (chunk, n) = (1000, 3000);
+    let p = producer(&broker.addr);
+    produce_all(&p, &topics.input, &chat_inputs(0, chunk)).await;
+
+    let mut a = WorkerProc::start(&config, &[]);
+    let url_a = a.metrics_url(Duration::from_secs(30)).await;
+    let u = url_a.clone();
+    assert!(eventually(LIMIT, move || outputs_acknowledged(&u) >= 200.0).await, "A routed nothing:\n{}", a.log_text());
+    let id_b = unique("tx-b");
+    let b = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__TRANSACTIONAL_ID", &id_b)]);
+    produce_all(&p, &topics.input, &chat_inputs(chunk, chunk)).await;
+    let log_b = b.log.clone();
+    let b_assigned = move || std::fs::read_to_string(&log_b).unwrap_or_default().contains("partitions assigned");
+    assert!(eventually(LIMIT, b_assigned).await, "B never got partitions:\n{}", b.log_text());
+    a.terminate();
+    produce_all(&p, &topics.input, &chat_inputs(2 * chunk, chunk)).await;
+    let status = a.wait_exit(Duration::from_secs(25)).expect("A did not exit within shutdown.timeout");
+    assert!(status.success(), "A exited with {status}:\n{}", a.log_text());
+
+    let (outs, lost, duplicates) = read_exactly(&broker, &topics, n).await;
+    let committed_b = sample(
+        &http_get(&b.metrics_url(Duration::from_secs(5)).await).1,
+        "triagem_transactions_total{result=\"committed\"}",
+    );
+    println!(
+        "handover, exactly-once: {n} inputs, {} outputs read with read_committed, {lost} lost, {duplicates} \
+         duplicates (B committed {committed_b} transactions)",
+        outs.len()
+    );
+    assert_eq!(lost, 0, "inputs lost:\n{}", b.log_text());
+    assert_eq!(duplicates, 0, "duplicates:\n{}", b.log_text());
+}

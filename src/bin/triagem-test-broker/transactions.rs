@@ -10,9 +10,11 @@
 //!   mock answers `INVALID_PRODUCER_EPOCH` (librdkafka: fenced, fatal). The
 //!   mock alone gives the second producer a new id and lets both write.
 //! - **Offsets in a transaction**: `TxnOffsetCommit` is held per producer and,
-//!   once its `EndTxn` commits, written to the group as an `OffsetCommit` with
-//!   the member and generation it carried (KIP-447) before `EndTxn` is
-//!   answered; an abort drops it. The mock alone acknowledges it and stores nothing.
+//!   once its `EndTxn` commits, becomes the group's committed offset — kept
+//!   here and given in `OffsetFetch` answers (until a plain `OffsetCommit` of
+//!   the same partition succeeds), whatever the group's state by then, as
+//!   Kafka materialises a transaction's offsets with its commit marker; an
+//!   abort drops it. The mock alone acknowledges it and stores nothing.
 //! - **`read_committed`**: the batches each transactional `Produce` appended
 //!   are remembered with their producer; `EndTxn` marks them committed or
 //!   aborted. A `Fetch` at `isolation.level = read_committed` gets no record
@@ -37,7 +39,7 @@ use kafka_protocol::messages::{
     FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse, MetadataResponse, OffsetCommitRequest,
     ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TxnOffsetCommitRequest,
 };
-use kafka_protocol::messages::{EndTxnResponse, OffsetCommitResponse};
+use kafka_protocol::messages::{EndTxnResponse, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 /// What became of a transactional batch.
@@ -57,13 +59,10 @@ struct Batch {
     txn: Txn,
 }
 
-/// Offsets a producer's open transaction will commit for a group member.
+/// Offsets a producer's open transaction will commit for a group.
 #[derive(Debug, Clone)]
 struct HeldOffsets {
     group: String,
-    generation: i32,
-    member: String,
-    instance: Option<String>,
     /// (topic, partition) → (offset, metadata)
     offsets: BTreeMap<(String, i32), (i64, Option<String>)>,
 }
@@ -81,6 +80,8 @@ struct State {
     batches: HashMap<(String, i32), BTreeMap<i64, Batch>>,
     /// Topic ids (Fetch v13+) → names, from Metadata answers.
     names: HashMap<[u8; 16], String>,
+    /// Offsets committed by transactions: (group, topic, partition) → (offset, metadata).
+    committed: HashMap<(String, String, i32), (i64, Option<String>)>,
 }
 
 impl State {
@@ -169,6 +170,10 @@ enum Pending {
     Fetch,
     Metadata,
     FindCoordinator,
+    /// A plain commit of the group: it replaces what transactions committed.
+    OffsetCommit(String),
+    /// A read of the group's committed offsets.
+    OffsetFetch(String),
 }
 
 fn encode_request<T: Encodable + HeaderVersion>(header: &RequestHeader, body: &T, version: i16) -> Result<Bytes> {
@@ -282,6 +287,14 @@ impl Layer {
         let pending = match key {
             ApiKey::Metadata => Pending::Metadata,
             ApiKey::FindCoordinator => Pending::FindCoordinator,
+            ApiKey::OffsetCommit => {
+                let _ = RequestHeader::decode(&mut buf, header_version)?;
+                Pending::OffsetCommit(OffsetCommitRequest::decode(&mut buf, version)?.group_id.0.to_string())
+            }
+            ApiKey::OffsetFetch if version <= 7 => {
+                let _ = RequestHeader::decode(&mut buf, header_version)?;
+                Pending::OffsetFetch(OffsetFetchRequest::decode(&mut buf, version)?.group_id.0.to_string())
+            }
             ApiKey::Fetch => {
                 let header = RequestHeader::decode(&mut buf, header_version)?;
                 let _ = header;
@@ -365,13 +378,7 @@ impl Layer {
                     r.producer_epoch = r.producer_epoch.wrapping_sub(1000);
                     return Ok((encode_request(&header, &r, version)?, Pending::Raw, true));
                 }
-                let mut held = HeldOffsets {
-                    group: r.group_id.0.to_string(),
-                    generation: r.generation_id,
-                    member: r.member_id.to_string(),
-                    instance: r.group_instance_id.as_ref().map(|s| s.to_string()),
-                    offsets: BTreeMap::new(),
-                };
+                let mut held = HeldOffsets { group: r.group_id.0.to_string(), offsets: BTreeMap::new() };
                 for t in &r.topics {
                     for p in &t.partitions {
                         held.offsets.insert(
@@ -479,20 +486,46 @@ impl Layer {
                 let r = EndTxnResponse::decode(&mut buf, version)?;
                 let _ = header;
                 if r.error_code == 0 {
-                    let held = {
-                        let mut state = self.lock();
-                        state.end(pid, if committed { Txn::Committed } else { Txn::Aborted });
-                        state.held.remove(&pid).unwrap_or_default()
-                    };
+                    let mut state = self.lock();
+                    state.end(pid, if committed { Txn::Committed } else { Txn::Aborted });
+                    let held = state.held.remove(&pid).unwrap_or_default();
                     if committed {
                         for h in held {
-                            if let Err(e) = self.commit_offsets(&h) {
-                                eprintln!("transaction layer: offsets of a committed transaction not written: {e:#}");
+                            for ((topic, partition), offset) in h.offsets {
+                                state.committed.insert((h.group.clone(), topic, partition), offset);
                             }
                         }
                     }
                 }
                 Ok(frame)
+            }
+            Pending::OffsetCommit(group) => {
+                let _ = ResponseHeader::decode(&mut buf, hv)?;
+                let r = OffsetCommitResponse::decode(&mut buf, version)?;
+                let mut state = self.lock();
+                for t in &r.topics {
+                    for p in t.partitions.iter().filter(|p| p.error_code == 0) {
+                        state.committed.remove(&(group.clone(), t.name.0.to_string(), p.partition_index));
+                    }
+                }
+                Ok(frame)
+            }
+            Pending::OffsetFetch(group) => {
+                let header = ResponseHeader::decode(&mut buf, hv)?;
+                let mut r = OffsetFetchResponse::decode(&mut buf, version)?;
+                let state = self.lock();
+                for t in &mut r.topics {
+                    for p in &mut t.partitions {
+                        let key = (group.clone(), t.name.0.to_string(), p.partition_index);
+                        if let Some((offset, metadata)) = state.committed.get(&key) {
+                            p.committed_offset = *offset;
+                            p.metadata = metadata.clone().map(StrBytes::from_string);
+                            p.error_code = 0;
+                        }
+                    }
+                }
+                drop(state);
+                encode_response(&header, hv, &r, version)
             }
             Pending::Fetch => {
                 let header = ResponseHeader::decode(&mut buf, hv)?;
@@ -537,55 +570,5 @@ impl Layer {
                 encode_response(&header, hv, &r, version)
             }
         }
-    }
-
-    /// Writes a committed transaction's offsets to the group, as its member.
-    fn commit_offsets(&self, h: &HeldOffsets) -> Result<()> {
-        use kafka_protocol::messages::offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic};
-        let version = 8;
-        let mut topics: BTreeMap<&str, Vec<OffsetCommitRequestPartition>> = BTreeMap::new();
-        for ((topic, partition), (offset, metadata)) in &h.offsets {
-            topics.entry(topic).or_default().push(
-                OffsetCommitRequestPartition::default()
-                    .with_partition_index(*partition)
-                    .with_committed_offset(*offset)
-                    .with_committed_leader_epoch(-1)
-                    .with_committed_metadata(metadata.clone().map(StrBytes::from_string)),
-            );
-        }
-        let request = OffsetCommitRequest::default()
-            .with_group_id(StrBytes::from_string(h.group.clone()).into())
-            .with_generation_id_or_member_epoch(h.generation)
-            .with_member_id(StrBytes::from_string(h.member.clone()))
-            .with_group_instance_id(h.instance.clone().map(StrBytes::from_string))
-            .with_topics(
-                topics
-                    .into_iter()
-                    .map(|(t, ps)| {
-                        OffsetCommitRequestTopic::default()
-                            .with_name(StrBytes::from_string(t.to_string()).into())
-                            .with_partitions(ps)
-                    })
-                    .collect(),
-            );
-        let header = RequestHeader::default()
-            .with_request_api_key(ApiKey::OffsetCommit as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(1)
-            .with_client_id(Some(StrBytes::from_static_str("triagem-test-broker")));
-        let mut upstream = TcpStream::connect(&self.upstream)?;
-        upstream.set_nodelay(true)?;
-        write_frame(&mut upstream, &encode_request(&header, &request, version)?)?;
-        let mut answer = read_frame(&mut upstream)?;
-        let _ = ResponseHeader::decode(&mut answer, ApiKey::OffsetCommit.response_header_version(version))?;
-        let r = OffsetCommitResponse::decode(&mut answer, version)?;
-        for t in &r.topics {
-            for p in &t.partitions {
-                if p.error_code != 0 {
-                    anyhow::bail!("{} [{}]: error {}", t.name.0.as_str(), p.partition_index, p.error_code);
-                }
-            }
-        }
-        Ok(())
     }
 }

@@ -572,3 +572,63 @@ impl Layer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v2 batch: base offset, `count` records of `record` bytes each, producer id, epoch, attributes.
+    fn batch(base: i64, count: i32, record: &[u8], pid: i64, epoch: i16, attributes: i16) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&base.to_be_bytes());
+        b.extend_from_slice(&0i32.to_be_bytes()); // length, below
+        b.extend_from_slice(&0i32.to_be_bytes()); // partition leader epoch
+        b.push(2); // magic
+        b.extend_from_slice(&0u32.to_be_bytes()); // crc, below
+        b.extend_from_slice(&attributes.to_be_bytes());
+        b.extend_from_slice(&(count - 1).to_be_bytes()); // last offset delta
+        b.extend_from_slice(&0i64.to_be_bytes()); // first timestamp
+        b.extend_from_slice(&0i64.to_be_bytes()); // max timestamp
+        b.extend_from_slice(&pid.to_be_bytes());
+        b.extend_from_slice(&epoch.to_be_bytes());
+        b.extend_from_slice(&0i32.to_be_bytes()); // base sequence
+        b.extend_from_slice(&count.to_be_bytes());
+        for _ in 0..count {
+            b.extend_from_slice(record);
+        }
+        let len = (b.len() - 12) as i32;
+        b[8..12].copy_from_slice(&len.to_be_bytes());
+        fix_crc(&mut b);
+        b
+    }
+
+    #[test]
+    fn batches_are_found_and_an_emptied_one_keeps_its_offsets_as_a_control_batch() {
+        let mut records = batch(100, 3, b"xyz", 7000, 2, 0x10 | 0x01);
+        records.extend(batch(103, 2, b"ab", 7000, 2, 0x10));
+        let found = batches(&records);
+        assert_eq!(found.len(), 2);
+        let (at, len) = found[0];
+        assert_eq!((be_i64(&records, at + PID_AT), be_i32(&records, at + LAST_DELTA_AT)), (7000, 2));
+
+        let e = emptied(&records[at..at + len]);
+        assert_eq!(e.len(), RECORDS_AT);
+        assert_eq!(be_i64(&e, 0), 100, "base offset kept");
+        assert_eq!(be_i32(&e, LAST_DELTA_AT), 2, "last offset delta kept: the reader moves past offset 102");
+        assert_eq!(be_i32(&e, 8) as usize + 12, RECORDS_AT, "batch length");
+        assert_eq!(be_i32(&e, 57), 0, "no records");
+        let attributes = i16::from_be_bytes([e[ATTRIBUTES_AT], e[ATTRIBUTES_AT + 1]]);
+        assert_eq!(attributes, 0x10 | 0x20, "transactional, control, no compression");
+        assert_eq!(u32::from_be_bytes(e[17..21].try_into().unwrap()), crc32c::crc32c(&e[ATTRIBUTES_AT..]));
+        assert_eq!(batches(&e), vec![(0, RECORDS_AT)]);
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_batch_ends_the_list() {
+        let records = batch(0, 2, b"abcd", 1, 0, 0);
+        assert_eq!(batches(&records[..records.len() - 1]), vec![]);
+        let mut v1 = records.clone();
+        v1[16] = 1;
+        assert_eq!(batches(&v1), vec![]);
+    }
+}

@@ -132,6 +132,11 @@ pub struct LoadgenArgs {
         value_parser = parse_key_value
     )]
     pub client: Vec<(String, String)>,
+    /// Read the outputs with isolation.level=read_committed, as a downstream consumer of a worker with
+    /// kafka.delivery = "exactly_once" must: an output counts once its transaction commits (without the flag:
+    /// read_uncommitted, an output counts as soon as it is written, an aborted one included).
+    #[arg(long, env = "TRIAGEM_LOADGEN_READ_COMMITTED")]
+    pub read_committed: bool,
     /// Print the report as one JSON object on stdout instead of the table.
     #[arg(long, env = "TRIAGEM_LOADGEN_JSON")]
     pub json: bool,
@@ -352,5 +357,7 @@ mod tests {
         assert!(parse_key_value("linger.ms").is_err());
         assert!(parse_key_value("=1").is_err());
         assert!(parse(&["--client", "linger.ms"]).is_err());
+        assert!(loadgen(&["--read-committed"]).read_committed);
+        assert!(!loadgen(&[]).read_committed);
     }
 }

@@ -102,6 +102,15 @@ pub struct KafkaConfig {
     /// reports not ready (`/readyz` 503, `triagem_idle_with_lag` 1).
     #[serde(with = "humantime_serde")]
     pub unassigned_timeout: Duration,
+    /// `at_least_once` (offsets committed once outputs are acknowledged) or `exactly_once` (outputs
+    /// and input offsets in one Kafka transaction per `transaction_interval`).
+    pub delivery: Delivery,
+    /// Exactly-once: how long a transaction stays open collecting outputs before it is committed.
+    #[serde(with = "humantime_serde")]
+    pub transaction_interval: Duration,
+    /// Exactly-once: the producer's `transactional.id`, stable per replica; `{group}` and `{hostname}`
+    /// are replaced (a StatefulSet pod's hostname is stable). A newer worker with the same id fences this one.
+    pub transactional_id: String,
     /// librdkafka settings for both consumer and producer (security.protocol, sasl.*, ssl.*, …).
     pub client: ClientOptions,
     /// librdkafka settings for the consumer only (override `client`).
@@ -121,11 +130,48 @@ impl Default for KafkaConfig {
             commit_interval: Duration::from_secs(1),
             produce_retry_backoff: Duration::from_millis(500),
             unassigned_timeout: Duration::from_secs(60),
+            delivery: Delivery::AtLeastOnce,
+            transaction_interval: Duration::from_millis(100),
+            transactional_id: DEFAULT_TRANSACTIONAL_ID.into(),
             client: ClientOptions::default(),
             consumer: ClientOptions::default(),
             producer: ClientOptions::default(),
         }
     }
+}
+
+/// The default `kafka.transactional_id`: one per group and replica.
+pub const DEFAULT_TRANSACTIONAL_ID: &str = "triagem-{group}-{hostname}";
+
+/// `kafka.delivery`: what a crash or a rebalance may do to the outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Offsets are committed once every output below them is acknowledged: a crash routes the
+    /// messages since the last commit again (duplicates, never losses).
+    #[default]
+    AtLeastOnce,
+    /// Outputs and input offsets are committed in one Kafka transaction: a `read_committed`
+    /// reader of the outputs sees each input's output once, across crashes and rebalances.
+    ExactlyOnce,
+}
+
+impl KafkaConfig {
+    /// `transactional_id` with `{group}` and `{hostname}` replaced.
+    pub fn transactional_id_for(&self, hostname: &str) -> String {
+        self.transactional_id.replace("{group}", &self.group_id).replace("{hostname}", hostname)
+    }
+}
+
+/// This machine's hostname (`HOSTNAME`, else the kernel's), for `kafka.transactional_id`.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A librdkafka pass-through table. Its `Debug` output redacts secrets.
@@ -419,6 +465,19 @@ impl Config {
         nonzero("kafka.commit_interval", self.kafka.commit_interval)?;
         nonzero("kafka.produce_retry_backoff", self.kafka.produce_retry_backoff)?;
         nonzero("kafka.unassigned_timeout", self.kafka.unassigned_timeout)?;
+        nonzero("kafka.transaction_interval", self.kafka.transaction_interval)?;
+        if self.kafka.delivery == Delivery::ExactlyOnce {
+            nonempty("kafka.transactional_id", &self.kafka.transactional_id)?;
+        }
+        for table in ["kafka.client", "kafka.producer"] {
+            let options = if table == "kafka.client" { &self.kafka.client } else { &self.kafka.producer };
+            if options.0.contains_key("transactional.id") {
+                return Err(ConfigError::key(
+                    &format!("{table}.transactional.id"),
+                    "set kafka.transactional_id instead (used only with kafka.delivery = \"exactly_once\")",
+                ));
+            }
+        }
         nonzero("shutdown.timeout", self.shutdown.timeout)?;
         if self.health.stall_timeout.is_zero() {
             return Err(ConfigError::key(
@@ -477,7 +536,8 @@ impl Config {
 
 /// Keys that took a number of milliseconds before durations were written with
 /// their unit, and the key that replaced each.
-const MILLISECOND_KEYS: [(&str, &str); 5] = [
+const MILLISECOND_KEYS: [(&str, &str); 6] = [
+    ("kafka.transaction_interval_ms", "kafka.transaction_interval"),
     ("kafka.commit_interval_ms", "kafka.commit_interval"),
     ("kafka.produce_retry_backoff_ms", "kafka.produce_retry_backoff"),
     ("kafka.unassigned_timeout_ms", "kafka.unassigned_timeout"),
@@ -518,6 +578,19 @@ fn keyed(e: serde_path_to_error::Error<config::ConfigError>) -> ConfigError {
     // serde's own wording, "unknown field `x`, expected one of …", names a key here.
     let reason = match reason.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')) {
         Some((_, expected)) => format!("unknown key ({})", expected.trim_start_matches(',').trim()),
+        None => reason,
+    };
+    // The config crate's wording for an unknown enum value: say which values the key takes.
+    let reason = match reason.split_once("does not have variant constructor ") {
+        Some((_, value)) => {
+            let values = match key.as_str() {
+                "kafka.delivery" => " (expected \"at_least_once\" or \"exactly_once\")",
+                "input.format" => " (expected \"json\" or \"text\")",
+                "log.format" => " (expected \"text\" or \"json\")",
+                _ => "",
+            };
+            format!("unknown value {value:?}{values}")
+        }
         None => reason,
     };
     // humantime-serde's wording; a bare number here is usually an old milliseconds value.
@@ -575,6 +648,47 @@ mod tests {
         assert_eq!(cfg.kafka.unassigned_timeout, builtin.kafka.unassigned_timeout);
         assert_eq!(cfg.batch.max_wait, builtin.batch.max_wait);
         assert_eq!(cfg.log.format, builtin.log.format);
+        assert_eq!(cfg.kafka.delivery, builtin.kafka.delivery);
+        assert_eq!(cfg.kafka.transaction_interval, builtin.kafka.transaction_interval);
+        assert_eq!(cfg.kafka.transactional_id, builtin.kafka.transactional_id);
+    }
+
+    #[test]
+    fn exactly_once_keys() {
+        let cfg = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(cfg.kafka.delivery, Delivery::AtLeastOnce);
+        assert_eq!(cfg.kafka.transaction_interval, Duration::from_millis(100));
+        let f = toml("[kafka]\ngroup_id = \"g1\"\ndelivery = \"exactly_once\"\ntransaction_interval = \"250ms\"\n");
+        let cfg = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(cfg.kafka.delivery, Delivery::ExactlyOnce);
+        assert_eq!(cfg.kafka.transaction_interval, Duration::from_millis(250));
+        assert_eq!(cfg.kafka.transactional_id_for("triagem-2"), "triagem-g1-triagem-2");
+        let cfg = Config::load_with_env(
+            None,
+            env(&[("TRIAGEM__KAFKA__DELIVERY", "exactly_once"), ("TRIAGEM__KAFKA__TRANSACTIONAL_ID", "eu-{hostname}")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.kafka.transactional_id_for("h"), "eu-h");
+        for (text, start) in [
+            (
+                "[kafka]\ndelivery = \"exactly-once\"\n",
+                "kafka.delivery: unknown value \"exactly-once\" (expected \"at_least_once\" or \"exactly_once\")",
+            ),
+            ("[kafka]\ntransaction_interval = \"0s\"\n", "kafka.transaction_interval: must be longer than 0"),
+            ("[kafka]\ntransaction_interval = 100\n", "kafka.transaction_interval: "),
+            (
+                "[kafka]\ndelivery = \"exactly_once\"\ntransactional_id = \" \"\n",
+                "kafka.transactional_id: must not be empty",
+            ),
+            (
+                "[kafka.producer]\n\"transactional.id\" = \"x\"\n",
+                "kafka.producer.transactional.id: set kafka.transactional_id",
+            ),
+        ] {
+            let f = toml(text);
+            let err = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with(start), "{text:?} gave {err}");
+        }
     }
 
     #[test]

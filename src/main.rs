@@ -163,6 +163,7 @@ fn run_loadgen(a: LoadgenArgs) -> Result<()> {
         settle_timeout: a.settle_timeout,
         client: a.client,
         progress: !a.quiet,
+        read_committed: a.read_committed,
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;

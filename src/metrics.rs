@@ -23,6 +23,9 @@ const INFERENCE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 /// Buckets of `triagem_end_to_end_latency_seconds`.
 const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
+/// Buckets of `triagem_transaction_duration_seconds`.
+const TRANSACTION_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
 /// Why metrics could not be set up or served.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -50,6 +53,10 @@ pub struct Metrics {
     pub produce_errors: IntCounterVec,
     /// `triagem_commits_total{result}`
     pub commits: IntCounterVec,
+    /// `triagem_transactions_total{result}` (exactly-once: `committed`, `aborted`)
+    pub transactions: IntCounterVec,
+    /// `triagem_transaction_duration_seconds` (exactly-once: from a transaction's begin to its commit or abort)
+    pub transaction_seconds: Histogram,
     /// `triagem_batch_size`
     pub batch_size: Histogram,
     /// `triagem_batch_tokens`
@@ -163,6 +170,18 @@ impl Metrics {
                 &["topic"],
             )?,
             commits: counter(&r, "commits_total", "Offset commits.", &["result"])?,
+            transactions: counter(
+                &r,
+                "transactions_total",
+                "Exactly-once: transactions ended, by result (committed, aborted).",
+                &["result"],
+            )?,
+            transaction_seconds: histogram(
+                &r,
+                "transaction_duration_seconds",
+                "Exactly-once: from a transaction's begin to the end of its commit or abort.",
+                TRANSACTION_BUCKETS,
+            )?,
             batch_size: histogram(&r, "batch_size", "Messages per inference batch.", BATCH_SIZE_BUCKETS)?,
             batch_tokens: histogram(&r, "batch_tokens", "Padded tokens per inference batch.", BATCH_TOKENS_BUCKETS)?,
             inference_seconds: histogram(
@@ -425,6 +444,7 @@ mod tests {
         m.outputs_rejected.with_label_values(&["t"]).inc();
         m.oldest_unacked.with_label_values(&["t", "0"]).set(1.5);
         m.output_topic_unavailable.with_label_values(&["t"]).set(0);
+        m.transactions.with_label_values(&["committed"]).inc();
         let text = m.render();
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
         let mut names = Vec::new();

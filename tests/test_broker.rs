@@ -44,6 +44,9 @@ fn serves_topics_from_its_arguments_obeys_commands_and_exits_when_stdin_closes()
     assert_eq!(ask("ping"), "ok");
     assert!(ask("launch rockets").starts_with("error: unknown command"), "an unknown command is an error");
     assert!(ask("down 7").starts_with("error: broker \"7\""), "a broker that does not exist is an error");
+    assert_eq!(ask("errors EndTxn NOT_COORDINATOR,CONCURRENT_TRANSACTIONS"), "ok");
+    assert!(ask("errors Launch NOT_COORDINATOR").starts_with("error: API \"Launch\""), "an unknown API is an error");
+    assert!(ask("errors EndTxn OOPS").starts_with("error: error \"OOPS\""), "an unknown error is an error");
 
     assert_eq!(ask("down all"), "ok");
     assert!(partitions(&addr, "orders", Duration::from_secs(2)).is_err(), "a broker that is down answers nothing");

@@ -461,7 +461,7 @@ async fn a_fatal_client_error_exits_non_zero() {
     let broker = Broker::start().await;
     let topics = Topics::new("fatal");
     broker.create_topics(&topics, 1).await;
-    broker.command("errors InitProducerId 31").await.unwrap();
+    broker.command("errors InitProducerId CLUSTER_AUTHORIZATION_FAILED").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &broker.addr, &unique("g-fatal"), &topics, "");
     let started = std::time::Instant::now();

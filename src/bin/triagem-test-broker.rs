@@ -21,10 +21,17 @@
 //! - `down BROKER` / `up BROKER` — drop every connection and refuse new ones /
 //!   accept them again (`BROKER` is an id from 1, or `all`);
 //! - `rtt BROKER MS` — delay every response of a broker;
-//! - `errors API ERR[,ERR…]` — answer the next requests of Kafka API `API`
-//!   (a name such as `InitProducerId` or `Produce`) with these Kafka error
-//!   codes, one request each (`0` lets one through);
+//! - `errors API ERROR[,ERROR…]` — the next requests of that API (`Produce`,
+//!   `InitProducerId`, `AddPartitionsToTxn`, `AddOffsetsToTxn`, `EndTxn`,
+//!   `TxnOffsetCommit`, `OffsetCommit`, `Fetch`) fail with these errors, one
+//!   each, in order (`ILLEGAL_GENERATION`, `PRODUCER_FENCED`, …: see [`error_code`]);
 //! - `ping` — answers `ok`.
+//!
+//! With `--transactions` (one broker only) clients talk to a protocol layer
+//! in front of the mock cluster that adds what the mock leaves out of Kafka
+//! transactions — fencing by `transactional.id`, offsets committed with their
+//! transaction, `read_committed` fetches that skip aborted and open
+//! transactions (see `transactions.rs`) —, for the exactly-once tests.
 //!
 //! Topics a client names without creating them are auto-created with 4
 //! partitions, like a broker with `auto.create.topics.enable`.
@@ -43,6 +50,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+#[path = "triagem-test-broker/transactions.rs"]
+mod transactions;
 use rdkafka::ClientContext;
 
 #[derive(Parser)]
@@ -65,6 +75,9 @@ enum Cmd {
         /// Read commands from stdin (see the module docs); exit when it closes.
         #[arg(long)]
         control: bool,
+        /// Serve through the transaction layer (fencing, offsets in transactions, read_committed); one broker only.
+        #[arg(long)]
+        transactions: bool,
     },
     /// A consumer-group member that prints its assignments and polls until killed or its stdin closes.
     Member {
@@ -86,7 +99,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Serve { brokers, topics, control } => serve(brokers, &topics, control),
+        Cmd::Serve { brokers, topics, control, transactions } => serve(brokers, &topics, control, transactions),
         Cmd::Member { bootstrap, group, topic, session_timeout_ms } => {
             member(&bootstrap, &group, &topic, session_timeout_ms)
         }
@@ -107,9 +120,12 @@ fn parse_topic(spec: &str) -> Result<(&str, i32)> {
     Ok((name, n))
 }
 
-fn serve(brokers: i32, topics: &[String], control: bool) -> Result<()> {
+fn serve(brokers: i32, topics: &[String], control: bool, with_transactions: bool) -> Result<()> {
     if brokers < 1 {
         bail!("--brokers must be at least 1");
+    }
+    if with_transactions && brokers != 1 {
+        bail!("--transactions serves one broker only (--brokers 1)");
     }
     let mock = MockCluster::new(brokers).context("cannot start librdkafka's mock cluster")?;
     for spec in topics {
@@ -117,7 +133,11 @@ fn serve(brokers: i32, topics: &[String], control: bool) -> Result<()> {
         mock.create_topic(name, partitions, brokers.min(3)).with_context(|| format!("create topic {name}"))?;
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "bootstrap.servers={}", mock.bootstrap_servers())?;
+    let bootstrap = match with_transactions {
+        false => mock.bootstrap_servers(),
+        true => transactions::start(&mock.bootstrap_servers())?,
+    };
+    writeln!(out, "bootstrap.servers={bootstrap}")?;
     out.flush()?;
     if !control {
         loop {
@@ -159,15 +179,9 @@ fn command<C: ClientContext>(mock: &MockCluster<'_, C>, brokers: i32, line: &str
         }
         ["down", id] => Ok(mock.broker_down(broker_id(Some(id), brokers)?)?),
         ["up", id] => Ok(mock.broker_up(broker_id(Some(id), brokers)?)?),
-        ["errors", api, codes] => {
+        ["errors", api, errors] => {
             let api = api_key(api)?;
-            let errors = codes
-                .split(',')
-                .map(|c| {
-                    let n: i32 = c.parse().with_context(|| format!("error code {c:?} is not a number"))?;
-                    RDKafkaRespErr::try_from(n).map_err(|_| anyhow::anyhow!("{n} is not a Kafka error code"))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let errors = errors.split(',').map(error_code).collect::<Result<Vec<_>>>()?;
             mock.request_errors(api, &errors);
             Ok(())
         }
@@ -176,36 +190,51 @@ fn command<C: ClientContext>(mock: &MockCluster<'_, C>, brokers: i32, line: &str
             Ok(mock.broker_round_trip_time(broker_id(Some(id), brokers)?, Duration::from_millis(ms))?)
         }
         _ => {
-            bail!(
-                "unknown command {line:?} (create TOPIC PARTITIONS | down BROKER | up BROKER | rtt BROKER MS | \
-                 errors API ERR[,ERR…] | ping)"
-            )
+            bail!("unknown command {line:?} (create TOPIC PARTITIONS | down BROKER | up BROKER | rtt BROKER MS | errors API ERROR[,ERROR…] | ping)")
         }
     }
 }
 
-/// A Kafka API by name (the ones the tests inject errors into).
+/// A protocol API by name, for `errors`.
 fn api_key(name: &str) -> Result<RDKafkaApiKey> {
-    use RDKafkaApiKey::*;
-    let known = [
-        Produce,
-        Fetch,
-        Metadata,
-        OffsetCommit,
-        OffsetFetch,
-        FindCoordinator,
-        JoinGroup,
-        Heartbeat,
-        SyncGroup,
-        InitProducerId,
-        AddPartitionsToTxn,
-        AddOffsetsToTxn,
-        EndTxn,
-        TxnOffsetCommit,
-    ];
-    known.into_iter().find(|k| format!("{k:?}") == name).with_context(|| {
-        let names: Vec<String> = known.iter().map(|k| format!("{k:?}")).collect();
-        format!("unknown API {name:?}: expected one of {}", names.join(", "))
+    use RDKafkaApiKey as A;
+    Ok(match name {
+        "Produce" => A::Produce,
+        "Fetch" => A::Fetch,
+        "OffsetCommit" => A::OffsetCommit,
+        "InitProducerId" => A::InitProducerId,
+        "AddPartitionsToTxn" => A::AddPartitionsToTxn,
+        "AddOffsetsToTxn" => A::AddOffsetsToTxn,
+        "EndTxn" => A::EndTxn,
+        "TxnOffsetCommit" => A::TxnOffsetCommit,
+        _ => bail!(
+            "API {name:?}: expected Produce, Fetch, OffsetCommit, InitProducerId, AddPartitionsToTxn, \
+             AddOffsetsToTxn, EndTxn or TxnOffsetCommit"
+        ),
+    })
+}
+
+/// A broker error by its protocol name, for `errors`.
+fn error_code(name: &str) -> Result<RDKafkaRespErr> {
+    use RDKafkaRespErr as E;
+    Ok(match name {
+        "NOT_COORDINATOR" => E::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+        "COORDINATOR_NOT_AVAILABLE" => E::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+        "ILLEGAL_GENERATION" => E::RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION,
+        "UNKNOWN_MEMBER_ID" => E::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID,
+        "CONCURRENT_TRANSACTIONS" => E::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS,
+        "INVALID_PRODUCER_EPOCH" => E::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH,
+        "PRODUCER_FENCED" => E::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+        "INVALID_TXN_STATE" => E::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE,
+        "NOT_ENOUGH_REPLICAS" => E::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        "REQUEST_TIMED_OUT" => E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        "TRANSPORT" => E::RD_KAFKA_RESP_ERR__TRANSPORT,
+        "CLUSTER_AUTHORIZATION_FAILED" => E::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED,
+        _ => bail!(
+            "error {name:?}: expected NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE, ILLEGAL_GENERATION, \
+             UNKNOWN_MEMBER_ID, CONCURRENT_TRANSACTIONS, INVALID_PRODUCER_EPOCH, PRODUCER_FENCED, INVALID_TXN_STATE, \
+             NOT_ENOUGH_REPLICAS, REQUEST_TIMED_OUT, TRANSPORT or CLUSTER_AUTHORIZATION_FAILED"
+        ),
     })
 }
 

@@ -27,7 +27,8 @@ pub(super) fn consumer_at_end(
     // A short fetch wait: a broker that answers a fetch only when the wait is
     // over, rather than when data arrives, would otherwise add up to 500 ms
     // (the librdkafka default) to every latency measured here.
-    let mut cfg = client_config(opts, &[("fetch.wait.max.ms", "10")]);
+    let isolation = if opts.read_committed { "read_committed" } else { "read_uncommitted" };
+    let mut cfg = client_config(opts, &[("fetch.wait.max.ms", "10"), ("isolation.level", isolation)]);
     cfg.set("group.id", format!("triagem-loadgen-{run_id}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

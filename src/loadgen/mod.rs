@@ -4,7 +4,10 @@
 //! 1. reads the texts (the `prompt` field of each JSONL line, cycled);
 //! 2. assigns a consumer to every partition of the output topics (routing,
 //!    review, dead letters) **at its high watermark**, so only what this run
-//!    causes is read back, and checks that the input topic exists;
+//!    causes is read back, and checks that the input topic exists; it reads
+//!    `read_uncommitted`, or `read_committed` with `--read-committed` (what a
+//!    consumer of an exactly-once worker does: an output counts once its
+//!    transaction commits);
 //! 3. sends `{"id": "<run>-<n>", "text": ...}` to the input topic, the id also
 //!    as the Kafka key, paced to `rate` (0 = as fast as the producer queue
 //!    takes them), for a count or a duration; a share of poison messages
@@ -92,6 +95,9 @@ pub struct LoadgenOptions {
     pub client: Vec<(String, String)>,
     /// Draw progress bars on stderr.
     pub progress: bool,
+    /// Read the outputs with `isolation.level = read_committed` (an exactly-once worker's outputs
+    /// count once their transaction commits); else `read_uncommitted`.
+    pub read_committed: bool,
 }
 
 impl LoadgenOptions {
@@ -110,6 +116,7 @@ impl LoadgenOptions {
             settle_timeout: Duration::from_secs(30),
             client: Vec::new(),
             progress: false,
+            read_committed: false,
         }
     }
 

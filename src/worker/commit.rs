@@ -8,6 +8,10 @@
 //! commit covers a partition another member now owns. [`commit_sync`] counts
 //! every result in `triagem_commits_total` and only then marks the offsets
 //! committed.
+//!
+//! With `kafka.delivery = "exactly_once"` the same committer hands each
+//! commit to [`Transactions`]: the offsets go into the open transaction with
+//! its outputs, and the transaction is committed (see `transaction`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::consume::WorkerConsumer;
 use super::offsets::{CommitOffset, OffsetTracker, TopicPartition};
+use super::transaction::Transactions;
 use super::Shutdown;
 use crate::metrics::Metrics;
 
@@ -38,6 +43,8 @@ pub struct Committer {
     pub metrics: Arc<Metrics>,
     /// Held from the snapshot to the end of its commit.
     lock: Mutex<()>,
+    /// Exactly-once: commits are transactions.
+    pub transactions: Option<Arc<Transactions>>,
     /// Tests: a pause between the snapshot and its commit (a thread preempted there).
     #[cfg(test)]
     pause: Duration,
@@ -50,15 +57,30 @@ impl Committer {
             tracker,
             metrics,
             lock: Mutex::new(()),
+            transactions: None,
             #[cfg(test)]
             pause: Duration::ZERO,
         }
     }
 
-    /// Commits what is committable now (all partitions, or only `only`),
-    /// synchronously. Blocks: run it off the async threads.
+    /// The committer of exactly-once delivery: every commit is a transaction's.
+    pub fn transactional(tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, transactions: Arc<Transactions>) -> Self {
+        Committer { transactions: Some(transactions), ..Committer::new(tracker, metrics) }
+    }
+
+    /// Whether a commit has anything to do.
+    pub fn has_work(&self) -> bool {
+        !self.tracker.committable(None).is_empty() || self.transactions.as_ref().is_some_and(|t| t.has_outputs())
+    }
+
+    /// Commits what is committable now (all partitions, or only `only`; a
+    /// transaction always covers all), synchronously. Blocks: run it off the
+    /// async threads.
     pub fn commit<C: ConsumerContext, K: Consumer<C>>(&self, consumer: &K, only: Option<&[TopicPartition]>) -> bool {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = &self.transactions {
+            return t.commit(consumer, &self.tracker);
+        }
         let offsets = self.tracker.committable(only);
         #[cfg(test)]
         std::thread::sleep(self.pause.mul_f64(rand_fraction()));
@@ -67,8 +89,16 @@ impl Committer {
 
     /// On a revoke: commits `parts` and forgets them, under the lock, so that
     /// no later commit covers them.
+    /// Exactly-once: the open transaction is committed (or aborted) before
+    /// the partitions are given up.
     pub fn commit_and_forget<C: ConsumerContext, K: Consumer<C>>(&self, consumer: &K, parts: &[TopicPartition]) {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = &self.transactions {
+            t.commit(consumer, &self.tracker);
+            t.rewind.forget(parts);
+            self.tracker.remove(parts);
+            return;
+        }
         let offsets = self.tracker.committable(Some(parts));
         commit_sync(consumer, &offsets, &self.tracker, &self.metrics);
         self.tracker.remove(parts);
@@ -134,7 +164,7 @@ pub(super) async fn commit_loop(
                 .with_label_values(&[topic.as_str(), &partition.to_string()])
                 .set(age.as_secs_f64());
         }
-        if committer.tracker.committable(None).is_empty() {
+        if !committer.has_work() {
             continue;
         }
         // Synchronous, off the async threads: the result is known, counted, and

@@ -317,6 +317,8 @@ pub struct ConsumeStage {
     pub to_router: mpsc::Sender<Outcome>,
     /// Told about a consume error librdkafka calls fatal.
     pub fatal: Arc<super::Fatal>,
+    /// Exactly-once: where to seek back after an aborted transaction.
+    pub rewind: Option<Arc<super::transaction::Rewind>>,
 }
 
 impl ConsumeStage {
@@ -341,6 +343,10 @@ impl ConsumeStage {
                     let m = tokio::select! {
                         biased;
                         _ = shutdown.wait() => break,
+                        _ = rewound(&self.rewind) => {
+                            self.rewind_if_requested();
+                            continue;
+                        }
                         m = self.consumer.recv() => m,
                     };
                     (Some(p), m)
@@ -351,6 +357,10 @@ impl ConsumeStage {
                     let got = tokio::select! {
                         biased;
                         _ = shutdown.wait() => None,
+                        _ = rewound(&self.rewind) => {
+                            self.rewind_if_requested();
+                            continue;
+                        }
                         open = self.room() => Some((open, None)),
                         m = self.consumer.recv() => Some((false, Some(m))),
                     };
@@ -382,8 +392,20 @@ impl ConsumeStage {
             };
             self.metrics.consumed.with_label_values(&[envelope.topic.as_str(), &envelope.partition.to_string()]).inc();
             let mut envelope = envelope;
+            match &self.rewind {
+                None => envelope.generation = self.tracker.track(&envelope.topic, envelope.partition, envelope.offset),
+                Some(rewind) => {
+                    // Tracked before a rewind is requested (and abandoned by it), or dropped.
+                    let pending = rewind.lock();
+                    if pending.is_some() {
+                        drop(pending);
+                        self.rewind_if_requested();
+                        continue;
+                    }
+                    envelope.generation = self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
+                }
+            }
             let slot = Slot::new(permit, &self.bytes, message_bytes(&envelope));
-            envelope.generation = self.tracker.track(&envelope.topic, envelope.partition, envelope.offset);
             if let Some(gap) = self.gaps.observe(&envelope.topic, envelope.partition, envelope.offset) {
                 gap.emit(&envelope.topic, envelope.partition, &self.metrics);
             }
@@ -416,6 +438,19 @@ impl ConsumeStage {
         true
     }
 
+    /// Exactly-once, after an aborted transaction: seeks every partition back
+    /// to its committed offset (messages fetched before are dropped by
+    /// librdkafka, and the ones already taken were abandoned by the rewind).
+    fn rewind_if_requested(&self) {
+        let Some(to) = self.rewind.as_ref().and_then(|r| r.lock().take()) else { return };
+        for ((topic, partition), offset) in to {
+            match self.consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5)) {
+                Ok(()) => tracing::info!(topic, partition, offset, "rewound to the committed offset"),
+                Err(e) => tracing::warn!(topic, partition, offset, error = %e, "cannot seek back after an abort"),
+            }
+        }
+    }
+
     /// Pauses (or resumes) every assigned partition; `triagem_consumer_paused` with it.
     fn set_paused(&self, paused: bool) {
         let Ok(assignment) = self.consumer.assignment() else { return };
@@ -430,6 +465,14 @@ impl ConsumeStage {
             );
             self.metrics.consumer_paused.set(paused as i64);
         }
+    }
+}
+
+/// Resolves when a rewind is requested (never without exactly-once).
+async fn rewound(rewind: &Option<Arc<super::transaction::Rewind>>) {
+    match rewind {
+        Some(r) => r.requested().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -14,7 +14,9 @@
 //!    topic) and, once the broker acknowledges it, acknowledges the offset;
 //! 6. [`offsets`] knows, per partition, up to where every message has an
 //!    acknowledged output; [`commit`] commits exactly that (periodically, on
-//!    revoke, on shutdown), and is the only place that commits.
+//!    revoke, on shutdown), and is the only place that commits. With
+//!    `kafka.delivery = "exactly_once"` it commits through [`transaction`]:
+//!    outputs and offsets in one Kafka transaction per `transaction_interval`.
 //!
 //! Every hand-off is a bounded channel, so a slow stage pauses consumption.
 //! [`Worker::run`] owns shutdown: stop fetching, drain every stage, commit
@@ -28,6 +30,7 @@ pub mod message;
 pub mod offsets;
 pub mod route;
 mod shutdown;
+pub mod transaction;
 
 use shutdown::wait_for_signal;
 pub use shutdown::{Fatal, Shutdown, ShutdownTrigger};
@@ -44,7 +47,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Delivery};
 use crate::metrics::{Metrics, MetricsError};
 use crate::model::{Classifier, ModelError};
 use consume::{ConsumeStage, GapWatch, IdleWatch, WorkerConsumer, WorkerContext};
@@ -76,6 +79,8 @@ pub enum WorkerError {
     ShutdownTimeout { timeout: Duration, pending: usize },
     #[error("{0}; what was done is committed, the rest will be consumed again after a restart")]
     Fatal(String),
+    #[error("kafka.transactional_id: cannot start transactions as {id:?}: {source}")]
+    Transactions { id: String, source: KafkaError },
 }
 
 /// `triagem worker`: loads the model, checks it against the routing, and runs
@@ -139,6 +144,10 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
     c.set("group.id", &cfg.kafka.group_id);
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
+    if cfg.kafka.delivery == Delivery::ExactlyOnce {
+        // Inputs written by transactional producers: only committed ones.
+        c.set("isolation.level", "read_committed");
+    }
     c
 }
 
@@ -156,6 +165,10 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
     c.remove("request.required.acks");
     c.set("acks", "all");
     c.set("enable.idempotence", "true");
+    if cfg.kafka.delivery == Delivery::ExactlyOnce {
+        c.set("transactional.id", cfg.kafka.transactional_id_for(&crate::config::hostname()));
+        c.set("transaction.timeout.ms", (cfg.shutdown.timeout.as_millis().max(1000) * 2).to_string());
+    }
     c
 }
 
@@ -174,7 +187,19 @@ mod tests {
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("request.required.acks"), None);
+        assert_eq!(c.get("transactional.id"), None);
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn exactly_once_makes_the_producer_transactional_and_the_consumer_read_committed() {
+        let mut cfg = Config::default();
+        cfg.kafka.delivery = Delivery::ExactlyOnce;
+        cfg.kafka.group_id = "g".into();
+        let id = producer_config(&cfg).get("transactional.id").unwrap().to_string();
+        assert!(id.starts_with("triagem-g-") && !id.contains('{'), "{id}");
+        assert_eq!(producer_config(&cfg).get("enable.idempotence"), Some("true"));
+        assert_eq!(consumer_config(&cfg).get("isolation.level"), Some("read_committed"));
     }
 }
 
@@ -226,7 +251,25 @@ impl Worker {
             listener.local_addr().map_err(|source| WorkerError::Start { what: "the metrics endpoint", source })?;
 
         let tracker = Arc::new(OffsetTracker::new());
-        let committer = Arc::new(commit::Committer::new(tracker.clone(), metrics.clone()));
+        let fatal = Arc::new(Fatal::default());
+        let producer: FutureProducer =
+            producer_config(&cfg).create().map_err(|source| WorkerError::Client { what: "producer", source })?;
+        let transactions = match cfg.kafka.delivery {
+            Delivery::AtLeastOnce => None,
+            Delivery::ExactlyOnce => {
+                let id = producer_config(&cfg).get("transactional.id").unwrap_or_default().to_string();
+                let (p, m, f, t, i) =
+                    (producer.clone(), metrics.clone(), fatal.clone(), cfg.shutdown.timeout, id.clone());
+                let started = tokio::task::spawn_blocking(move || transaction::Transactions::start(p, i, m, f, t))
+                    .await
+                    .map_err(|e| WorkerError::Fatal(format!("starting transactions panicked: {e}")))?;
+                Some(Arc::new(started.map_err(|source| WorkerError::Transactions { id, source })?))
+            }
+        };
+        let committer = Arc::new(match &transactions {
+            None => commit::Committer::new(tracker.clone(), metrics.clone()),
+            Some(t) => commit::Committer::transactional(tracker.clone(), metrics.clone(), t.clone()),
+        });
         let gaps = Arc::new(GapWatch::default());
         let context = WorkerContext {
             tracker: tracker.clone(),
@@ -240,8 +283,6 @@ impl Worker {
             .create_with_context(context)
             .map_err(|source| WorkerError::Client { what: "consumer", source })?;
         let consumer = Arc::new(consumer);
-        let producer: FutureProducer =
-            producer_config(&cfg).create().map_err(|source| WorkerError::Client { what: "producer", source })?;
         consumer
             .subscribe(&[&cfg.kafka.input_topic])
             .map_err(|source| WorkerError::Subscribe { topic: cfg.kafka.input_topic.clone(), source })?;
@@ -272,7 +313,6 @@ impl Worker {
         })
         .map_err(|source| WorkerError::Start { what: "the inference thread", source })?;
         let output_topics = Arc::new(OutputTopics::default());
-        let fatal = Arc::new(Fatal::default());
         let router = Router {
             producer: producer.clone(),
             routing: cfg.routing.clone(),
@@ -282,6 +322,7 @@ impl Worker {
             retry_backoff: cfg.kafka.produce_retry_backoff,
             topics: output_topics.clone(),
             fatal: fatal.clone(),
+            transactions: transactions.clone(),
         };
         let router = tokio::spawn(router.run(router_rx));
         let bytes = consume::ByteBudget::new(cfg.kafka.max_in_flight_bytes.as_u64());
@@ -297,6 +338,7 @@ impl Worker {
                 to_batcher,
                 to_router,
                 fatal: fatal.clone(),
+                rewind: transactions.as_ref().map(|t| t.rewind.clone()),
             }
             .run(shutdown),
         );
@@ -317,7 +359,10 @@ impl Worker {
             consumer.clone(),
             committer.clone(),
             bytes,
-            cfg.kafka.commit_interval,
+            match cfg.kafka.delivery {
+                Delivery::AtLeastOnce => cfg.kafka.commit_interval,
+                Delivery::ExactlyOnce => cfg.kafka.transaction_interval,
+            },
             commits_shutdown,
         ));
         background.push(tokio::spawn(readiness_loop(
@@ -329,6 +374,7 @@ impl Worker {
                 tracker: tracker.clone(),
                 stall_timeout: cfg.health.stall_timeout,
                 fatal: fatal.clone(),
+                transactional_id: producer_config(&cfg).get("transactional.id").map(str::to_string),
             },
             metrics.clone(),
             cfg.kafka.unassigned_timeout,
@@ -336,7 +382,7 @@ impl Worker {
         )));
         tracing::info!(
             model = %info.name, version = %info.version, labels = ?info.labels,
-            input = %cfg.kafka.input_topic, group = %cfg.kafka.group_id,
+            input = %cfg.kafka.input_topic, group = %cfg.kafka.group_id, delivery = ?cfg.kafka.delivery,
             "worker started; metrics on http://{metrics_addr}/metrics"
         );
         Ok(Worker {
@@ -463,6 +509,8 @@ struct Watch {
     stall_timeout: Duration,
     /// Where a fatal error is reported.
     fatal: Arc<Fatal>,
+    /// Exactly-once: the producer's `transactional.id` (a fenced producer's error names it).
+    transactional_id: Option<String>,
 }
 
 impl Watch {
@@ -482,7 +530,10 @@ impl Watch {
             [("consumer", consumer.client().fatal_error()), ("producer", self.producer.client().fatal_error())]
         {
             if let Some((code, reason)) = fatal {
-                self.fatal.set(format!("fatal {client} error {code:?}: {reason}"));
+                match (&self.transactional_id, client) {
+                    (Some(id), "producer") => self.fatal.set(transaction::fatal_reason(id, code, &reason)),
+                    _ => self.fatal.set(format!("fatal {client} error {code:?}: {reason}")),
+                }
             }
         }
     }

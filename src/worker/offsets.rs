@@ -36,8 +36,10 @@ struct PartitionState {
     committable: Option<i64>,
     /// What was last committed successfully.
     committed: Option<i64>,
-    /// Which assignment of the partition this is (new after every revoke).
+    /// Which assignment of the partition this is (new after every revoke and rewind).
     generation: u64,
+    /// The first offset tracked in this generation: where a rewind goes when nothing was committed since.
+    base: Option<i64>,
 }
 
 impl PartitionState {
@@ -86,6 +88,7 @@ impl OffsetTracker {
             ..Default::default()
         });
         let generation = p.generation;
+        p.base.get_or_insert(offset);
         match p.pending.back() {
             Some(&(last, _, _)) if offset <= last => {
                 // Redelivery after a seek: keep the deque sorted and unique.
@@ -181,6 +184,29 @@ impl OffsetTracker {
         }
         drop(state);
         self.changed.notify_all();
+    }
+
+    /// After an aborted transaction (exactly-once): every partition's work
+    /// since its last commit is void. Returns, per partition, where to consume
+    /// again (the last committed offset, or the first offset tracked since the
+    /// assignment), and starts a new generation of each, so that work taken
+    /// before is abandoned; the committed offsets are kept.
+    pub fn rewind(&self) -> Vec<CommitOffset> {
+        let mut state = self.lock();
+        let mut to = Vec::new();
+        for ((topic, partition), p) in state.iter_mut() {
+            if let Some(offset) = p.committed.or(p.base) {
+                to.push(CommitOffset { topic: topic.clone(), partition: *partition, offset });
+            }
+            *p = PartitionState {
+                committed: p.committed,
+                generation: self.generations.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+                ..Default::default()
+            };
+        }
+        drop(state);
+        self.changed.notify_all();
+        to
     }
 
     /// Per tracked partition, how long its oldest unacknowledged message has
@@ -340,6 +366,28 @@ mod tests {
         let g2 = t.track("in", 0, 5);
         assert_ne!(g, g2);
         assert!(!t.is_current("in", 0, g) && t.is_current("in", 0, g2));
+    }
+
+    #[test]
+    fn a_rewind_goes_back_to_the_committed_offset_in_a_new_generation() {
+        let t = OffsetTracker::new();
+        for o in 10..20 {
+            t.track("in", 0, o);
+            t.ack("in", 0, o);
+        }
+        t.mark_committed(&t.committable(None));
+        let g = t.track("in", 0, 20);
+        t.ack("in", 0, 20);
+        t.track("in", 1, 7);
+        let to: Vec<(i32, i64)> = t.rewind().into_iter().map(|c| (c.partition, c.offset)).collect();
+        assert_eq!(to, vec![(0, 20), (1, 7)], "partition 1 had no commit: back to its first offset");
+        assert!(!t.is_current("in", 0, g));
+        assert_eq!(t.pending(None), 0);
+        assert!(t.committable(None).is_empty(), "the rewound acknowledgement is forgotten");
+        let g2 = t.track("in", 0, 20);
+        assert!(t.is_current("in", 0, g2) && g2 != g);
+        t.ack("in", 0, 20);
+        assert_eq!(offsets(&t), vec![(0, 21)]);
     }
 
     #[test]

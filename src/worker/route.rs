@@ -12,6 +12,11 @@
 //! cannot be produced becomes a stub — the reason and source headers, no
 //! payload — so that the partition's offset moves on.
 //!
+//! Exactly-once (`kafka.delivery = "exactly_once"`): each output is
+//! enqueued inside the open transaction and its offset acknowledged at once
+//! (see `transaction`); a failed delivery fails the transaction, which is
+//! aborted and redone, instead of being retried here.
+//!
 //! The output value is the input JSON object plus a `triagem` object (for
 //! text input, `{"text": ..., "triagem": ...}`); its headers are the input's
 //! plus the ones named below.
@@ -175,6 +180,8 @@ pub struct Router {
     pub topics: Arc<OutputTopics>,
     /// Told when a delivery task panics (its offset could never be acknowledged).
     pub fatal: Arc<super::Fatal>,
+    /// Exactly-once: the open transaction every output goes into.
+    pub transactions: Option<Arc<super::transaction::Transactions>>,
 }
 
 impl Router {
@@ -250,22 +257,98 @@ impl Router {
     /// so that outputs are enqueued in the order this is called.
     async fn enqueue(&self, output: &Output) -> Result<DeliveryFuture, KafkaError> {
         loop {
-            let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
-            for (key, value) in &output.headers {
-                headers = headers.insert(Header { key, value: value.as_deref() });
-            }
-            let mut record = FutureRecord::<[u8], [u8]>::to(&output.topic).payload(&output.payload).headers(headers);
-            if let Some(key) = &output.envelope.key {
-                record = record.key(key);
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            match self.send_now(output) {
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await
                 }
-                Err((e, _)) => return Err(e),
+                r => return r,
             }
         }
+    }
+
+    /// One attempt to hand `output` to the producer.
+    fn send_now(&self, output: &Output) -> Result<DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
+        for (key, value) in &output.headers {
+            headers = headers.insert(Header { key, value: value.as_deref() });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&output.topic).payload(&output.payload).headers(headers);
+        if let Some(key) = &output.envelope.key {
+            record = record.key(key);
+        }
+        self.producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    /// Exactly-once: enqueues `output` inside the open transaction and
+    /// acknowledges its offset under the same hold (so the commit that takes
+    /// the offset takes the output too); a record the producer rejects for good
+    /// is dead-lettered instead, in the same transaction. Returns the delivery
+    /// to await, or None when the output was abandoned (its partition revoked
+    /// or rewound meanwhile) or rejected.
+    async fn enqueue_in_transaction(
+        &self,
+        transactions: &super::transaction::Transactions,
+        mut output: Output,
+    ) -> Option<(Output, DeliveryFuture)> {
+        let mut attempt = 0u32;
+        loop {
+            if !self.current(&output) {
+                return None;
+            }
+            let sent = match transactions.try_enter() {
+                None => None,
+                Some(_open) => {
+                    let sent = self.send_now(&output);
+                    if sent.is_ok() {
+                        let e = &output.envelope;
+                        self.tracker.ack(&e.topic, e.partition, e.offset);
+                        transactions.produced();
+                    }
+                    Some(sent)
+                }
+            };
+            match sent {
+                // A commit is running: the next transaction opens in a moment.
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+                Some(Ok(delivery)) => return Some((output, delivery)),
+                Some(Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Some(Err(e)) if classify(&e) == ProduceFailure::RecordRejected => {
+                    self.metrics.produce_errors.with_label_values(&[output.topic.as_str()]).inc();
+                    output = self.rejected(output, &e)?;
+                }
+                Some(Err(e)) => {
+                    // E.g. the transaction failed and waits for its abort: the rewind abandons this output.
+                    attempt += 1;
+                    self.metrics.produce_errors.with_label_values(&[output.topic.as_str()]).inc();
+                    tracing::debug!(topic = %output.topic, error = %e, attempt, "produce in transaction failed; retrying");
+                    tokio::time::sleep(self.retry_backoff.min(Duration::from_millis(10) * attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Exactly-once: waits for an output's delivery, for the counters; a
+    /// failure fails its transaction's commit, which is aborted and redone.
+    async fn settle_in_transaction(self, output: Output, delivery: DeliveryFuture) {
+        let gauge = self.metrics.queue(QUEUE_PRODUCER);
+        gauge.inc();
+        match delivery.await {
+            Ok(Ok(_)) => {
+                self.topics.set_failing(&self.metrics, &output.topic, false);
+                self.count(&output);
+            }
+            Ok(Err((e, _))) => {
+                self.metrics.produce_errors.with_label_values(&[output.topic.as_str()]).inc();
+                if classify(&e) == ProduceFailure::TopicUnavailable {
+                    self.topics.set_failing(&self.metrics, &output.topic, true);
+                }
+                tracing::warn!(topic = %output.topic, error = %e, "output failed inside its transaction; the transaction will be aborted and redone");
+            }
+            Err(_) => {}
+        }
+        gauge.dec();
     }
 
     /// Waits for the broker's acknowledgement of an enqueued output, handles
@@ -359,6 +442,13 @@ impl Router {
     }
 
     fn acknowledged(&self, output: &Output) {
+        self.count(output);
+        let e = &output.envelope;
+        self.tracker.ack(&e.topic, e.partition, e.offset);
+    }
+
+    /// The counters and the latency of a delivered output.
+    fn count(&self, output: &Output) {
         let m = &self.metrics;
         match &output.destination {
             Destination::Label(label) => m.routed.with_label_values(&[output.topic.as_str(), label]).inc(),
@@ -372,8 +462,6 @@ impl Router {
             let latency = (Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
             m.end_to_end_latency.observe(latency);
         }
-        let e = &output.envelope;
-        self.tracker.ack(&e.topic, e.partition, e.offset);
     }
 
     /// Runs until `rx` is closed, then waits for every delivery to finish.
@@ -395,6 +483,12 @@ impl Router {
                 ))
             });
             for output in outputs {
+                if let Some(transactions) = &self.transactions {
+                    if let Some((output, delivery)) = self.enqueue_in_transaction(transactions, output).await {
+                        deliveries.spawn(self.clone().settle_in_transaction(output, delivery));
+                    }
+                    continue;
+                }
                 if !self.current(&output) {
                     continue;
                 }
@@ -534,6 +628,7 @@ mod tests {
             retry_backoff: Duration::from_millis(1),
             topics: Default::default(),
             fatal: Default::default(),
+            transactions: None,
         };
         let env = |n: usize| Envelope { payload: Some(vec![b'x'; n]), key: Some(b"k".to_vec()), ..Default::default() };
         let small = router.dead_letter(env(10), Poison::EmptyText, Slot::default());

@@ -124,10 +124,22 @@ impl Broker {
 
     /// `triagem-test-broker serve --control` with `brokers` brokers; waits for its address.
     pub fn test_broker(brokers: i32) -> Broker {
+        Broker::test_broker_with(&["--brokers", &brokers.to_string()])
+    }
+
+    /// `triagem-test-broker serve --control --transactions`: one broker behind
+    /// the transaction layer (fencing, offsets in transactions, `read_committed`).
+    pub async fn transactional() -> Broker {
+        off_runtime(|| Broker::test_broker_with(&["--transactions"])).await
+    }
+
+    /// `triagem-test-broker serve --control ARGS`; waits for its address.
+    fn test_broker_with(args: &[&str]) -> Broker {
         let log = std::env::temp_dir().join(format!("{}.log", unique("test-broker")));
         let err = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_triagem-test-broker"))
-            .args(["serve", "--control", "--brokers", &brokers.to_string()])
+            .args(["serve", "--control"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(err)
@@ -615,7 +627,9 @@ impl Out {
 }
 
 /// Reads every output topic from the beginning (no consumer group: assigned
-/// partitions) until `done(all so far)` or `limit` passes.
+/// partitions) until `done(all so far)` or `limit` passes. Reads with
+/// `isolation.level = read_committed` (librdkafka's default, written out: what
+/// a downstream consumer of an exactly-once worker must use).
 pub async fn read_outputs(
     brokers: &str,
     topics: &[String],
@@ -626,6 +640,7 @@ pub async fn read_outputs(
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
         .create()
         .expect("reader");
     let mut tpl = TopicPartitionList::new();

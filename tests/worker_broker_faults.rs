@@ -69,11 +69,7 @@ async fn records_deleted_before_they_were_read_are_a_gap() {
     let worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&u) >= (high - low) as f64)
-    })
-    .await
-    .unwrap();
+    let done = eventually(LIMIT, move || outputs_acknowledged_blocking(&u) >= (high - low) as f64).await;
     assert!(done, "the worker did not route offsets {low}..{high}");
     let labels = format!("{{partition=\"0\",topic=\"{}\"}}", topics.input);
     assert_eq!(metric(&url, &format!("triagem_offset_gaps_total{labels}")).await, 1.0);
@@ -132,13 +128,10 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let readyz = url.replace("/metrics", "/readyz");
     let (u, r) = (url.clone(), readyz.clone());
-    let not_ready = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(60), || {
-            metric_blocking(&u, "triagem_idle_with_lag") == 1.0 && http_get_blocking(&r).0 == 503
-        })
+    let not_ready = eventually(Duration::from_secs(60), move || {
+        metric_blocking(&u, "triagem_idle_with_lag") == 1.0 && http_get_blocking(&r).0 == 503
     })
-    .await
-    .unwrap();
+    .await;
     assert!(not_ready, "the worker stayed ready without partitions:\n{}", worker.log_text());
     let (status, body) = http_get(&readyz).await;
     assert_eq!(status, 503);
@@ -151,20 +144,13 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     stop_tx.send(()).unwrap();
     holder.join().unwrap();
     let u = url.clone();
-    let routed = tokio::task::spawn_blocking(move || {
-        eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&u) >= n as f64)
-    })
-    .await
-    .unwrap();
+    let routed = eventually(LIMIT, move || outputs_acknowledged_blocking(&u) >= n as f64).await;
     assert!(routed, "the worker never got the partition back:\n{}", worker.log_text());
     let (u, r) = (url.clone(), readyz.clone());
-    let ready = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || {
-            metric_blocking(&u, "triagem_idle_with_lag") == 0.0 && http_get_blocking(&r).0 == 200
-        })
+    let ready = eventually(Duration::from_secs(30), move || {
+        metric_blocking(&u, "triagem_idle_with_lag") == 0.0 && http_get_blocking(&r).0 == 200
     })
-    .await
-    .unwrap();
+    .await;
     assert!(ready, "not ready again after getting the partition:\n{}", worker.log_text());
     assert_eq!(metric(&url, "triagem_assigned_partitions").await, 1.0);
 }
@@ -225,11 +211,8 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let total = inputs.len() as i64;
     let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
-    let all_committed = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(90), || committed_blocking(&b, &g, &t, 1)[0] == Some(total))
-    })
-    .await
-    .unwrap();
+    let all_committed =
+        eventually(Duration::from_secs(90), move || committed_blocking(&b, &g, &t, 1)[0] == Some(total)).await;
     assert!(all_committed, "the offsets never reached {total}:\n{}", worker.log_text());
     let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(2)).await;
     let routed: BTreeSet<u64> =
@@ -288,13 +271,9 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     let healthz = url.replace("/metrics", "/healthz");
     let series = format!("triagem_output_topic_unavailable{{topic=\"{}\"}}", topics.suporte);
     let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
-    let reported = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || {
-            metric_blocking(&u, &s) == 1.0 && http_get_blocking(&r).0 == 503
-        })
-    })
-    .await
-    .unwrap();
+    let reported =
+        eventually(Duration::from_secs(30), move || metric_blocking(&u, &s) == 1.0 && http_get_blocking(&r).0 == 503)
+            .await;
     assert!(reported, "the missing topic was not reported:\n{}", worker.log_text());
     let (_, body) = http_get(&readyz).await;
     assert!(body.contains(&topics.suporte), "{body}");
@@ -303,13 +282,10 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     assert_eq!(metric(&url, "triagem_ready").await, 0.0);
     // Nothing acknowledged for health.stall_timeout (3 s) while outputs wait: not live either.
     let (u, h) = (url.clone(), healthz.clone());
-    let unhealthy = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || {
-            metric_blocking(&u, "triagem_stalled") == 1.0 && http_get_blocking(&h).0 == 503
-        })
+    let unhealthy = eventually(Duration::from_secs(30), move || {
+        metric_blocking(&u, "triagem_stalled") == 1.0 && http_get_blocking(&h).0 == 503
     })
-    .await
-    .unwrap();
+    .await;
     assert!(unhealthy, "/healthz stayed 200 while nothing could be acknowledged:\n{}", worker.log_text());
     // No commit covers the held messages: the lag is unknown, their age is not.
     let age =
@@ -322,13 +298,9 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     let ids: BTreeSet<u64> = outs.iter().filter_map(|o| o.json()["id"].as_u64()).collect();
     assert_eq!(ids.len(), n, "inputs lost after the topic was created:\n{}", worker.log_text());
     let (u, r, s) = (url.clone(), readyz.clone(), series.clone());
-    let ready = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || {
-            metric_blocking(&u, &s) == 0.0 && http_get_blocking(&r).0 == 200
-        })
-    })
-    .await
-    .unwrap();
+    let ready =
+        eventually(Duration::from_secs(30), move || metric_blocking(&u, &s) == 0.0 && http_get_blocking(&r).0 == 200)
+            .await;
     assert!(ready, "not ready after the topic was created:\n{}", worker.log_text());
     assert_eq!(http_get(&healthz).await.0, 200, "still unhealthy after the topic was created");
     println!("missing output topic: {venda} outputs flowed meanwhile, {} after it was created, 0 lost", n - venda);
@@ -361,19 +333,15 @@ async fn a_full_in_flight_window_pauses_fetching_and_keeps_polling() {
     );
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
-    let paused = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric_blocking(&u, "triagem_consumer_paused") == 1.0)
-    })
-    .await
-    .unwrap();
+    let paused =
+        eventually(Duration::from_secs(30), move || metric_blocking(&u, "triagem_consumer_paused") == 1.0).await;
     assert!(paused, "fetching never paused:\n{}", worker.log_text());
     // Longer than max.poll.interval.ms with every slot held.
     tokio::time::sleep(Duration::from_secs(9)).await;
     let held = outputs_acknowledged(&url).await;
     broker.create_topic(&topics.suporte, 1).await;
-    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
-    assert_eq!(distinct(&outs), n, "inputs lost:\n{}", worker.log_text());
+    let (outs, ids) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
+    assert_eq!(ids.len(), n, "inputs lost:\n{}", worker.log_text());
     let log = worker.log_text();
     println!(
         "paused with 5 slots held for 9 s (max.poll.interval.ms 6 s): {held} outputs before the topic came, \
@@ -425,11 +393,8 @@ async fn in_flight_bytes_pause_fetching_at_their_bound() {
     );
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
-    let paused = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || metric_blocking(&u, "triagem_consumer_paused") == 1.0)
-    })
-    .await
-    .unwrap();
+    let paused =
+        eventually(Duration::from_secs(30), move || metric_blocking(&u, "triagem_consumer_paused") == 1.0).await;
     assert!(paused, "fetching never paused:\n{}", worker.log_text());
     // Several commit intervals (the gauges' period) with the held outputs still waiting.
     let mut peak = 0.0f64;
@@ -447,9 +412,8 @@ async fn in_flight_bytes_pause_fetching_at_their_bound() {
     );
     assert!(peak <= bound + 2.0 * largest, "{peak} bytes in flight, over the bound plus two messages");
     broker.create_topic(&topics.suporte, 1).await;
-    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
-    assert_eq!(distinct(&outs), n, "inputs lost:\n{}", worker.log_text());
+    let (_, ids) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
+    assert_eq!(ids.len(), n, "inputs lost:\n{}", worker.log_text());
 }
 
 /// A fatal librdkafka error ends the worker with a non-zero exit, so that its
@@ -496,27 +460,20 @@ async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
     let first = WorkerProc::start(&config, &env);
     let url = first.metrics_url(Duration::from_secs(30)).await;
     let u = url.clone();
-    let held = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || {
-            metric_blocking(&u, "triagem_queue_depth{queue=\"producer\"}") > 0.0
-        })
+    let held = eventually(Duration::from_secs(30), move || {
+        metric_blocking(&u, "triagem_queue_depth{queue=\"producer\"}") > 0.0
     })
-    .await
-    .unwrap();
+    .await;
     assert!(held, "no output held:\n{}", first.log_text());
     let second = WorkerProc::start(&config, &env);
     let u = url.clone();
-    let abandoned = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(60), || metric_blocking(&u, "triagem_outputs_abandoned_total") > 0.0)
-    })
-    .await
-    .unwrap();
+    let abandoned =
+        eventually(Duration::from_secs(60), move || metric_blocking(&u, "triagem_outputs_abandoned_total") > 0.0).await;
     assert!(abandoned, "the revoked outputs were not abandoned:\n{}", first.log_text());
     let abandoned = metric(&url, "triagem_outputs_abandoned_total").await;
     broker.create_topic(&topics.suporte, 1).await;
-    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
-    assert_eq!(distinct(&outs), n, "inputs lost:\n{}\n{}", first.log_text(), second.log_text());
+    let (_, ids) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
+    assert_eq!(ids.len(), n, "inputs lost:\n{}\n{}", first.log_text(), second.log_text());
     let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await;
     println!(
         "revoke timed out with outputs held: {abandoned} outputs abandoned by the first worker; {} outputs for {n} inputs, \
@@ -546,9 +503,7 @@ async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
     let readyz = url.replace("/metrics", "/readyz");
     let u = url.clone();
     assert!(
-        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&u) >= 500.0))
-            .await
-            .unwrap(),
+        eventually(LIMIT, move || outputs_acknowledged_blocking(&u) >= 500.0).await,
         "nothing routed:\n{}",
         worker.log_text()
     );
@@ -556,25 +511,16 @@ async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
     let before = outputs_acknowledged(&url).await;
     let r = readyz.clone();
     let down_at = std::time::Instant::now();
-    let not_ready = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(10), || http_get_blocking(&r).0 == 503)
-    })
-    .await
-    .unwrap();
+    let not_ready = eventually(Duration::from_secs(10), move || http_get_blocking(&r).0 == 503).await;
     let not_ready_after = down_at.elapsed();
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
     let during = outputs_acknowledged(&url).await;
     broker.up().await;
     assert!(not_ready, "/readyz stayed 200 with the broker down:\n{}", worker.log_text());
-    let distinct = |o: &[Out]| o.iter().filter_map(|o| o.json()["id"].as_u64()).collect::<BTreeSet<u64>>().len();
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| distinct(o) >= n).await;
-    assert_eq!(distinct(&outs), n, "inputs lost ({} outputs read):\n{}", outs.len(), worker.log_text());
+    let (outs, ids) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
+    assert_eq!(ids.len(), n, "inputs lost ({} outputs read):\n{}", outs.len(), worker.log_text());
     let r = readyz.clone();
-    let ready = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || http_get_blocking(&r).0 == 200)
-    })
-    .await
-    .unwrap();
+    let ready = eventually(Duration::from_secs(30), move || http_get_blocking(&r).0 == 200).await;
     assert!(ready, "not ready after the broker came back:\n{}", worker.log_text());
     let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(2)).await;
     println!(

@@ -42,13 +42,8 @@ async fn burst(name: &str, inputs: Vec<(String, Vec<u8>)>, max_bytes: &str) -> (
     let dir = tempfile::tempdir().unwrap();
     let group = unique(&format!("g-{name}"));
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
-    let env = [
-        ("TRIAGEM__BATCH__MAX_MESSAGES", "32"),
-        ("TRIAGEM__BATCH__MAX_WAIT", "20ms"),
-        ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "2000"),
-        ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1s"),
-        ("TRIAGEM__INPUT__MAX_BYTES", max_bytes),
-    ];
+    let mut env = PRODUCTION_SETTINGS.to_vec();
+    env.push(("TRIAGEM__INPUT__MAX_BYTES", max_bytes));
     let p = producer(&broker.addr);
     let t = Instant::now();
     produce_all(&p, &topics.input, &inputs).await;

@@ -13,15 +13,6 @@ use worker_common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-/// Outputs per input id.
-fn per_id(outs: &[Out]) -> HashMap<u64, usize> {
-    let mut m = HashMap::new();
-    for o in outs {
-        *m.entry(o.json()["id"].as_u64().expect("id")).or_default() += 1;
-    }
-    m
-}
-
 fn committed_as_ends(brokers: &str, group: &str, topic: &str, ends: &HashMap<i32, i64>) -> bool {
     let partitions = ends.keys().max().map_or(0, |p| p + 1);
     let got = committed_blocking(brokers, group, topic, partitions);
@@ -45,10 +36,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
 
     let mut worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
-    let started =
-        tokio::task::spawn_blocking(move || eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&url) >= 40.0))
-            .await
-            .unwrap();
+    let started = eventually(LIMIT, move || outputs_acknowledged_blocking(&url) >= 40.0).await;
     assert!(started, "the worker produced nothing:\n{}", worker.log_text());
     worker.kill().await;
     let committed_at_kill = committed(&broker.addr, &group, &topics.input, 2).await;
@@ -60,7 +48,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     }
     let n = first + more;
     let restarted = WorkerProc::start(&config, &[]);
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id(o).len() >= n).await;
+    let (outs, _) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
     let counts = per_id(&outs);
     let missing: Vec<usize> = (0..n).filter(|i| !counts.contains_key(&(*i as u64))).collect();
     assert!(missing.is_empty(), "{} inputs lost: {missing:?}", missing.len());
@@ -69,11 +57,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     eprintln!("SIGKILL restart: {n} inputs, {} outputs, {duplicates} duplicates", outs.len());
     // Everything is eventually committed.
     let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
-    let all = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(30), || committed_as_ends(&b, &g, &t, &ends))
-    })
-    .await
-    .unwrap();
+    let all = eventually(Duration::from_secs(30), move || committed_as_ends(&b, &g, &t, &ends)).await;
     assert!(all, "offsets not committed up to the end");
     // The restarted worker started exactly at the committed offsets and saw every offset after them.
     let gaps = metric_sum(&restarted.metrics_url(Duration::from_secs(5)).await, "triagem_offset_gaps_total").await;
@@ -115,7 +99,7 @@ async fn sigterm_finishes_commits_and_exits_0() {
     assert_eq!(committed_now, routed, "committed offsets must cover exactly the routed messages");
 
     let _restarted = WorkerProc::start(&config, &[]);
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id(o).len() >= n).await;
+    let (outs, _) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
     let counts = per_id(&outs);
     assert_eq!(counts.len(), n, "inputs lost");
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
@@ -143,7 +127,7 @@ async fn two_workers_split_partitions_and_route_each_message_once() {
     let n = 200;
     let p = producer(&broker.addr);
     produce_all(&p, &topics.input, &chat_inputs(0, n)).await;
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id(o).len() >= n).await;
+    let (outs, _) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
     let counts = per_id(&outs);
     assert_eq!(counts.len(), n, "inputs lost");
     let all = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await;
@@ -237,17 +221,8 @@ async fn handover(broker: &Broker, env: &[(&str, &str)]) -> (usize, String) {
     let status = a.wait_exit(Duration::from_secs(25)).await.expect("A did not exit within shutdown.timeout");
     assert!(status.success(), "A exited with {status}:\n{}", a.log_text());
 
-    let mut seen = std::collections::HashSet::new();
-    let mut looked = 0;
-    let outs = read_outputs(&broker.addr, &topics.outputs(), Duration::from_secs(120), |o| {
-        for out in &o[looked..] {
-            seen.insert(out.json()["id"].as_u64().expect("id"));
-        }
-        looked = o.len();
-        seen.len() >= n
-    })
-    .await;
-    let lost: Vec<u64> = (0..n as u64).filter(|i| !seen.contains(i)).collect();
+    let (outs, seen) = read_ids(&broker.addr, &topics.outputs(), Duration::from_secs(120), n).await;
+    let lost: Vec<u64> = (0..n as u64).filter(|&i| !seen.contains(i)).collect();
     if !lost.is_empty() {
         eprintln!(
             "{} inputs lost, e.g. {:?}\n---- A ----\n{}\n---- B ----\n{}",
@@ -282,12 +257,7 @@ async fn handover(broker: &Broker, env: &[(&str, &str)]) -> (usize, String) {
 #[ignore = "about 10 × 20 s: run with --ignored --nocapture; figures in the README"]
 async fn sigkill_restart_repeated() {
     let runs: usize = std::env::var("TRIAGEM_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let env = [
-        ("TRIAGEM__BATCH__MAX_MESSAGES", "32"),
-        ("TRIAGEM__BATCH__MAX_WAIT", "20ms"),
-        ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "2000"),
-        ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1s"),
-    ];
+    let env = PRODUCTION_SETTINGS;
     let broker = Broker::start().await;
     let (first, more, partitions) = (488, 20_000, 3);
     let n = first + more;
@@ -305,14 +275,11 @@ async fn sigkill_restart_repeated() {
         produce_all(&p, &topics.input, &chat_inputs(first, more)).await;
         let url = worker.metrics_url(Duration::from_secs(30)).await;
         // About 700 outputs, and a commit made: the restart resumes from committed offsets inside batches.
-        let started = tokio::task::spawn_blocking(move || {
-            eventually_blocking(LIMIT, || {
-                outputs_acknowledged_blocking(&url) >= 700.0
-                    && metric_sum_blocking(&url, "triagem_commits_total{result=\"ok\"}") >= 1.0
-            })
+        let started = eventually(LIMIT, move || {
+            outputs_acknowledged_blocking(&url) >= 700.0
+                && metric_sum_blocking(&url, "triagem_commits_total{result=\"ok\"}") >= 1.0
         })
-        .await
-        .unwrap();
+        .await;
         assert!(started, "run {run}: the worker produced or committed nothing:\n{}", worker.log_text());
         worker.kill().await;
         let committed_at_kill: i64 =
@@ -320,16 +287,7 @@ async fn sigkill_restart_repeated() {
         let restart = std::time::Instant::now();
         let restarted = WorkerProc::start(&config, &env);
 
-        let mut seen = std::collections::HashSet::new();
-        let mut looked = 0;
-        let outs = read_outputs(&broker.addr, &topics.outputs(), Duration::from_secs(300), |o| {
-            for out in &o[looked..] {
-                seen.insert(out.json()["id"].as_u64().expect("id"));
-            }
-            looked = o.len();
-            seen.len() >= n
-        })
-        .await;
+        let (outs, seen) = read_ids(&broker.addr, &topics.outputs(), Duration::from_secs(300), n).await;
         let took = restart.elapsed().as_secs_f64();
         let lost = n - seen.len();
         let duplicates = outs.len() - seen.len();

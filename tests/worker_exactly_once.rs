@@ -12,21 +12,11 @@
 
 mod worker_common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use worker_common::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// Outputs per input id.
-fn per_id(outs: &[Out]) -> HashMap<u64, usize> {
-    let mut m = HashMap::new();
-    for o in outs {
-        *m.entry(o.json()["id"].as_u64().expect("id")).or_default() += 1;
-    }
-    m
-}
 
 /// The exactly-once settings of a test (a transactional.id of its own).
 fn exactly_once(id: &str) -> String {
@@ -69,9 +59,9 @@ async fn every_input_once_in_committed_transactions() {
 
     let mut worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
-    read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id_len(o) >= n / 2).await;
+    read_ids(&broker.addr, &topics.outputs(), LIMIT, n / 2).await;
     produce_all(&p, &topics.input, &inputs[n / 2..]).await;
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id_len(o) >= n).await;
+    let (outs, _) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
     let counts = per_id(&outs);
     let lost = (0..n as u64).filter(|i| !counts.contains_key(i)).count();
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
@@ -88,10 +78,6 @@ async fn every_input_once_in_committed_transactions() {
     worker.terminate().await;
     let status = worker.wait_exit(Duration::from_secs(25)).await.expect("no exit after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", worker.log_text());
-}
-
-fn per_id_len(o: &[Out]) -> usize {
-    per_id(o).len()
 }
 
 /// A transaction whose offsets the broker refuses (injected
@@ -112,7 +98,7 @@ async fn an_injected_abort_is_redone() {
 
     let worker = WorkerProc::start(&config, &[]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
-    read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id_len(o) >= 500).await;
+    read_ids(&broker.addr, &topics.outputs(), LIMIT, 500).await;
     assert!(
         metrics_until(&url, |page| sample(page, "triagem_transactions_total{result=\"committed\"}") >= 1.0).await,
         "no transaction committed:\n{}",
@@ -181,7 +167,7 @@ async fn a_fenced_worker_stops_and_its_successor_goes_on() {
     println!("fenced worker: exit 1; {fenced_line}");
 
     let successor = WorkerProc::start(&config, &[]);
-    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| per_id_len(o) >= n).await;
+    let (outs, _) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
     let counts = per_id(&outs);
     let lost = (0..n as u64).filter(|i| !counts.contains_key(i)).count();
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
@@ -230,8 +216,9 @@ async fn read_uncommitted(brokers: &str, topics: &[String]) -> usize {
 /// (outputs, lost, duplicates).
 async fn read_exactly(broker: &Broker, topics: &Topics, n: usize) -> (Vec<Out>, usize, usize) {
     let mut complete: Option<(usize, std::time::Instant)> = None;
+    let mut ids = Ids::default();
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, move |o| {
-        if complete.is_none() && per_id_len(o) >= n {
+        if complete.is_none() && ids.update(o) >= n {
             complete = Some((o.len(), std::time::Instant::now()));
         }
         match &mut complete {

@@ -36,13 +36,7 @@ async fn ten_thousand_mixed_messages_survive_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let group = unique("g-bulk");
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
-    // The production defaults of config/default.toml rather than the harness's small ones.
-    let env = [
-        ("TRIAGEM__BATCH__MAX_MESSAGES", "32"),
-        ("TRIAGEM__BATCH__MAX_WAIT", "20ms"),
-        ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "2000"),
-        ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1s"),
-    ];
+    let env = PRODUCTION_SETTINGS;
 
     let texts =
         triagem::loadgen::read_texts(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/teste.jsonl")))

@@ -13,7 +13,7 @@
 //! there: the checks polled by [`eventually`].
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -381,6 +381,16 @@ pub fn chat_inputs(from: usize, n: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// `config/default.toml`'s batching, in-flight and commit settings, as
+/// environment for [`WorkerProc::start`], where [`write_config`] has small
+/// test values: for the tests that run the worker as it runs in production.
+pub const PRODUCTION_SETTINGS: [(&str, &str); 4] = [
+    ("TRIAGEM__BATCH__MAX_MESSAGES", "32"),
+    ("TRIAGEM__BATCH__MAX_WAIT", "20ms"),
+    ("TRIAGEM__KAFKA__MAX_IN_FLIGHT", "2000"),
+    ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1s"),
+];
+
 /// The `triagem worker` config of a test.
 pub fn write_config(dir: &Path, brokers: &str, group: &str, topics: &Topics, extra: &str) -> PathBuf {
     let text = format!(
@@ -686,6 +696,53 @@ pub async fn read_outputs(
         });
     }
     out
+}
+
+/// Outputs per input id (the `id` field of every test input, see [`chat_inputs`]).
+pub fn per_id(outs: &[Out]) -> HashMap<u64, usize> {
+    let mut m = HashMap::new();
+    for o in outs {
+        *m.entry(o.json()["id"].as_u64().expect("id")).or_default() += 1;
+    }
+    m
+}
+
+/// The input ids among outputs, taken in as [`read_outputs`] hands over
+/// what it has read so far: each output is parsed once, however often the
+/// completion check runs (re-counting every output on each check is
+/// quadratic, and with tens of thousands of outputs eats the read's time limit).
+#[derive(Debug, Default)]
+pub struct Ids {
+    seen: HashSet<u64>,
+    looked: usize,
+}
+
+impl Ids {
+    /// Takes in the outputs not seen yet (one without an id, such as a
+    /// dead-letter stub, counts for none); returns the number of distinct ids.
+    pub fn update(&mut self, outs: &[Out]) -> usize {
+        self.seen.extend(outs[self.looked..].iter().filter_map(|o| o.json()["id"].as_u64()));
+        self.looked = outs.len();
+        self.seen.len()
+    }
+
+    /// Distinct ids seen.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether `id` has an output.
+    pub fn contains(&self, id: u64) -> bool {
+        self.seen.contains(&id)
+    }
+}
+
+/// Reads `topics` from the start until `n` distinct inputs have an output,
+/// or `limit` passes: the outputs read, and their ids.
+pub async fn read_ids(brokers: &str, topics: &[String], limit: Duration, n: usize) -> (Vec<Out>, Ids) {
+    let mut ids = Ids::default();
+    let outs = read_outputs(brokers, topics, limit, |o| ids.update(o) >= n).await;
+    (outs, ids)
 }
 
 /// Offsets committed by `group` on `topic`'s partitions (None where nothing is committed).

@@ -22,18 +22,9 @@ data=${BENCH_DATA:-data/teste.jsonl}
 e2e_count=${E2E_COUNT:-10000}
 half_for=${HALF_FOR:-20s}
 intervals=${INTERVALS:-50ms 100ms 500ms}
-out=${BENCH_OUT:-$(mktemp -d)}
-mkdir -p "$out"
 say() { echo "bench-delivery: $*" >&2; }
-
-if [ ! -x "$bin" ] || [ ! -x "$(dirname "$bin")/triagem-test-broker" ]; then
-  case "$bin" in
-    target/release/triagem) say "building the release binaries"; cargo build --release --locked --bins >&2 ;;
-    *) say "no $bin (or triagem-test-broker beside it)"; exit 2 ;;
-  esac
-fi
-broker_bin="$(dirname "$bin")/triagem-test-broker"
-[ -f "$model/config.json" ] || { say "no model in $model (scripts/demo.sh or triagem train makes models/triagem)"; exit 2; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 
 pids=()
 # The worker first (SIGTERM: it commits and exits; SIGKILL after 40 s), then the broker.
@@ -50,20 +41,11 @@ cleanup() {
   worker_pid=
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-topics=(atendimento.venda atendimento.suporte atendimento.revisao atendimento.dlq)
 
 # One mode: DELIVERY INTERVAL NAME.
 run_mode() {
   local delivery=$1 interval=$2 name=$3
-  local specs=(--topic atendimento.mensagens:6)
-  for t in "${topics[@]}"; do specs+=(--topic "$t:1"); done
-  "$broker_bin" serve --transactions "${specs[@]}" >"$out/$name-broker.out" 2>"$out/$name-broker.log" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q '^bootstrap.servers=' "$out/$name-broker.out" 2>/dev/null && break; sleep 0.1; done
-  local brokers
-  brokers=$(sed -n 's/^bootstrap.servers=//p' "$out/$name-broker.out" | head -1)
-  [ -n "$brokers" ] || { say "the test broker did not start: $(cat "$out/$name-broker.log")"; exit 1; }
+  start_test_broker "$name-broker" --transactions
   local metrics_port
   metrics_port=$(free_port)
   TRIAGEM__KAFKA__BROKERS="$brokers" TRIAGEM__METRICS__LISTEN="127.0.0.1:$metrics_port" \
@@ -73,7 +55,7 @@ run_mode() {
     TRIAGEM__KAFKA__CONSUMER__FETCH__WAIT__MAX__MS=10 RUST_LOG=warn \
     "$bin" worker --config config/default.toml >"$out/$name-worker.log" 2>&1 &
   worker_pid=$!
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+  wait_ready "$metrics_port"
   say "$name: $e2e_count messages as fast as possible"
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \
     --read-committed >"$out/$name-max.json" || true

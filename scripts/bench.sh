@@ -26,18 +26,9 @@ data=${BENCH_DATA:-data/teste.jsonl}
 e2e_count=${E2E_COUNT:-20000}
 broker_kind=${BROKER:-test}
 python=${TRIAGEM_BENCH_PYTHON:-}
-out=${BENCH_OUT:-$(mktemp -d)}
-mkdir -p "$out"
 say() { echo "bench: $*" >&2; }
-
-if [ ! -x "$bin" ] || [ ! -x "$(dirname "$bin")/triagem-test-broker" ]; then
-  case "$bin" in
-    target/release/triagem) say "building the release binaries"; cargo build --release --locked --bins >&2 ;;
-    *) say "no $bin (or triagem-test-broker beside it)"; exit 2 ;;
-  esac
-fi
-broker_bin="$(dirname "$bin")/triagem-test-broker"
-[ -f "$model/config.json" ] || { say "no model in $model (scripts/demo.sh or triagem train makes models/triagem)"; exit 2; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 
 have_python=0
 if [ -n "$python" ] && "$python" -c 'import torch, transformers, onnx, onnxruntime' 2>/dev/null; then
@@ -78,8 +69,6 @@ if [ "$e2e_count" -gt 0 ]; then
   pids=()
   cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
   trap cleanup EXIT
-  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-  topics=(atendimento.venda atendimento.suporte atendimento.revisao atendimento.dlq)
   if [ "$broker_kind" = tansu ]; then
     command -v tansu >/dev/null || { say "tansu missing: scripts/install-tansu.sh"; exit 2; }
     port=$(free_port)
@@ -91,13 +80,7 @@ if [ "$e2e_count" -gt 0 ]; then
     for t in "${topics[@]}"; do tansu topic create --broker "tcp://127.0.0.1:$port" --partitions 1 "$t" >/dev/null; done
     brokers="127.0.0.1:$port"
   else
-    specs=(--topic atendimento.mensagens:6)
-    for t in "${topics[@]}"; do specs+=(--topic "$t:1"); done
-    "$broker_bin" serve "${specs[@]}" >"$out/broker.out" 2>"$out/broker.log" &
-    pids+=($!)
-    for _ in $(seq 100); do grep -q '^bootstrap.servers=' "$out/broker.out" 2>/dev/null && break; sleep 0.1; done
-    brokers=$(sed -n 's/^bootstrap.servers=//p' "$out/broker.out" | head -1)
-    [ -n "$brokers" ] || { say "the test broker did not start: $(cat "$out/broker.log")"; exit 1; }
+    start_test_broker broker
   fi
   metrics_port=$(free_port)
   TRIAGEM__KAFKA__BROKERS="$brokers" TRIAGEM__METRICS__LISTEN="127.0.0.1:$metrics_port" \
@@ -105,7 +88,7 @@ if [ "$e2e_count" -gt 0 ]; then
     TRIAGEM__KAFKA__CONSUMER__FETCH__WAIT__MAX__MS=10 RUST_LOG=warn \
     "$bin" worker --config config/default.toml >"$out/worker.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+  wait_ready "$metrics_port"
   say "worker end to end through the $broker_kind broker: $e2e_count messages as fast as possible"
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \
     >"$out/e2e-max.json"

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model;
+use crate::train::pretrain::PretrainOptions;
 use crate::train::{Base, TrainError, TrainOptions};
 
 /// Routes customer chat messages from Kafka to sales or support with a fine-tuned BERT classifier.
@@ -24,6 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Train a classifier on JSONL data and write a Hugging Face model directory.
     Train(TrainArgs),
+    /// Pretrain a small BERT with masked-language modelling on plain text (and the texts of JSONL files);
+    /// writes a base model directory for `triagem train --base DIR`.
+    Pretrain(PretrainArgs),
     /// Score a model on a labelled JSONL file.
     Eval(EvalArgs),
     /// Classify texts given as arguments, or one per line on stdin.
@@ -235,6 +239,94 @@ pub struct TrainArgs {
     /// Softmax temperature of the soft targets.
     #[arg(long, default_value_t = TrainOptions::default().distill_temperature)]
     pub distill_temperature: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Plain-text corpus files, one passage per line (`scripts/pretrain-corpus.py` writes one from Debian's
+    /// Brazilian Portuguese packages).
+    #[arg(long, num_args = 1.., default_values_os_t = PretrainOptions::default().corpus)]
+    pub corpus: Vec<PathBuf>,
+    /// JSONL files (`{"prompt": ...}` per line) whose texts join the corpus; their labels are not used.
+    #[arg(long, num_args = 1.., default_values_os_t = PretrainOptions::default().texts)]
+    pub texts: Vec<PathBuf>,
+    /// How many times each JSONL text is added, so that the chat register weighs against the corpus.
+    #[arg(long, default_value_t = PretrainOptions::default().texts_repeat)]
+    pub texts_repeat: usize,
+    /// Output directory (a Hugging Face `BertForMaskedLM`).
+    #[arg(long, default_value_os_t = PretrainOptions::default().out)]
+    pub out: PathBuf,
+    /// Vocabulary size of the WordPiece tokenizer trained on the corpus and the texts.
+    #[arg(long, default_value_t = PretrainOptions::default().vocab_size)]
+    pub vocab_size: usize,
+    /// Words seen fewer times than this do not shape the vocabulary's merges.
+    #[arg(long, default_value_t = PretrainOptions::default().min_word_count)]
+    pub min_word_count: u64,
+    /// Hidden size of the BERT.
+    #[arg(long, default_value_t = PretrainOptions::default().hidden)]
+    pub hidden: usize,
+    /// Encoder layers of the BERT.
+    #[arg(long, default_value_t = PretrainOptions::default().layers)]
+    pub layers: usize,
+    /// Longest sequence in tokens (longer passages are cut).
+    #[arg(long, default_value_t = PretrainOptions::default().max_len)]
+    pub max_len: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = PretrainOptions::default().batch_size)]
+    pub batch_size: usize,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = PretrainOptions::default().steps)]
+    pub steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = PretrainOptions::default().lr)]
+    pub lr: f64,
+    /// Share of the steps spent warming the learning rate up.
+    #[arg(long, default_value_t = PretrainOptions::default().warmup)]
+    pub warmup: f64,
+    /// AdamW weight decay (not on biases and layer norms).
+    #[arg(long, default_value_t = PretrainOptions::default().weight_decay)]
+    pub weight_decay: f64,
+    /// Share of the tokens the model predicts.
+    #[arg(long, default_value_t = PretrainOptions::default().mask_prob)]
+    pub mask_prob: f64,
+    /// Probability that a passage is rewritten in chat spelling each time it is drawn.
+    #[arg(long, default_value_t = PretrainOptions::default().augment)]
+    pub augment: f64,
+    #[arg(long, default_value_t = PretrainOptions::default().seed)]
+    pub seed: u64,
+    /// Compute device: cpu, cuda (needs the `cuda` build) or auto.
+    #[arg(long, env = "TRIAGEM_DEVICE", value_enum, default_value_t = model::ComputeDevice::Cpu)]
+    pub device: model::ComputeDevice,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl PretrainArgs {
+    /// Resolves the device into the pretrainer's options.
+    pub fn options(self) -> Result<PretrainOptions, TrainError> {
+        Ok(PretrainOptions {
+            device: self.device.open()?,
+            corpus: self.corpus,
+            texts: self.texts,
+            texts_repeat: self.texts_repeat,
+            out: self.out,
+            vocab_size: self.vocab_size,
+            min_word_count: self.min_word_count,
+            hidden: self.hidden,
+            layers: self.layers,
+            max_len: self.max_len,
+            batch_size: self.batch_size,
+            steps: self.steps,
+            lr: self.lr,
+            warmup: self.warmup,
+            weight_decay: self.weight_decay,
+            mask_prob: self.mask_prob,
+            augment: self.augment,
+            seed: self.seed,
+            quiet: self.quiet,
+        })
+    }
 }
 
 /// The model a command serves, and how.

@@ -6,7 +6,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::json;
-use triagem::cli::{BenchArgs, ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, LoadgenArgs, TrainArgs, WorkerArgs};
+use triagem::cli::{
+    BenchArgs, ClassifyArgs, Cli, Command, DemoArgs, EvalArgs, LoadgenArgs, PretrainArgs, TrainArgs, WorkerArgs,
+};
 use triagem::config::{Config, LogFormat};
 use triagem::data::Dataset;
 use triagem::{bench, demo, eval, loadgen, train, worker};
@@ -15,6 +17,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => logged(cli.log_format, || run_train(args)),
+        Command::Pretrain(args) => logged(cli.log_format, || run_pretrain(args)),
         Command::Eval(args) => logged(cli.log_format, || run_eval(args)),
         Command::Classify(args) => logged(cli.log_format, || run_classify(args)),
         Command::Worker(args) => run_worker(args, cli.log_format),
@@ -76,6 +79,20 @@ fn run_train(a: TrainArgs) -> Result<()> {
         summary.training_seconds
     );
     println!("{}", summary.test.render());
+    Ok(())
+}
+
+fn run_pretrain(a: PretrainArgs) -> Result<()> {
+    let summary = train::pretrain::pretrain(&a.options()?)?;
+    println!(
+        "base model {} — {} steps, held-out masked-token loss {:.3} → {:.3}, accuracy {:.4}, {:.0}s",
+        summary.out.display(),
+        summary.steps,
+        summary.held_out_loss_before,
+        summary.held_out_loss,
+        summary.held_out_accuracy,
+        summary.seconds
+    );
     Ok(())
 }
 

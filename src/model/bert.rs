@@ -291,6 +291,11 @@ impl BertClassifier {
         Ok(xs)
     }
 
+    /// The word embedding table, (vocab, hidden): the masked-language-model head scores through it.
+    pub fn word_embeddings(&self) -> &Tensor {
+        self.embeddings.word.embeddings()
+    }
+
     /// Logits shaped (batch, labels) for `input_ids` and `attention_mask`, both (batch, seq) u32.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let xs = self.hidden_states(input_ids, attention_mask, mode)?;
@@ -298,6 +303,36 @@ impl BertClassifier {
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         let pooled = mode.dropout(&pooled, self.dropout)?;
         self.classifier.forward(&pooled)
+    }
+}
+
+/// `BertForMaskedLM`'s prediction head (`cls.predictions.*`): dense, activation and layer norm, then
+/// scores over the vocabulary through the word embedding table (tied, as Hugging Face ties it) plus a bias.
+/// Used by `triagem pretrain` only; a classifier fine-tuned from the result does not carry it.
+pub struct MaskedLmHead {
+    dense: Linear,
+    norm: LayerNorm,
+    activation: Activation,
+    bias: Tensor,
+}
+
+impl MaskedLmHead {
+    /// Builds the head from `vb`, whose root holds `cls.predictions.*`.
+    pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let transform = vb.pp("transform");
+        Ok(Self {
+            dense: linear(h, h, transform.pp("dense"))?,
+            norm: LayerNorm::load(h, cfg.layer_norm_eps, transform.pp("LayerNorm"))?,
+            activation: Activation::parse(&cfg.hidden_act)?,
+            bias: vb.get(cfg.vocab_size, "bias")?,
+        })
+    }
+
+    /// Vocabulary logits, (rows, vocab), for hidden states shaped (rows, hidden).
+    pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let xs = self.norm.forward(&self.activation.apply(&self.dense.forward(hidden)?)?, mode)?;
+        xs.matmul(&word_embeddings.t()?)?.broadcast_add(&self.bias)
     }
 }
 

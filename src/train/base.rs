@@ -125,7 +125,7 @@ pub(super) fn build(
 /// or without the `bert.` prefix), otherwise as Hugging Face initialises BERT
 /// (normal(0, initializer_range) weights, zero biases, unit layer-norm scales).
 /// With a base, every encoder tensor must come from it.
-fn initialise(
+pub(super) fn initialise(
     varmap: &VarMap,
     config: &BertConfig,
     base: &HashMap<String, Tensor>,

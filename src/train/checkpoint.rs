@@ -1,7 +1,10 @@
-//! Saving a checkpoint: the Hugging Face files of a model directory, each
-//! written whole and renamed into place.
+//! Saving a checkpoint: the Hugging Face files of a model directory (a
+//! classifier, or the encoder `triagem pretrain` writes), each written whole
+//! and renamed into place.
 
 use std::path::Path;
+
+use tokenizers::Tokenizer;
 
 use super::base::Trainable;
 use super::{write_error, TrainError};
@@ -15,12 +18,17 @@ pub(super) fn save(t: &Trainable, labels: &[String], out: &Path) -> Result<(), T
     let json = serde_json::to_string_pretty(&config).expect("config serialises") + "\n";
     replace_file(&out.join(model::CONFIG_FILE), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
     replace_file(&out.join(model::WEIGHTS_FILE), |p| t.varmap.save(p).map_err(|e| e.to_string()))?;
-    let tokenizer = t.encoder.tokenizer().clone().with_padding(None).clone();
+    save_tokenizer(t.encoder.tokenizer(), t.encoder.max_len(), out)
+}
+
+/// Writes `tokenizer.json` (without padding) and a `tokenizer_config.json` that lets
+/// `AutoTokenizer.from_pretrained` load it as it is.
+pub(super) fn save_tokenizer(tokenizer: &Tokenizer, max_len: usize, out: &Path) -> Result<(), TrainError> {
+    let tokenizer = tokenizer.clone().with_padding(None).clone();
     replace_file(&out.join(model::TOKENIZER_FILE), |p| tokenizer.save(p, false).map_err(|e| e.to_string()))?;
-    // Lets `AutoTokenizer.from_pretrained` load tokenizer.json as it is.
     let tok_config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": t.encoder.max_len(),
+        "model_max_length": max_len,
         "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
         "unk_token": "[UNK]", "mask_token": "[MASK]",
     });

@@ -14,12 +14,14 @@
 //! `base.rs` resolves `--base` and builds and initialises the model from it;
 //! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
 //! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
-//! spelling; `calibrate.rs` fits the temperature.
+//! spelling; `calibrate.rs` fits the temperature; `pretrain.rs` is
+//! `triagem pretrain`, the masked-language-model base that `--base` takes.
 
 pub mod augment;
 mod base;
 pub mod calibrate;
 mod checkpoint;
+pub mod pretrain;
 pub mod scratch;
 
 pub use base::Base;

@@ -30,8 +30,18 @@ const MIN_FREQUENCY: u64 = 2;
 
 /// Trains an uncased, accent-stripping WordPiece tokenizer of at most `vocab_size` entries.
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer, String> {
+    train_tokenizer_on(texts, vocab_size, 1)
+}
+
+/// [`train_tokenizer`] learning its merges from the words seen at least
+/// `min_count` times only (every character still gets a piece): on a large
+/// corpus the rare words, most of them, only slow the merges down.
+pub fn train_tokenizer_on(texts: &[String], vocab_size: usize, min_count: u64) -> Result<Tokenizer, String> {
     let normalizer = BertNormalizer::new(true, true, Some(true), true);
-    let vocab = build_vocab(&count_words(texts, &normalizer)?, vocab_size);
+    let all = count_words(texts, &normalizer)?;
+    let frequent: BTreeMap<String, u64> =
+        all.iter().filter(|(_, &n)| n >= min_count).map(|(w, &n)| (w.clone(), n)).collect();
+    let vocab = build_vocab(&frequent, &alphabet(&all), vocab_size);
     let cls = vocab["[CLS]"];
     let sep = vocab["[SEP]"];
     let model = WordPiece::builder()
@@ -65,9 +75,20 @@ fn count_words(texts: &[String], normalizer: &BertNormalizer) -> Result<BTreeMap
     Ok(counts)
 }
 
-/// Special tokens, every character (word-initial and `##`-continuing), then
-/// merged pieces in merge order until `vocab_size`: token → id.
-fn build_vocab(words: &BTreeMap<String, u64>, vocab_size: usize) -> BTreeMap<String, u32> {
+/// Every character of `words`, word-initial and `##`-continuing, sorted.
+fn alphabet(words: &BTreeMap<String, u64>) -> Vec<String> {
+    let mut alphabet: Vec<String> = words
+        .keys()
+        .flat_map(|w| w.chars().enumerate().map(|(i, c)| if i == 0 { c.to_string() } else { format!("{CONTINUE}{c}") }))
+        .collect();
+    alphabet.sort();
+    alphabet.dedup();
+    alphabet
+}
+
+/// Special tokens, the `alphabet`, then pieces merged over `words` in merge
+/// order until `vocab_size`: token → id.
+fn build_vocab(words: &BTreeMap<String, u64>, alphabet: &[String], vocab_size: usize) -> BTreeMap<String, u32> {
     let mut pieces: Vec<(Vec<String>, u64)> = words
         .iter()
         .map(|(w, &n)| {
@@ -80,10 +101,7 @@ fn build_vocab(words: &BTreeMap<String, u64>, vocab_size: usize) -> BTreeMap<Str
         })
         .collect();
     let mut ordered: Vec<String> = SPECIAL.iter().map(|s| s.to_string()).collect();
-    let mut alphabet: Vec<String> = pieces.iter().flat_map(|(s, _)| s.iter().cloned()).collect();
-    alphabet.sort();
-    alphabet.dedup();
-    ordered.extend(alphabet);
+    ordered.extend(alphabet.iter().cloned());
     while ordered.len() < vocab_size {
         let mut pairs: HashMap<(&str, &str), u64> = HashMap::new();
         for (symbols, n) in &pieces {

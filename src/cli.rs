@@ -179,10 +179,11 @@ pub struct TrainArgs {
     /// Output model directory.
     #[arg(long, env = "TRIAGEM_OUT", default_value_os_t = TrainOptions::default().out)]
     pub out: PathBuf,
-    /// Initial weights: `none` (a small BERT and a WordPiece tokenizer trained from scratch on the training
-    /// texts), a local Hugging Face BERT directory (e.g. models/base/all-MiniLM-L6-v2, fetched by
-    /// scripts/fetch-base-model.sh), or a Hub id present in the local Hugging Face cache.
-    #[arg(long, env = "TRIAGEM_BASE", default_value = "none")]
+    /// Initial weights: a local Hugging Face BERT directory (default: the small BERT pretrained on Brazilian
+    /// Portuguese text by `triagem pretrain`, committed; or e.g. models/base/all-MiniLM-L6-v2, fetched by
+    /// scripts/fetch-base-model.sh), a Hub id present in the local Hugging Face cache, or `none` (a small
+    /// BERT and a WordPiece tokenizer trained from scratch on the training texts).
+    #[arg(long, env = "TRIAGEM_BASE", default_value = crate::train::DEFAULT_BASE)]
     pub base: String,
     /// Passes over the training data.
     #[arg(long, env = "TRIAGEM_EPOCHS", default_value_t = TrainOptions::default().epochs)]

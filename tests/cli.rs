@@ -123,6 +123,20 @@ fn unknown_base_is_one_error() {
     assert_one_error(&out, "--base \"./no-such-base\" is neither `none` nor an existing model directory");
 }
 
+/// The default base is a relative path: run elsewhere, the error says where it comes from and what to do.
+#[test]
+fn a_missing_default_base_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_triagem"))
+        .args(["train", "--out", "never"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .env_remove("TRIAGEM_BASE")
+        .output()
+        .unwrap();
+    assert_one_error(&out, "--base \"models/base/triagem-ptbr\" is missing: it ships with the repository");
+}
+
 #[test]
 fn classify_reads_arguments_and_stdin() {
     let out =
@@ -192,6 +206,8 @@ fn same_seed_same_model_and_metrics() {
             "2e-3",
             "--seed",
             "7",
+            "--ensemble",
+            "1",
             "--quiet",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

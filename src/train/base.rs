@@ -16,6 +16,10 @@ use super::{scratch, TrainError, TrainOptions};
 use crate::data::Example;
 use crate::model::{self, BertClassifier, BertConfig, ModelError, TextEncoder};
 
+/// The base `triagem train` starts from by default: the small BERT pretrained by `scripts/pretrain.sh`
+/// (`triagem pretrain` on Brazilian Portuguese text), committed with the repository.
+pub const DEFAULT_BASE: &str = "models/base/triagem-ptbr";
+
 /// Where the initial weights come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Base {
@@ -38,7 +42,10 @@ impl Base {
         if let Some(dir) = hub_cache_snapshot(spec) {
             return Ok(Base::Dir(dir));
         }
-        let reason = if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') {
+        let reason = if spec == DEFAULT_BASE {
+            "is missing: it ships with the repository (run triagem from the repository root, or rebuild it with \
+             scripts/pretrain.sh), or pass --base none to train from scratch"
+        } else if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') {
             "looks like a Hugging Face Hub id, but it is not in the local Hugging Face cache and triagem does not \
              download: fetch it first (e.g. `hf download ID --local-dir DIR`, or `scripts/fetch-base-model.sh` for \
              all-MiniLM-L6-v2) and pass the directory"

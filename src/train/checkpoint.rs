@@ -50,7 +50,12 @@ pub(super) fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<(), 
     builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     let tmp = builder.tempfile_in(dir).map_err(|e| write_error(path, e))?;
     write(tmp.path()).map_err(|e| write_error(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| write_error(tmp.path(), e))?;
+    // A writer that replaces the file at the path (the safetensors writer does) leaves its own mode: set it again.
+    #[cfg(unix)]
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|e| write_error(tmp.path(), e))?;
+    let file = std::fs::File::open(tmp.path()).map_err(|e| write_error(tmp.path(), e))?;
+    file.sync_all().map_err(|e| write_error(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| write_error(path, e.error))?;
     Ok(())
 }

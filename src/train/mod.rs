@@ -625,10 +625,24 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
         }
+        // A writer that puts a new file of its own mode at the path (as the safetensors writer does).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            replace_file(&path, |p| {
+                std::fs::remove_file(p).map_err(|e| e.to_string())?;
+                let mut f = std::fs::OpenOptions::new().write(true).create(true).mode(0o600).open(p).unwrap();
+                std::io::Write::write_all(&mut f, b"newer").map_err(|e| e.to_string())
+            })
+            .unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "newer");
+        }
         // A failed write leaves the old file and no temporary file behind.
+        let before = std::fs::read_to_string(&path).unwrap();
         let err = replace_file(&path, |_| Err("disk full".to_string())).unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["config.json"]);
     }

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::Serialize;
@@ -347,7 +347,7 @@ fn fit(
     let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
     tracing::info!(parameters, base = ?opts.base, "model built");
 
-    let (mut decay, mut no_decay) = optimizers(&trainable.varmap, opts)?;
+    let (mut decay, mut no_decay) = optimizers(sorted_vars(&trainable.varmap), opts.lr, opts.weight_decay)?;
     let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
     let total_steps = steps_per_epoch * opts.epochs;
     let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
@@ -505,13 +505,13 @@ fn split_dev(examples: &[Example], labels: &[String], fraction: f64, rng: &mut S
     (train, dev)
 }
 
-/// AdamW with weight decay for weight matrices, and one without for biases and layer norms.
-fn optimizers(varmap: &VarMap, opts: &TrainOptions) -> Result<(AdamW, AdamW), TrainError> {
+/// AdamW with `weight_decay` for the weight matrices among `vars`, and one without for biases and layer norms.
+fn optimizers(vars: Vec<(String, Var)>, lr: f64, weight_decay: f64) -> Result<(AdamW, AdamW), TrainError> {
     let (decay, no_decay): (Vec<_>, Vec<_>) =
-        sorted_vars(varmap).into_iter().partition(|(n, _)| !n.ends_with("bias") && !n.contains("LayerNorm"));
+        vars.into_iter().partition(|(n, _)| !n.ends_with("bias") && !n.contains("LayerNorm"));
     let vars = |vs: Vec<(String, Var)>| -> Vec<Var> { vs.into_iter().map(|(_, v)| v).collect() };
-    let params = |weight_decay| ParamsAdamW { lr: opts.lr, weight_decay, ..Default::default() };
-    Ok((AdamW::new(vars(decay), params(opts.weight_decay))?, AdamW::new(vars(no_decay), params(0.0))?))
+    let params = |weight_decay| ParamsAdamW { lr, weight_decay, ..Default::default() };
+    Ok((AdamW::new(vars(decay), params(weight_decay))?, AdamW::new(vars(no_decay), params(0.0))?))
 }
 
 /// The training loss of a batch, in training mode: cross-entropy against

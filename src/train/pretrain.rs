@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::Serialize;
@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::base::{initialise, sorted_vars};
 use super::checkpoint::{replace_file, save_tokenizer};
-use super::{augment, clip_gradients, schedule, scratch, write_error, TrainError};
+use super::{augment, clip_gradients, optimizers, schedule, scratch, write_error, TrainError};
 use crate::data::Dataset;
 use crate::model::{self, bert, BertClassifier, BertConfig, Mode};
 
@@ -167,13 +167,8 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainSummary, TrainError> {
         held_out.len()
     );
 
-    let (decay, no_decay): (Vec<_>, Vec<_>) =
-        trained.iter().cloned().partition(|(n, _)| !n.ends_with("bias") && !n.contains("LayerNorm"));
-    let vars = |vs: Vec<(String, Var)>| -> Vec<Var> { vs.into_iter().map(|(_, v)| v).collect() };
     let all_vars: Vec<Var> = trained.iter().map(|(_, v)| v.clone()).collect();
-    let params = |weight_decay| ParamsAdamW { lr: opts.lr, weight_decay, ..Default::default() };
-    let mut decay = AdamW::new(vars(decay), params(opts.weight_decay))?;
-    let mut no_decay = AdamW::new(vars(no_decay), params(0.0))?;
+    let (mut decay, mut no_decay) = optimizers(trained.clone(), opts.lr, opts.weight_decay)?;
     let warmup_steps = ((opts.steps as f64) * opts.warmup).round() as usize;
 
     let mlm = Mlm { model: &encoder_model, head: &head, ids, vocab, device: &opts.device };
@@ -374,11 +369,12 @@ fn read_passages(opts: &PretrainOptions) -> Result<(Vec<String>, Vec<Source>), T
     for path in &opts.corpus {
         let bytes =
             std::fs::read(path).map_err(|e| TrainError::Options(format!("cannot read {}: {e}", path.display())))?;
-        let text = String::from_utf8(bytes.clone())
+        let sha256 = hex(&bytes);
+        let text = String::from_utf8(bytes)
             .map_err(|e| TrainError::Options(format!("{} is not UTF-8 text: {e}", path.display())))?;
         let before = passages.len();
         passages.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
-        sources.push(Source { path: path.clone(), sha256: hex(&bytes), passages: passages.len() - before });
+        sources.push(Source { path: path.clone(), sha256, passages: passages.len() - before });
     }
     for path in &opts.texts {
         let data = Dataset::load(path, None)?;

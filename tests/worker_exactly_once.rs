@@ -243,50 +243,75 @@ async fn read_exactly(broker: &Broker, topics: &Topics, n: usize) -> (Vec<Out>, 
 /// fences the killed one's producer (its open transaction is aborted),
 /// resumes from the offsets committed with the last committed transaction,
 /// and a `read_committed` read of the outputs has every input exactly once.
+///
+/// The kill must land while a transaction holds outputs, which is a race
+/// against the transaction interval. The test steers it instead of hoping:
+/// the killed workers commit every 3 s; once a transaction has committed
+/// every input so far, it produces a wave of [`WAVE`] inputs, waits until
+/// the worker has every wave's output acknowledged while the committed
+/// offsets still stand before the wave (a fraction of a second, against the
+/// 3 s to the next commit), and kills it then. A commit slipping in between
+/// only costs another wave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_transaction_then_restart_routes_each_input_once() {
+    const WAVE: usize = 500;
     let broker = Broker::transactional().await;
     let topics = Topics::new("eos-kill");
     broker.create_topics(&topics, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let group = unique("g-eos-kill");
     let config = config(dir.path(), &broker, &group, &topics, &unique("tx"));
+    let slow_commits = [("TRIAGEM__KAFKA__TRANSACTION_INTERVAL", "3s")];
     let p = producer(&broker.addr);
-    let n = 4000;
+    let mut n = 1000;
     produce_all(&p, &topics.input, &chat_inputs(0, n)).await;
 
-    // The SIGKILL while the open transaction holds outputs: more outputs
-    // delivered than inputs committed (checked again after the kill, since a
-    // commit may land in between; then the restarted worker is killed again).
+    let committed_sum =
+        |b: &str, g: &str, t: &str| -> i64 { committed_blocking(b, g, t, 3).iter().map(|c| c.unwrap_or(0)).sum() };
     let mut open_at_kill = 0;
-    for attempt in 1..=3 {
-        // What earlier attempts committed: this worker's counters start at 0.
-        let before: i64 = committed(&broker.addr, &group, &topics.input, 3).await.iter().map(|c| c.unwrap_or(0)).sum();
-        let mut worker = WorkerProc::start(&config, &[]);
+    'attempts: for attempt in 1..=3 {
+        // Where this worker starts: its counters count from there.
+        let start: i64 = committed(&broker.addr, &group, &topics.input, 3).await.iter().map(|c| c.unwrap_or(0)).sum();
+        let mut worker = WorkerProc::start(&config, &slow_commits);
         let url = worker.metrics_url(Duration::from_secs(30)).await;
-        let (b, g, t) = (broker.addr.clone(), group.clone(), topics.input.clone());
-        let in_open_transaction = eventually(LIMIT, move || {
-            let delivered = outputs_acknowledged_blocking(&url) as i64;
-            let committed_now: i64 =
-                committed_blocking(&b, &g, &t, 3).iter().map(|c| c.unwrap_or(0)).sum::<i64>() - before;
-            delivered > 0 && committed_now > 0 && outputs_acknowledged_blocking(&url) as i64 > committed_now + 10
-        })
-        .await;
-        assert!(in_open_transaction, "no transaction committed with outputs after it:\n{}", worker.log_text());
-        worker.kill().await;
-        let committed_offsets = committed(&broker.addr, &group, &topics.input, 3).await;
-        let committed_inputs: i64 = committed_offsets.iter().map(|c| c.unwrap_or(0)).sum();
-        // Everything the killed worker wrote, its open transaction's outputs included.
-        let written = read_uncommitted(&broker.addr, &topics.outputs()).await as i64;
-        println!(
-            "SIGKILL {attempt}: {written} outputs written, {committed_inputs} inputs committed with their \
-             transactions ({committed_offsets:?}): {} outputs in open transactions",
-            written - committed_inputs
-        );
-        open_at_kill = written - committed_inputs;
-        if open_at_kill > 0 {
-            break;
+        for wave in 1..=5 {
+            // Everything so far routed and committed: a commit has just landed.
+            let (b, g, t, all) = (broker.addr.clone(), group.clone(), topics.input.clone(), n as i64);
+            let caught_up = eventually(LIMIT, move || committed_sum(&b, &g, &t) == all).await;
+            assert!(caught_up, "the worker did not commit every input:\n{}", worker.log_text());
+            produce_all(&p, &topics.input, &chat_inputs(n, WAVE)).await;
+            n += WAVE;
+            let (b, g, t, u, all) = (broker.addr.clone(), group.clone(), topics.input.clone(), url.clone(), n as i64);
+            let state = off_runtime(move || {
+                let mut last = (0, 0);
+                let acked = eventually_blocking(LIMIT, || {
+                    last = (outputs_acknowledged_blocking(&u) as i64 + start, committed_sum(&b, &g, &t));
+                    last.0 >= all
+                });
+                (acked, last)
+            })
+            .await;
+            let (acked, (delivered, committed_now)) = state;
+            assert!(acked, "the wave's outputs were not acknowledged:\n{}", worker.log_text());
+            if committed_now < delivered {
+                worker.kill().await;
+                let committed_inputs = committed(&broker.addr, &group, &topics.input, 3).await;
+                let committed_inputs: i64 = committed_inputs.iter().map(|c| c.unwrap_or(0)).sum();
+                // Everything the killed worker wrote, its open transaction's outputs included.
+                let written = read_uncommitted(&broker.addr, &topics.outputs()).await as i64;
+                open_at_kill = written - committed_inputs;
+                println!(
+                    "SIGKILL {attempt} after wave {wave}: {written} outputs written, {committed_inputs} inputs \
+                     committed with their transactions: {open_at_kill} outputs in an open transaction"
+                );
+                if open_at_kill > 0 {
+                    break 'attempts;
+                }
+                continue 'attempts;
+            }
+            println!("wave {wave}: committed before the check saw its outputs; another wave");
         }
+        worker.kill().await;
     }
     assert!(open_at_kill > 0, "no SIGKILL caught outputs in an open transaction");
 

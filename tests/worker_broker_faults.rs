@@ -277,7 +277,9 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
     assert!(reported, "the missing topic was not reported:\n{}", worker.log_text());
     let (_, body) = http_get(&readyz).await;
     assert!(body.contains(&topics.suporte), "{body}");
-    let outs = read_outputs(&broker.addr, &[topics.venda.clone()], Duration::from_secs(60), |o| o.len() >= venda).await;
+    let outs =
+        read_outputs(&broker.addr, std::slice::from_ref(&topics.venda), Duration::from_secs(60), |o| o.len() >= venda)
+            .await;
     assert_eq!(outs.len(), venda, "the outputs to the existing topic did not flow");
     assert_eq!(metric(&url, "triagem_ready").await, 0.0);
     // Nothing acknowledged for health.stall_timeout (3 s) while outputs wait: not live either.

@@ -3,7 +3,6 @@
 //! lands and what it carries.
 
 #[path = "common/deploy_names.rs"]
-#[allow(dead_code)]
 mod deploy_names;
 mod worker_common;
 

@@ -221,7 +221,7 @@ struct Attention {
 impl Attention {
     fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        if h % cfg.num_attention_heads != 0 {
+        if !h.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!("hidden_size {h} is not a multiple of num_attention_heads {}", cfg.num_attention_heads);
         }
         let sa = vb.pp("self");

@@ -213,7 +213,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
 
     std::fs::create_dir_all(&opts.out).map_err(|e| write_error(&opts.out, e))?;
     let teachers = train_teachers(opts, &labels, &train_examples, &dev_examples)?;
-    let (epochs, best, parameters) = fit(opts, &labels, &train_examples, &dev_examples, &teachers, &mut rng)?;
+    let Fitted { epochs, best, parameters } = fit(opts, &labels, &train_examples, &dev_examples, &teachers, &mut rng)?;
     drop(teachers);
     if opts.ensemble > 0 {
         let _ = std::fs::remove_dir_all(teachers_dir(&opts.out));
@@ -332,9 +332,18 @@ fn train_teachers(
     Ok(teachers)
 }
 
+/// What [`fit`] did.
+struct Fitted {
+    /// One line a epoch.
+    epochs: Vec<EpochLog>,
+    /// The epoch kept in the output directory and its dev macro-F1 (None when no epoch ran).
+    best: Option<(usize, f64)>,
+    /// Trainable parameters of the model.
+    parameters: usize,
+}
+
 /// Trains a model on `train` (learning from `teachers` too, when there are
-/// any), keeps the epoch with the best dev macro-F1 in `opts.out`, and
-/// returns the per-epoch log, the best epoch and the parameter count.
+/// any) and keeps the epoch with the best dev macro-F1 in `opts.out`.
 fn fit(
     opts: &TrainOptions,
     labels: &[String],
@@ -342,7 +351,7 @@ fn fit(
     dev_examples: &[Example],
     teachers: &[Classifier],
     rng: &mut StdRng,
-) -> Result<(Vec<EpochLog>, Option<(usize, f64)>, usize), TrainError> {
+) -> Result<Fitted, TrainError> {
     let trainable = build(opts, labels, train_examples, rng)?;
     let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
     tracing::info!(parameters, base = ?opts.base, "model built");
@@ -402,7 +411,7 @@ fn fit(
         }
         epochs.push(log);
     }
-    Ok((epochs, best, parameters))
+    Ok(Fitted { epochs, best, parameters })
 }
 
 /// The teachers' mean probabilities for `texts` at `temperature`, or `None` without teachers.
@@ -631,7 +640,8 @@ mod tests {
             use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
             replace_file(&path, |p| {
                 std::fs::remove_file(p).map_err(|e| e.to_string())?;
-                let mut f = std::fs::OpenOptions::new().write(true).create(true).mode(0o600).open(p).unwrap();
+                let mut f =
+                    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(p).unwrap();
                 std::io::Write::write_all(&mut f, b"newer").map_err(|e| e.to_string())
             })
             .unwrap();

@@ -339,12 +339,15 @@ impl Mlm<'_> {
     }
 }
 
+/// Cuts a passage into token-id sequences of at most the sequence length.
+type Cut<'a> = dyn Fn(&str) -> Result<Vec<Vec<u32>>, TrainError> + 'a;
+
 /// One pass over the passages: each drawn once (in chat spelling with probability `augment`), cut into
 /// sequences, grouped by length in windows of 50 batches, the batches in random order (popped from the end).
 fn batches(
     passages: &[&String],
     opts: &PretrainOptions,
-    cut: &dyn Fn(&str) -> Result<Vec<Vec<u32>>, TrainError>,
+    cut: &Cut<'_>,
     rng: &mut StdRng,
 ) -> Result<Vec<Vec<Vec<u32>>>, TrainError> {
     let mut order: Vec<usize> = (0..passages.len()).collect();

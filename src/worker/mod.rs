@@ -172,37 +172,6 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
     c
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_producer_always_acks_all_and_is_idempotent() {
-        let mut cfg = Config::default();
-        // As if validation were skipped: the settings are forced anyway.
-        cfg.kafka.client.0.insert("acks".into(), "1".into());
-        cfg.kafka.producer.0.insert("enable.idempotence".into(), "false".into());
-        cfg.kafka.producer.0.insert("request.required.acks".into(), "0".into());
-        let c = producer_config(&cfg);
-        assert_eq!(c.get("acks"), Some("all"));
-        assert_eq!(c.get("enable.idempotence"), Some("true"));
-        assert_eq!(c.get("request.required.acks"), None);
-        assert_eq!(c.get("transactional.id"), None);
-        assert!(cfg.validate().is_err());
-    }
-
-    #[test]
-    fn exactly_once_makes_the_producer_transactional_and_the_consumer_read_committed() {
-        let mut cfg = Config::default();
-        cfg.kafka.delivery = Delivery::ExactlyOnce;
-        cfg.kafka.group_id = "g".into();
-        let id = producer_config(&cfg).get("transactional.id").unwrap().to_string();
-        assert!(id.starts_with("triagem-g-") && !id.contains('{'), "{id}");
-        assert_eq!(producer_config(&cfg).get("enable.idempotence"), Some("true"));
-        assert_eq!(consumer_config(&cfg).get("isolation.level"), Some("read_committed"));
-    }
-}
-
 /// A started worker: every stage running.
 pub struct Worker {
     /// The worker's metrics (also served over HTTP).
@@ -603,4 +572,35 @@ async fn readiness_loop(
         }
     }
     metrics.ready.set(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_always_acks_all_and_is_idempotent() {
+        let mut cfg = Config::default();
+        // As if validation were skipped: the settings are forced anyway.
+        cfg.kafka.client.0.insert("acks".into(), "1".into());
+        cfg.kafka.producer.0.insert("enable.idempotence".into(), "false".into());
+        cfg.kafka.producer.0.insert("request.required.acks".into(), "0".into());
+        let c = producer_config(&cfg);
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("request.required.acks"), None);
+        assert_eq!(c.get("transactional.id"), None);
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn exactly_once_makes_the_producer_transactional_and_the_consumer_read_committed() {
+        let mut cfg = Config::default();
+        cfg.kafka.delivery = Delivery::ExactlyOnce;
+        cfg.kafka.group_id = "g".into();
+        let id = producer_config(&cfg).get("transactional.id").unwrap().to_string();
+        assert!(id.starts_with("triagem-g-") && !id.contains('{'), "{id}");
+        assert_eq!(producer_config(&cfg).get("enable.idempotence"), Some("true"));
+        assert_eq!(consumer_config(&cfg).get("isolation.level"), Some("read_committed"));
+    }
 }

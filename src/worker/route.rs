@@ -611,8 +611,7 @@ mod tests {
 
     #[test]
     fn a_dead_letter_copies_the_payload_only_up_to_the_cap() {
-        let mut routing = RoutingConfig::default();
-        routing.dead_letter_max_bytes = 10;
+        let routing = RoutingConfig { dead_letter_max_bytes: 10, ..Default::default() };
         let router = Router {
             producer: rdkafka::config::ClientConfig::new().create().unwrap(),
             routing,

@@ -248,6 +248,9 @@ pub struct RoutingConfig {
     /// A dead letter copies the input payload only up to this many bytes; a larger one is sent
     /// as a stub (reason and source headers, `triagem-payload-dropped`, no payload).
     pub dead_letter_max_bytes: usize,
+    /// Field of a routed output that carries the classification; an input field of the same
+    /// name is replaced (counted in `triagem_output_field_replaced_total`).
+    pub output_field: String,
 }
 
 impl Default for RoutingConfig {
@@ -261,6 +264,7 @@ impl Default for RoutingConfig {
             min_confidence: 0.0,
             dead_letter_topic: "atendimento.dlq".into(),
             dead_letter_max_bytes: 900_000,
+            output_field: "triagem".into(),
         }
     }
 }
@@ -429,6 +433,17 @@ impl Config {
         nonempty("kafka.input_topic", &self.kafka.input_topic)?;
         nonempty("routing.review_topic", &self.routing.review_topic)?;
         nonempty("routing.dead_letter_topic", &self.routing.dead_letter_topic)?;
+        nonempty("routing.output_field", &self.routing.output_field)?;
+        let text_field = match self.input.format {
+            InputFormat::Json => self.input.text_field.as_str(),
+            InputFormat::Text => "text",
+        };
+        if self.routing.output_field == text_field {
+            return Err(ConfigError::key(
+                "routing.output_field",
+                format!("must differ from the field holding the text ({text_field:?}): the output would lose it"),
+            ));
+        }
         nonempty("input.text_field", &self.input.text_field)?;
         if self.routing.topics.is_empty() {
             return Err(ConfigError::key("routing.topics", "needs one topic per model label"));
@@ -651,6 +666,23 @@ mod tests {
         assert_eq!(cfg.kafka.delivery, builtin.kafka.delivery);
         assert_eq!(cfg.kafka.transaction_interval, builtin.kafka.transaction_interval);
         assert_eq!(cfg.kafka.transactional_id, builtin.kafka.transactional_id);
+        assert_eq!(cfg.routing.output_field, builtin.routing.output_field);
+    }
+
+    #[test]
+    fn the_output_field_is_settable_and_may_not_be_the_texts() {
+        let cfg = Config::load_with_env(None, env(&[("TRIAGEM__ROUTING__OUTPUT_FIELD", "classificacao")])).unwrap();
+        assert_eq!(cfg.routing.output_field, "classificacao");
+        let e = Config::load_with_env(None, env(&[("TRIAGEM__ROUTING__OUTPUT_FIELD", "text")])).unwrap_err();
+        assert!(e.to_string().contains("routing.output_field") && e.to_string().contains("\"text\""), "{e}");
+        let e = Config::load_with_env(
+            None,
+            env(&[("TRIAGEM__INPUT__TEXT_FIELD", "mensagem"), ("TRIAGEM__ROUTING__OUTPUT_FIELD", "mensagem")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"mensagem\""), "{e}");
+        let e = Config::load_with_env(None, env(&[("TRIAGEM__ROUTING__OUTPUT_FIELD", "")])).unwrap_err();
+        assert!(e.to_string().contains("routing.output_field"), "{e}");
     }
 
     #[test]

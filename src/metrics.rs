@@ -93,6 +93,8 @@ pub struct Metrics {
     pub oldest_unacked: prometheus::GaugeVec,
     /// `triagem_outputs_abandoned_total`
     pub outputs_abandoned: prometheus::IntCounter,
+    /// `triagem_output_field_replaced_total`
+    pub output_field_replaced: prometheus::IntCounter,
     /// `triagem_outputs_rejected_total{topic}`
     pub outputs_rejected: IntCounterVec,
     /// `triagem_output_topic_unavailable{topic}`
@@ -246,6 +248,18 @@ impl Metrics {
                         "outputs_abandoned_total",
                         "Outputs not produced (or not retried) because their input partition was revoked meanwhile; \
                          its new owner routes the message.",
+                    )
+                    .namespace(NAMESPACE),
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            output_field_replaced: {
+                let c = prometheus::IntCounter::with_opts(
+                    Opts::new(
+                        "output_field_replaced_total",
+                        "Routed outputs whose input already had a field named routing.output_field: the \
+                         classification replaced it.",
                     )
                     .namespace(NAMESPACE),
                 )?;

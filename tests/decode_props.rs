@@ -140,7 +140,10 @@ proptest! {
                     score,
                     scores: vec![(label.into(), score), (other.into(), 1.0 - score)],
                 };
-                let body = render_output(&decoded, &prediction, &model(), "2026-11-29T00:00:00.000Z");
+                let (body, replaced) =
+                    render_output(&decoded, &prediction, &model(), "triagem", "2026-11-29T00:00:00.000Z");
+                let had_field = matches!(&decoded.body, Body::Json(input) if input.contains_key("triagem"));
+                prop_assert_eq!(replaced, had_field, "an input's own field replaced without saying so");
                 let Ok(Value::Object(out)) = serde_json::from_slice::<Value>(&body) else {
                     return Err(TestCaseError::fail("the output is not a JSON object"));
                 };

@@ -201,10 +201,20 @@ impl Router {
                             }
                             Ok(prediction) => {
                                 let (topic, destination) = self.destination(&prediction.label, prediction.score);
+                                let (payload, replaced) = render_output(
+                                    &pending.decoded,
+                                    &prediction,
+                                    &self.model,
+                                    &self.routing.output_field,
+                                    &now,
+                                );
+                                if replaced {
+                                    self.metrics.output_field_replaced.inc();
+                                }
                                 Output {
                                     topic,
                                     destination,
-                                    payload: render_output(&pending.decoded, &prediction, &self.model, &now),
+                                    payload,
                                     headers: output_headers(&pending.envelope, &prediction),
                                     envelope: pending.envelope,
                                     slot: pending.slot,
@@ -547,8 +557,16 @@ fn stub(output: Output, error: &str) -> Output {
     Output { payload: Vec::new(), headers, envelope, stub: true, ..output }
 }
 
-/// The output value: the body plus `"triagem": {label, score, scores, model, model_version, classified_at}`.
-pub fn render_output(decoded: &Decoded, prediction: &Prediction, model: &ModelInfo, classified_at: &str) -> Vec<u8> {
+/// The output value: the body plus `field` (`routing.output_field`, `"triagem"` by default) =
+/// `{label, score, scores, model, model_version, classified_at}`, and whether the input's own
+/// `field` was replaced by it.
+pub fn render_output(
+    decoded: &Decoded,
+    prediction: &Prediction,
+    model: &ModelInfo,
+    field: &str,
+    classified_at: &str,
+) -> (Vec<u8>, bool) {
     let scores: Map<String, Value> = prediction.scores.iter().map(|(l, s)| (l.clone(), json!(s))).collect();
     let triagem = json!({
         "label": prediction.label,
@@ -566,8 +584,8 @@ pub fn render_output(decoded: &Decoded, prediction: &Prediction, model: &ModelIn
             m
         }
     };
-    object.insert("triagem".into(), triagem);
-    serde_json::to_vec(&Value::Object(object)).expect("a JSON map always serializes")
+    let replaced = object.insert(field.to_string(), triagem).is_some();
+    (serde_json::to_vec(&Value::Object(object)).expect("a JSON map always serializes"), replaced)
 }
 
 /// Headers of a routed output: the input's, then `triagem-label`,
@@ -667,17 +685,28 @@ mod tests {
             score: 0.9,
             scores: vec![("venda".into(), 0.9), ("suporte".into(), 0.1)],
         };
+        let render = |d: &Decoded, field: &str| {
+            let (bytes, replaced) = render_output(d, &p, &info, field, "2026-01-01T00:00:00Z");
+            (serde_json::from_slice::<Value>(&bytes).unwrap(), replaced)
+        };
         let d = decode(Some(br#"{"text":"oi","id":1}"#), &json_cfg()).unwrap();
-        let out: Value = serde_json::from_slice(&render_output(&d, &p, &info, "2026-01-01T00:00:00Z")).unwrap();
+        let (out, replaced) = render(&d, "triagem");
         assert_eq!(out["id"], 1);
         assert_eq!(out["text"], "oi");
         assert_eq!(out["triagem"]["label"], "venda");
         assert_eq!(out["triagem"]["model_version"], "abc");
         assert!(out["triagem"]["scores"]["suporte"].is_number());
+        assert!(!replaced);
         let t = Decoded { text: "oi".into(), body: Body::Text };
-        let out: Value = serde_json::from_slice(&render_output(&t, &p, &info, "now")).unwrap();
+        let (out, _) = render(&t, "triagem");
         assert_eq!(out["text"], "oi");
         assert_eq!(out["triagem"]["model"], "m");
+        // An input that already has the field: replaced, and said so; another name leaves it alone.
+        let d = decode(Some(br#"{"text":"oi","triagem":"mine","x":{"y":1}}"#), &json_cfg()).unwrap();
+        let (out, replaced) = render(&d, "triagem");
+        assert!(replaced && out["triagem"]["label"] == "venda" && out["x"]["y"] == 1);
+        let (out, replaced) = render(&d, "classificacao");
+        assert!(!replaced && out["triagem"] == "mine" && out["classificacao"]["label"] == "venda");
 
         let env = Envelope {
             topic: "in".into(),

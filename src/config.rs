@@ -269,6 +269,9 @@ impl Default for RoutingConfig {
     }
 }
 
+/// The output field holding the text of a plain-text input (`input.format = "text"`).
+pub const TEXT_INPUT_OUTPUT_FIELD: &str = "text";
+
 /// How input payloads are encoded.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -436,7 +439,7 @@ impl Config {
         nonempty("routing.output_field", &self.routing.output_field)?;
         let text_field = match self.input.format {
             InputFormat::Json => self.input.text_field.as_str(),
-            InputFormat::Text => "text",
+            InputFormat::Text => TEXT_INPUT_OUTPUT_FIELD,
         };
         if self.routing.output_field == text_field {
             return Err(ConfigError::key(

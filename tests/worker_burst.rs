@@ -66,16 +66,14 @@ async fn burst(name: &str, inputs: Vec<(String, Vec<u8>)>, max_bytes: &str) -> (
     };
     let start = Instant::now();
     let (addr, g, input) = (broker.addr.clone(), group.clone(), topics.input.clone());
-    let all_committed = eventually(Duration::from_secs(1800), move || {
-        committed_blocking(&addr, &g, &input, partitions).iter().map(|c| c.unwrap_or(0)).sum::<i64>() >= n
-    })
-    .await;
+    let all_committed =
+        eventually(Duration::from_secs(1800), move || committed_total_blocking(&addr, &g, &input, partitions) >= n)
+            .await;
     let seconds = start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
     let peak_mib = peak.load(Ordering::Relaxed) as f64 / 1024.0;
-    let committed_now: i64 =
-        committed(&broker.addr, &group, &topics.input, partitions).await.iter().map(|c| c.unwrap_or(0)).sum();
+    let committed_now = committed_total(&broker.addr, &group, &topics.input, partitions).await;
     assert!(all_committed, "{name}: {committed_now} of {n} committed after {seconds:.0}s:\n{}", worker.log_text());
     println!(
         "BURST {name}: {n} messages, all committed in {seconds:.1}s ({:.0} msg/s), worker peak RSS {peak_mib:.0} MiB",

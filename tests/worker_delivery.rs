@@ -93,8 +93,7 @@ async fn sigterm_finishes_commits_and_exits_0() {
 
     // What was routed is exactly what was committed: nothing in flight was dropped.
     let routed = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await.len() as i64;
-    let committed_now: i64 =
-        committed(&broker.addr, &group, &topics.input, 2).await.iter().map(|c| c.unwrap_or(0)).sum();
+    let committed_now = committed_total(&broker.addr, &group, &topics.input, 2).await;
     println!("SIGTERM after {routed} outputs; committed {committed_now}");
     assert_eq!(committed_now, routed, "committed offsets must cover exactly the routed messages");
 
@@ -282,8 +281,7 @@ async fn sigkill_restart_repeated() {
         .await;
         assert!(started, "run {run}: the worker produced or committed nothing:\n{}", worker.log_text());
         worker.kill().await;
-        let committed_at_kill: i64 =
-            committed(&broker.addr, &group, &topics.input, partitions).await.iter().map(|c| c.unwrap_or(0)).sum();
+        let committed_at_kill = committed_total(&broker.addr, &group, &topics.input, partitions).await;
         let restart = std::time::Instant::now();
         let restarted = WorkerProc::start(&config, &env);
 

@@ -266,18 +266,16 @@ async fn sigkill_mid_transaction_then_restart_routes_each_input_once() {
     let mut n = 1000;
     produce_all(&p, &topics.input, &chat_inputs(0, n)).await;
 
-    let committed_sum =
-        |b: &str, g: &str, t: &str| -> i64 { committed_blocking(b, g, t, 3).iter().map(|c| c.unwrap_or(0)).sum() };
     let mut open_at_kill = 0;
     'attempts: for attempt in 1..=3 {
         // Where this worker starts: its counters count from there.
-        let start: i64 = committed(&broker.addr, &group, &topics.input, 3).await.iter().map(|c| c.unwrap_or(0)).sum();
+        let start = committed_total(&broker.addr, &group, &topics.input, 3).await;
         let mut worker = WorkerProc::start(&config, &slow_commits);
         let url = worker.metrics_url(Duration::from_secs(30)).await;
         for wave in 1..=5 {
             // Everything so far routed and committed: a commit has just landed.
             let (b, g, t, all) = (broker.addr.clone(), group.clone(), topics.input.clone(), n as i64);
-            let caught_up = eventually(LIMIT, move || committed_sum(&b, &g, &t) == all).await;
+            let caught_up = eventually(LIMIT, move || committed_total_blocking(&b, &g, &t, 3) == all).await;
             assert!(caught_up, "the worker did not commit every input:\n{}", worker.log_text());
             produce_all(&p, &topics.input, &chat_inputs(n, WAVE)).await;
             n += WAVE;
@@ -285,7 +283,7 @@ async fn sigkill_mid_transaction_then_restart_routes_each_input_once() {
             let state = off_runtime(move || {
                 let mut last = (0, 0);
                 let acked = eventually_blocking(LIMIT, || {
-                    last = (outputs_acknowledged_blocking(&u) as i64 + start, committed_sum(&b, &g, &t));
+                    last = (outputs_acknowledged_blocking(&u) as i64 + start, committed_total_blocking(&b, &g, &t, 3));
                     last.0 >= all
                 });
                 (acked, last)
@@ -295,8 +293,7 @@ async fn sigkill_mid_transaction_then_restart_routes_each_input_once() {
             assert!(acked, "the wave's outputs were not acknowledged:\n{}", worker.log_text());
             if committed_now < delivered {
                 worker.kill().await;
-                let committed_inputs = committed(&broker.addr, &group, &topics.input, 3).await;
-                let committed_inputs: i64 = committed_inputs.iter().map(|c| c.unwrap_or(0)).sum();
+                let committed_inputs = committed_total(&broker.addr, &group, &topics.input, 3).await;
                 // Everything the killed worker wrote, its open transaction's outputs included.
                 let written = read_uncommitted(&broker.addr, &topics.outputs()).await as i64;
                 open_at_kill = written - committed_inputs;

@@ -45,12 +45,10 @@ pub(super) fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<(), 
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut builder = tempfile::Builder::new();
     builder.prefix(".triagem-").suffix(".tmp");
-    // Readable by a worker running as another user, like a file written in place (tempfile's default is 0600).
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     let tmp = builder.tempfile_in(dir).map_err(|e| write_error(path, e))?;
     write(tmp.path()).map_err(|e| write_error(tmp.path(), e))?;
-    // A writer that replaces the file at the path (the safetensors writer does) leaves its own mode: set it again.
+    // Readable by a worker running as another user, like a file written in place: set after the write,
+    // since tempfile creates 0600 and a writer that replaces the file (the safetensors writer does) has its own.
     #[cfg(unix)]
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(|e| write_error(tmp.path(), e))?;

@@ -580,7 +580,7 @@ pub fn render_output(
         Body::Json(map) => map.clone(),
         Body::Text => {
             let mut m = Map::new();
-            m.insert("text".into(), Value::String(decoded.text.clone()));
+            m.insert(crate::config::TEXT_INPUT_OUTPUT_FIELD.into(), Value::String(decoded.text.clone()));
             m
         }
     };

@@ -786,6 +786,16 @@ pub async fn read_all(brokers: &str, topics: &[String], idle: Duration) -> Vec<O
     .await
 }
 
+/// Inputs committed by `group` on `topic`: the committed offsets of its partitions summed (0 where none).
+pub async fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    committed(brokers, group, topic, partitions).await.iter().map(|c| c.unwrap_or(0)).sum()
+}
+
+/// [`committed_total`] on the calling thread.
+pub fn committed_total_blocking(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    committed_blocking(brokers, group, topic, partitions).iter().map(|c| c.unwrap_or(0)).sum()
+}
+
 /// Sum of `triagem_messages_routed_total` and `triagem_messages_dead_lettered_total` on a worker's metrics page.
 pub async fn outputs_acknowledged(metrics_url: &str) -> f64 {
     acknowledged_in(&http_get(metrics_url).await.1)

@@ -12,6 +12,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use rand::{rngs::StdRng, Rng};
 
 use super::config::BertConfig;
+use super::cpu::{self, Activation, CpuBert};
 
 /// Evaluation (dropout off, fused kernels) or training (dropout on, every op differentiable).
 pub enum Mode<'a> {
@@ -71,42 +72,19 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(weight, Some(bias)))
 }
 
-#[derive(Clone, Copy)]
-enum Activation {
-    GeluErf,
-    GeluTanh,
-    Relu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Result<Self> {
-        match name {
-            "gelu" => Ok(Self::GeluErf),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
-            "relu" => Ok(Self::Relu),
-            other => candle_core::bail!("hidden_act {other:?} is not supported (gelu, gelu_new, relu)"),
+/// The activation on the tensor path: the fast CPU kernel in inference, candle's ops in training.
+fn activate(activation: Activation, xs: &Tensor, mode: &Mode) -> Result<Tensor> {
+    match activation {
+        Activation::GeluErf if !mode.training() && xs.device().is_cpu() && xs.dtype() == DType::F32 => {
+            xs.contiguous()?.apply_op1_no_bwd(&GeluErfCpu)
         }
-    }
-
-    fn apply(self, xs: &Tensor, mode: &Mode) -> Result<Tensor> {
-        match self {
-            Self::GeluErf if !mode.training() && xs.device().is_cpu() && xs.dtype() == DType::F32 => {
-                xs.contiguous()?.apply_op1_no_bwd(&GeluErfCpu)
-            }
-            Self::GeluErf => xs.gelu_erf(),
-            Self::GeluTanh => xs.gelu(),
-            Self::Relu => xs.relu(),
-        }
+        Activation::GeluErf => xs.gelu_erf(),
+        Activation::GeluTanh => xs.gelu(),
+        Activation::Relu => xs.relu(),
     }
 }
 
-/// GELU in its erf form for CPU inference, with erf from Abramowitz and
-/// Stegun 7.1.26 (absolute error below 1.5e-7). candle's `gelu_erf` calls
-/// libm's `erff`, whose branch for |x| ≥ 0.84 is several times slower than
-/// its small-argument one: a model whose feed-forward inputs are larger
-/// (the pretrained default) spent 22 % of its time there. The loop is
-/// branch-free with its own `exp`, so the compiler vectorises it; `pulp`
-/// runs it with the CPU's widest vector unit (AVX2 and FMA where present).
+/// [`cpu::gelu_erf_into`] as a candle op, for the tensor path's inference on the CPU.
 struct GeluErfCpu;
 
 impl candle_core::CustomOp1 for GeluErfCpu {
@@ -124,46 +102,9 @@ impl candle_core::CustomOp1 for GeluErfCpu {
             candle_core::bail!("gelu-erf-cpu: not contiguous")
         };
         let mut out = vec![0f32; end - start];
-        gelu_erf_into(&data[start..end], &mut out);
+        cpu::gelu_erf_into(&data[start..end], &mut out);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
-}
-
-/// `out[i] = gelu(xs[i])`, vectorised for the CPU it runs on.
-fn gelu_erf_into(xs: &[f32], out: &mut [f32]) {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || {
-            for (o, &x) in out.iter_mut().zip(xs) {
-                *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        },
-    )
-}
-
-/// erf(x), Abramowitz and Stegun 7.1.26, branch-free: |x| is clamped at 4,
-/// where erf differs from 1 by 2e-8.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let a = x.abs().min(4.0);
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
-    (1.0 - poly * exp_neg(a * a)).copysign(x)
-}
-
-/// e^-y for y in [0, 16], branch-free: y = k ln 2 + r with |r| ≤ ln 2 / 2,
-/// 2^-k from the exponent bits, e^-r from its Taylor polynomial to r^6
-/// (relative error below 2e-7).
-#[inline(always)]
-fn exp_neg(y: f32) -> f32 {
-    // Round to nearest by adding 1.5 × 2^23: the integer lands in the low mantissa bits.
-    const SHIFT: f32 = 12_582_912.0;
-    let v = -y * std::f32::consts::LOG2_E;
-    let shifted = v + SHIFT;
-    let k = shifted.to_bits() as i32 - SHIFT.to_bits() as i32;
-    let r = (v - (shifted - SHIFT)) * std::f32::consts::LN_2;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((k + 127) as u32) << 23)
 }
 
 struct Embeddings {
@@ -240,6 +181,17 @@ impl Attention {
         })
     }
 
+    /// Query (pre-scaled by 1/√head_dim), key and value as one weight, (3 × hidden, hidden), and one bias.
+    fn fused_qkv_weights(&self) -> Result<(Tensor, Tensor)> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let bias =
+            |l: &Linear| l.bias().cloned().ok_or_else(|| candle_core::Error::Msg("a projection without bias".into()));
+        let weight =
+            Tensor::cat(&[(self.query.weight() * scale)?, self.key.weight().clone(), self.value.weight().clone()], 0)?;
+        let bias = Tensor::cat(&[(bias(&self.query)? * scale)?, bias(&self.key)?, bias(&self.value)?], 0)?;
+        Ok((weight, bias))
+    }
+
     /// `mask` is additive, shaped (batch, 1, 1, seq): 0 for tokens, a large negative for padding.
     fn forward(&self, xs: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
@@ -297,7 +249,7 @@ impl Layer {
 
     fn forward(&self, xs: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let attended = self.attention.forward(xs, mask, mode)?;
-        let inner = self.activation.apply(&self.intermediate.forward(&attended)?, mode)?;
+        let inner = activate(self.activation, &self.intermediate.forward(&attended)?, mode)?;
         let out = mode.dropout(&self.output.forward(&inner)?, self.dropout)?;
         self.norm.forward(&(out + attended)?, mode)
     }
@@ -335,17 +287,52 @@ impl BertClassifier {
     /// trainable projections, but a fused copy would not follow later updates.
     pub fn fuse_for_inference(&mut self) -> Result<()> {
         for layer in &mut self.layers {
-            let a = &mut layer.attention;
-            let scale = 1.0 / (a.head_dim as f64).sqrt();
-            let bias = |l: &Linear| {
-                l.bias().cloned().ok_or_else(|| candle_core::Error::Msg("a projection without bias".into()))
-            };
-            let weight =
-                Tensor::cat(&[(a.query.weight() * scale)?, a.key.weight().clone(), a.value.weight().clone()], 0)?;
-            let bias = Tensor::cat(&[(bias(&a.query)? * scale)?, bias(&a.key)?, bias(&a.value)?], 0)?;
-            a.fused_qkv = Some(Linear::new(weight, Some(bias)));
+            let (weight, bias) = layer.attention.fused_qkv_weights()?;
+            layer.attention.fused_qkv = Some(Linear::new(weight, Some(bias)));
         }
         Ok(())
+    }
+
+    /// A copy of the weights laid out for the CPU serving path ([`cpu`]),
+    /// which computes the same logits as [`BertClassifier::forward`] in
+    /// evaluation mode. Weights must be f32.
+    pub fn to_cpu(&self) -> Result<CpuBert> {
+        let dense = |l: &Linear| -> Result<cpu::Dense> {
+            let bias = l.bias().ok_or_else(|| candle_core::Error::Msg("a dense layer without bias".into()))?;
+            cpu::Dense::new(l.weight(), bias)
+        };
+        let norm = |n: &LayerNorm| cpu::Norm::new(&n.weight, &n.bias, n.eps);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                let a = &layer.attention;
+                let (weight, qkv_bias) = a.fused_qkv_weights()?;
+                Ok(cpu::Layer {
+                    qkv: cpu::Dense::new(&weight, &qkv_bias)?,
+                    attention_out: dense(&a.output)?,
+                    attention_norm: norm(&a.norm)?,
+                    intermediate: dense(&layer.intermediate)?,
+                    output: dense(&layer.output)?,
+                    output_norm: norm(&layer.norm)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let e = &self.embeddings;
+        let type_zero = e.token_type.embeddings().get(0)?;
+        let position = e.position.embeddings().broadcast_add(&type_zero)?;
+        let heads = self.layers.first().map_or(1, |l| l.attention.heads);
+        Ok(CpuBert {
+            hidden: e.word.embeddings().dim(1)?,
+            heads,
+            activation: self.layers.first().map_or(Activation::GeluErf, |l| l.activation),
+            word: e.word.embeddings().flatten_all()?.to_vec1()?,
+            position: position.flatten_all()?.to_vec1()?,
+            embedding_norm: norm(&e.norm)?,
+            layers,
+            pooler: dense(&self.pooler)?,
+            classifier: dense(&self.classifier)?,
+        })
     }
 
     /// The encoder's output, (batch, seq, hidden), for `input_ids` and `attention_mask`, both (batch, seq) u32.
@@ -400,7 +387,7 @@ impl MaskedLmHead {
 
     /// Vocabulary logits, (rows, vocab), for hidden states shaped (rows, hidden).
     pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor, mode: &Mode) -> Result<Tensor> {
-        let xs = self.norm.forward(&self.activation.apply(&self.dense.forward(hidden)?, mode)?, mode)?;
+        let xs = self.norm.forward(&activate(self.activation, &self.dense.forward(hidden)?, mode)?, mode)?;
         xs.matmul(&word_embeddings.t()?)?.broadcast_add(&self.bias)
     }
 }
@@ -442,7 +429,6 @@ mod tests {
                 assert!((a - b).abs() <= 1e-6 * (1.0 + x.abs()), "gelu({x}): {a} against candle's {b}");
             }
         }
-        assert!(exp_neg(0.0) == 1.0 && (exp_neg(16.0) - (-16f32).exp()).abs() < 1e-12);
     }
 
     /// The training path (every op differentiable) and the inference path
@@ -489,5 +475,69 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0);
         let training_after = model.forward(&ids, &masks, &mut Mode::Train(&mut rng)).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(training, training_after, "the training path must not use the fused copy");
+    }
+
+    /// The CPU serving path (src/model/cpu.rs) and the tensor path are two
+    /// implementations of one model: the same logits for texts of different
+    /// lengths (the tensor path pads and masks, the serving path does not),
+    /// with each activation, one head or several, the batch split between 1,
+    /// 2 or 3 threads.
+    #[test]
+    fn the_cpu_serving_path_gives_the_tensor_paths_logits() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
+        let texts = [
+            "quero comprar uma geladeira",
+            "meu pedido chegou quebrado e ninguém responde no chat nem no telefone, o que eu faço agora?",
+            "oi",
+            "tem airfryer 5l?",
+            "comprei semana passada e veio com defeito",
+        ];
+        for (act, heads) in [("gelu", 1), ("gelu", 4), ("gelu_new", 2), ("relu", 4)] {
+            let mut cfg = read_config(&dir).unwrap();
+            cfg.hidden_act = act.into();
+            cfg.num_attention_heads = heads;
+            // SAFETY: a read-only fixture, mapped only while loading.
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+            };
+            let mut model = BertClassifier::load(&cfg, 2, vb).unwrap();
+            model.fuse_for_inference().unwrap();
+            let cpu = model.to_cpu().unwrap();
+            let encoder =
+                TextEncoder::load(&dir.join("tokenizer.json"), cfg.max_position_embeddings, cfg.pad_token_id).unwrap();
+            let encoded = encoder.encode(&texts).unwrap();
+            let (ids, masks) = batch_tensors(&encoded.ids, &encoded.masks, &Device::Cpu).unwrap();
+            let reference = model.forward(&ids, &masks, &mut Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+            for threads in 1..=3 {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let served = pool.install(|| cpu.logits(&encoded.unpadded())).unwrap();
+                for (a, b) in served.iter().flatten().zip(reference.iter().flatten()) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{act}, {heads} heads, {threads} threads: served {served:?} vs tensor path {reference:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Input the serving path cannot compute is an error naming the text, never a panic.
+    #[test]
+    fn the_cpu_serving_path_refuses_what_it_cannot_compute() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
+        let cfg = read_config(&dir).unwrap();
+        // SAFETY: a read-only fixture, mapped only while loading.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+        };
+        let cpu = BertClassifier::load(&cfg, 2, vb).unwrap().to_cpu().unwrap();
+        let long = vec![5u32; cfg.max_position_embeddings + 1];
+        for (texts, says) in [
+            (vec![&[2u32, 5, 3][..], &[][..]], "text 1 of the batch has no tokens"),
+            (vec![&[2u32, 1_999_999, 3][..]], "token id 1999999 of text 0 is outside the model's vocabulary of 2000"),
+            (vec![&long[..]], "text 0 of the batch has 129 tokens; the model takes at most 128"),
+        ] {
+            assert_eq!(cpu.logits(&texts).unwrap_err(), says);
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod cpu;
 pub mod threads;
 
 use std::path::{Path, PathBuf};
@@ -153,6 +154,13 @@ pub struct Encoded {
     pub masks: Vec<Vec<u32>>,
 }
 
+impl Encoded {
+    /// Each text's token ids without its padding (padding is on the right: a text's tokens are its mask's ones).
+    pub fn unpadded(&self) -> Vec<&[u32]> {
+        self.ids.iter().zip(&self.masks).map(|(ids, mask)| &ids[..mask.iter().filter(|&&m| m != 0).count()]).collect()
+    }
+}
+
 /// A tokenizer set up for a model: truncation at `max_len`, padding to the batch's longest text.
 #[derive(Clone)]
 pub struct TextEncoder {
@@ -229,6 +237,8 @@ pub struct Classifier {
     info: ModelInfo,
     /// Calibration temperature from `config.json` (1 when absent): scores are softmax(logits / T).
     temperature: f32,
+    /// The CPU serving path ([`cpu`]): on the CPU, logits and predictions come from it; None elsewhere.
+    cpu: Option<cpu::CpuBert>,
 }
 
 /// Reads and checks `config.json` of a model directory.
@@ -292,13 +302,17 @@ impl Classifier {
         let mut model = BertClassifier::load(&cfg, labels.len(), vb).map_err(|e| bad_weights(e.to_string()))?;
         // Loaded to serve: its weights never change, so the fused inference path is safe.
         model.fuse_for_inference().map_err(|e| bad_weights(e.to_string()))?;
+        let cpu = match device {
+            Device::Cpu => Some(model.to_cpu().map_err(|e| bad_weights(e.to_string()))?),
+            _ => None,
+        };
         let name = dir
             .canonicalize()
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| dir.display().to_string());
         let info = ModelInfo { name, version, labels: labels.clone(), path: dir.to_path_buf(), max_len };
-        Ok(Self { model, encoder, labels, device: device.clone(), info, temperature })
+        Ok(Self { model, encoder, labels, device: device.clone(), info, temperature, cpu })
     }
 
     /// Wraps an in-memory model (used by training to evaluate without a round trip to disk).
@@ -310,7 +324,22 @@ impl Classifier {
             path: PathBuf::new(),
             max_len: encoder.max_len(),
         };
-        Self { model, encoder, labels, device, info, temperature: 1.0 }
+        Self { model, encoder, labels, device, info, temperature: 1.0, cpu: None }
+    }
+
+    /// Computes with candle's tensor operations on the CPU too, instead of the
+    /// CPU serving path ([`cpu`]): the reference the serving path is tested
+    /// against, and what training computes with, so that a model's training
+    /// does not depend on how it is served.
+    pub fn tensor_path(mut self) -> Self {
+        self.cpu = None;
+        self
+    }
+
+    /// Whether predictions come from the CPU serving path ([`cpu`]: no padding,
+    /// the last layer for `[CLS]` only) rather than from candle's tensor path.
+    pub fn serves_on_cpu_path(&self) -> bool {
+        self.cpu.is_some()
     }
 
     /// The calibration temperature the scores are computed with (1: none).
@@ -340,7 +369,13 @@ impl Classifier {
 
     /// Raw logits, one row per text, in one forward pass (before calibration: what `transformers` computes).
     pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
-        threads::install(|| Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?))
+        threads::install(|| match &self.cpu {
+            Some(cpu) => {
+                let encoded = self.encoder.encode(texts)?;
+                cpu.logits(&encoded.unpadded()).map_err(ModelError::Tokenize)
+            }
+            None => Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?),
+        })
     }
 
     /// The encoder's last hidden states, (text, token, hidden), padded to the
@@ -357,12 +392,18 @@ impl Classifier {
         Ok(self.model.forward(&ids, &masks, &mut Mode::Eval)?)
     }
 
-    /// Raw logits of `texts`, one row each in their order, computed in groups
-    /// of similar lengths ([`group_by_length`]) so that a batch of mixed
-    /// lengths is not padded to its longest text throughout.
+    /// Calibrated scores of the tokenised texts `ids`, one row each in their
+    /// order: from the CPU serving path when there is one (no padding at
+    /// all), else from the tensor path in groups of similar lengths
+    /// ([`group_by_length`]) so that a batch of mixed lengths is not padded
+    /// to its longest text throughout.
     fn grouped_logits(&self, ids: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         if let Some(i) = ids.iter().position(|t| t.is_empty()) {
             return Err(ModelError::Tokenize(format!("text {i} of the batch has no tokens")));
+        }
+        if let Some(cpu) = &self.cpu {
+            let logits = cpu.logits(ids).map_err(ModelError::Tokenize)?;
+            return Ok(logits.iter().map(|row| calibrated_scores(row, self.temperature)).collect());
         }
         let lengths: Vec<usize> = ids.iter().map(|t| t.len()).collect();
         let pad = self.encoder.pad_id;
@@ -407,14 +448,7 @@ impl Classifier {
         }
         threads::install(|| {
             let encoded = self.encoder.encode(texts)?;
-            // Padding is on the right: a text's tokens are its mask's ones.
-            let ids: Vec<&[u32]> = encoded
-                .ids
-                .iter()
-                .zip(&encoded.masks)
-                .map(|(ids, mask)| &ids[..mask.iter().filter(|&&m| m != 0).count()])
-                .collect();
-            let probs = self.grouped_logits(&ids)?;
+            let probs = self.grouped_logits(&encoded.unpadded())?;
             Ok(probs.into_iter().map(|row| self.prediction(row)).collect())
         })
     }
@@ -440,6 +474,14 @@ impl Classifier {
             scores: self.labels.iter().cloned().zip(row).collect(),
         }
     }
+}
+
+/// softmax(`logits` / `temperature`).
+fn calibrated_scores(logits: &[f32], temperature: f32) -> Vec<f32> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z / temperature));
+    let exps: Vec<f32> = logits.iter().map(|&z| (z / temperature - max).exp()).collect();
+    let total: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / total).collect()
 }
 
 /// What one more forward pass costs, in padded tokens: about 16 on the

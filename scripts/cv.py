@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Chooses among training recipes by k-fold cross-validation on the training
+file, so that the choice rests on every training message held out once
+instead of on the 451-message dev split (where recipes differ by one or two
+messages, less than a seed moves them).
+
+The training file is split into K stratified folds (one seeded shuffle per
+label, dealt round-robin). For each recipe and fold, `triagem train` runs
+exactly as a user runs it — its own dev split carved from the other K-1
+folds, its own epoch choice and temperature — with the held-out fold as its
+`--test` file; the report it writes (`metrics.json` → `test`) is pooled over
+the folds: the confusion matrices are summed into out-of-fold accuracy and
+macro-F1, the review curves into the share sent to review and the share of
+errors caught. `--baseline` adds scripts/baseline.py (char TF-IDF + logistic
+regression) on the same folds. The evaluation sets (data/teste.jsonl,
+data/realistas.jsonl, the challenge's files) are never read.
+
+The rule this prints: the recipe with the highest out-of-fold macro-F1 (a tie
+goes to the one that trains faster), and for it the highest review threshold
+that sends at most 5 % of the held-out messages to review.
+
+Not run by CI (3 folds × a recipe is 6-20 minutes on 2 cores). A finished
+fold is reused when its recipe and data are unchanged, so an interrupted run
+picks up where it stopped.
+
+Usage:
+  scripts/cv.py [--folds 3] [--seed 7] [--out target/cv] [--baseline] NAME='TRAIN ARGS' ...
+  scripts/cv.py --baseline default='' ens2='--ensemble 2' scratch='--base none'
+
+Prints a markdown table and writes OUT/cv.json. Needs a built triagem
+(TRIAGEM_BIN, else target/release/triagem).
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REVIEW_SHARE = 0.05
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", default="data/treino.jsonl")
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=7, help="seed of the fold assignment")
+    ap.add_argument("--out", default="target/cv")
+    ap.add_argument("--baseline", action="store_true", help="also score scripts/baseline.py on the same folds")
+    ap.add_argument("recipes", nargs="*", metavar="NAME=ARGS")
+    a = ap.parse_args()
+    os.chdir(ROOT)
+    if a.folds < 2:
+        sys.exit("cv.py: --folds must be at least 2")
+    recipes = []
+    for spec in a.recipes:
+        name, sep, args = spec.partition("=")
+        if not sep or not name or "/" in name:
+            sys.exit(f"cv.py: recipe {spec!r}: write NAME='triagem train arguments' (NAME without '/')")
+        recipes.append((name, shlex.split(args)))
+    if not recipes and not a.baseline:
+        sys.exit("cv.py: give at least one recipe or --baseline")
+    binary = os.environ.get("TRIAGEM_BIN", "target/release/triagem")
+    if recipes and not os.access(binary, os.X_OK):
+        sys.exit(f"cv.py: {binary} is not built (cargo build --release)")
+
+    folds = write_folds(a.train, a.folds, a.seed, a.out)
+    results = []
+    if a.baseline:
+        results.append(run_recipe("baseline", None, folds, a.out, binary))
+    for name, args in recipes:
+        results.append(run_recipe(name, args, folds, a.out, binary))
+
+    print_table(results, a)
+    with open(os.path.join(a.out, "cv.json"), "w") as f:
+        json.dump({"train": a.train, "folds": a.folds, "seed": a.seed, "recipes": results}, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    print(f"\n(JSON: {os.path.join(a.out, 'cv.json')})")
+
+
+def write_folds(train, k, seed, out):
+    """Stratified folds of the training file's lines; returns [(train_path, heldout_path)]."""
+    lines = [l for l in open(train, encoding="utf-8").read().splitlines() if l.strip()]
+    by_label = {}
+    for i, line in enumerate(lines):
+        try:
+            label = json.loads(line)["completion"]
+        except (ValueError, KeyError) as e:
+            sys.exit(f"cv.py: {train}:{i + 1}: not a training line ({e})")
+        by_label.setdefault(label, []).append(i)
+    fold_of = [0] * len(lines)
+    rng = random.Random(seed)
+    for label in sorted(by_label):
+        idx = by_label[label]
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            fold_of[i] = j % k
+    paths = []
+    for f in range(k):
+        d = os.path.join(out, "folds", f"fold-{f + 1}")
+        os.makedirs(d, exist_ok=True)
+        tr, ho = os.path.join(d, "train.jsonl"), os.path.join(d, "heldout.jsonl")
+        write_if_changed(tr, "".join(l + "\n" for l, g in zip(lines, fold_of) if g != f))
+        write_if_changed(ho, "".join(l + "\n" for l, g in zip(lines, fold_of) if g == f))
+        paths.append((tr, ho))
+    return paths
+
+
+def write_if_changed(path, text):
+    if os.path.exists(path) and open(path, encoding="utf-8").read() == text:
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def run_recipe(name, args, folds, out, binary):
+    """Trains (or reuses) one model per fold and pools the held-out reports."""
+    reports, seconds = [], []
+    for f, (tr, ho) in enumerate(folds, 1):
+        d = os.path.join(out, name, f"fold-{f}")
+        os.makedirs(d, exist_ok=True)
+        stamp = {"args": args, "train": sha256(tr), "heldout": sha256(ho)}
+        stamp_path = os.path.join(d, "recipe.json")
+        report_path = os.path.join(d, "heldout.json")
+        if os.path.exists(report_path) and os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
+            saved = json.load(open(report_path))
+            print(f"{name} fold {f}: reused ({d})", file=sys.stderr)
+            reports.append(saved["report"])
+            seconds.append(saved["seconds"])
+            continue
+        print(f"{name} fold {f}/{len(folds)}: training …", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        if args is None:
+            cmd = [sys.executable, "scripts/baseline.py", "--train", tr, "--data", ho, "--json"]
+            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            report = json.loads(res.stdout.splitlines()[-1])
+        else:
+            model = os.path.join(d, "model")
+            cmd = [binary, "train", "--quiet", "--train", tr, "--test", ho, "--out", model, *args]
+            with open(os.path.join(d, "train.log"), "w") as log:
+                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            report = json.load(open(os.path.join(model, "metrics.json")))["test"]
+        elapsed = time.monotonic() - started
+        print(f"{name} fold {f}: macro-F1 {report['macro_f1']:.4f} in {elapsed:.0f} s", file=sys.stderr, flush=True)
+        with open(report_path, "w") as fh:
+            json.dump({"report": report, "seconds": elapsed}, fh, ensure_ascii=False)
+        with open(stamp_path, "w") as fh:
+            json.dump(stamp, fh)
+        reports.append(report)
+        seconds.append(elapsed)
+    return pool(name, args, reports, seconds)
+
+
+def pool(name, args, reports, seconds):
+    labels = reports[0]["confusion"]["labels"]
+    n = len(labels)
+    matrix = [[0] * n for _ in range(n)]
+    for r in reports:
+        if r["confusion"]["labels"] != labels:
+            sys.exit(f"cv.py: {name}: folds report different labels")
+        for i in range(n):
+            for j in range(n):
+                matrix[i][j] += r["confusion"]["matrix"][i][j]
+    total = sum(map(sum, matrix))
+    right = sum(matrix[i][i] for i in range(n))
+    f1s = []
+    for i in range(n):
+        tp = matrix[i][i]
+        predicted = sum(matrix[r][i] for r in range(n))
+        actual = sum(matrix[i])
+        p = tp / predicted if predicted else 0.0
+        rec = tp / actual if actual else 0.0
+        f1s.append(2 * p * rec / (p + rec) if p + rec else 0.0)
+    review = []
+    for t in range(len(reports[0]["review"])):
+        sent = caught = errors = 0
+        for r in reports:
+            point = r["review"][t]
+            wrong = r["examples"] - sum(r["confusion"]["matrix"][i][i] for i in range(n))
+            sent += round(point["sent_to_review"] * r["examples"])
+            caught += round(point["errors_caught"] * wrong)
+            errors += wrong
+        review.append({
+            "min_confidence": reports[0]["review"][t]["min_confidence"],
+            "sent_to_review": sent / total,
+            "errors_caught": caught / errors if errors else 0.0,
+        })
+    return {
+        "name": name,
+        "args": args,
+        "fold_macro_f1": [r["macro_f1"] for r in reports],
+        "examples": total,
+        "errors": total - right,
+        "accuracy": right / total,
+        "macro_f1": sum(f1s) / n,
+        "confusion": {"labels": labels, "matrix": matrix},
+        "ece_mean": sum(r["ece"] * r["examples"] for r in reports) / total,
+        "review": review,
+        "seconds_per_fold": sum(seconds) / len(seconds),
+    }
+
+
+def print_table(results, a):
+    print(f"{a.folds}-fold cross-validation on {a.train} (fold seed {a.seed}), every message held out once\n")
+    print("| recipe | `triagem train` arguments | macro-F1 per fold | out-of-fold accuracy / macro-F1 (errors) | ECE (fold mean) | s per fold |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        args = "(scripts/baseline.py)" if r["args"] is None else ("`" + shlex.join(r["args"]) + "`" if r["args"] else "(defaults)")
+        folds = " / ".join(f"{x:.4f}" for x in r["fold_macro_f1"])
+        print(f"| {r['name']} | {args} | {folds} | {r['accuracy']:.4f} / {r['macro_f1']:.4f} ({r['errors']} of {r['examples']}) "
+              f"| {r['ece_mean']:.4f} | {r['seconds_per_fold']:.0f} |")
+    print("\nreview curve, out of fold (threshold: % sent to review / % of errors caught)")
+    for r in results:
+        print(f"  {r['name']}: " + "  ".join(
+            f"{p['min_confidence']:.2f}: {100 * p['sent_to_review']:.1f}/{100 * p['errors_caught']:.0f}" for p in r["review"]))
+    models = [r for r in results if r["args"] is not None]
+    if models:
+        best = max(models, key=lambda r: (round(r["macro_f1"], 6), -r["seconds_per_fold"]))
+        fits = [p for p in best["review"] if p["sent_to_review"] <= REVIEW_SHARE]
+        print(f"\nchosen (highest out-of-fold macro-F1, ties to the faster): {best['name']}")
+        if fits:
+            p = max(fits, key=lambda p: p["min_confidence"])
+            print(f"its review threshold (highest sending ≤ {REVIEW_SHARE:.0%} of held-out messages): "
+                  f"{p['min_confidence']:.2f} ({100 * p['sent_to_review']:.1f} % sent, {100 * p['errors_caught']:.0f} % of errors caught)")
+
+
+if __name__ == "__main__":
+    main()

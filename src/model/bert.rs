@@ -302,14 +302,18 @@ impl BertClassifier {
             cpu::Dense::new(l.weight(), bias)
         };
         let norm = |n: &LayerNorm| cpu::Norm::new(&n.weight, &n.bias, n.eps);
+        let count = self.layers.len();
         let layers = self
             .layers
             .iter()
-            .map(|layer| {
+            .enumerate()
+            .map(|(l, layer)| {
                 let a = &layer.attention;
                 let (weight, qkv_bias) = a.fused_qkv_weights()?;
+                let qkv = cpu::Dense::new(&weight, &qkv_bias)?;
                 Ok(cpu::Layer {
-                    qkv: cpu::Dense::new(&weight, &qkv_bias)?,
+                    query_and_key_value: (l + 1 == count).then(|| qkv.split_outputs(a.heads * a.head_dim)),
+                    qkv,
                     attention_out: dense(&a.output)?,
                     attention_norm: norm(&a.norm)?,
                     intermediate: dense(&layer.intermediate)?,

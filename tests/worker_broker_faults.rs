@@ -441,6 +441,47 @@ async fn a_fatal_client_error_exits_non_zero() {
     assert!(log.contains("ClusterAuthorizationFailed") || log.contains("CLUSTER_AUTHORIZATION"), "{log}");
 }
 
+/// SIGTERM after the broker has gone: librdkafka's synchronous commit and
+/// its close wait for the group coordinator without a limit of their own
+/// (a worker whose periodic commit was in flight when the broker went waited
+/// for good; without one in flight, the final commit failed after ~14 s and
+/// the worker said "stopped cleanly" and exited 0). It must stop within
+/// `shutdown.timeout` (2 s here) plus the close graces, say in one sentence
+/// that the broker did not answer the final commit, and exit non-zero, as
+/// any shutdown that runs out of time does (its last outputs were
+/// acknowledged, their offsets not committed: they will be consumed again,
+/// never lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_broker_gone_stops_within_the_shutdown_timeout() {
+    let mut broker = Broker::start().await;
+    let topics = Topics::new("gone");
+    broker.create_topics(&topics, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.addr, &unique("g-gone"), &topics, "");
+    // No periodic commit before the broker goes: the final commit has offsets to send.
+    let env = [("TRIAGEM__SHUTDOWN__TIMEOUT", "2s"), ("TRIAGEM__KAFKA__COMMIT_INTERVAL", "10m")];
+    let mut worker = WorkerProc::start(&config, &env);
+    let n = 20;
+    produce_all(&producer(&broker.addr), &topics.input, &chat_inputs(0, n)).await;
+    let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| o.len() >= n).await;
+    assert_eq!(outs.len(), n, "{}", worker.log_text());
+
+    broker.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = std::time::Instant::now();
+    worker.terminate().await;
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    let log = worker.log_text();
+    let status = status.unwrap_or_else(|| panic!("the worker was still running 60 s after SIGTERM:\n{log}"));
+    let took = started.elapsed();
+    let reason = log.lines().find(|l| l.contains("did not answer the final commit")).unwrap_or_default().to_string();
+    println!("SIGTERM with the broker gone: exit {status} after {:.1} s; {reason}", took.as_secs_f64());
+    assert!(!status.success(), "exit {status}: the final commit cannot have succeeded:\n{log}");
+    assert!(!reason.is_empty(), "no sentence saying the broker did not answer the final commit:\n{log}");
+    // 2 s of shutdown.timeout and a few half-second graces; a hang is minutes.
+    assert!(took < Duration::from_secs(30), "took {took:?}:\n{log}");
+}
+
 /// A revoke with messages in flight that cannot finish (their outputs wait for
 /// a missing topic): after `shutdown.timeout` (2 s here) the revoke gives
 /// up on them, and the first worker abandons them — it frees their slots and

@@ -79,6 +79,12 @@ pub enum WorkerError {
     ShutdownTimeout { timeout: Duration, pending: usize },
     #[error("{0}; what was done is committed, the rest will be consumed again after a restart")]
     Fatal(String),
+    #[error(
+        "the broker did not answer the final commit within shutdown.timeout = {}; every message was \
+         finished, and those since the last commit will be consumed again",
+        humantime::format_duration(*timeout)
+    )]
+    FinalCommit { timeout: Duration },
     #[error("kafka.transactional_id: cannot start transactions as {id:?}: {source}")]
     Transactions { id: String, source: KafkaError },
 }
@@ -93,7 +99,7 @@ pub fn run(cfg: Config) -> Result<(), WorkerError> {
         .thread_name("triagem-async")
         .build()
         .map_err(|source| WorkerError::Start { what: "the async runtime", source })?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let (trigger, shutdown) = Shutdown::new();
         let worker = Worker::start(cfg, model, shutdown.clone()).await?;
         tokio::spawn(async move {
@@ -101,8 +107,15 @@ pub fn run(cfg: Config) -> Result<(), WorkerError> {
             trigger.trigger();
         });
         worker.run(shutdown).await
-    })
+    });
+    // Not the runtime's drop, which waits for blocking tasks without a limit: a commit
+    // still waiting for an unreachable broker was abandoned by `Worker::run`.
+    runtime.shutdown_timeout(CLOSE_GRACE);
+    result
 }
+
+/// How long the shutdown waits past `shutdown.timeout` for librdkafka to finish a commit or a close.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// Loads `model.path` onto `model.device` and checks every label has a topic.
 pub fn load_model(cfg: &Config) -> Result<Classifier, WorkerError> {
@@ -436,34 +449,53 @@ impl Worker {
         consumer.context().closing.store(true, Ordering::SeqCst);
 
         // The periodic loop stops (and its commit in progress ends) before the final commit.
+        // librdkafka's synchronous commit and its close wait for the group
+        // coordinator without a limit: each wait below ends at the deadline
+        // (or a short grace after it), so that an unreachable broker cannot
+        // hold the shutdown for good. What is left blocked is abandoned: the
+        // process exits without waiting for it.
         commits.1.trigger();
-        let _ = commits.0.await;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
+        let periodic_stopped =
+            tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + CLOSE_GRACE), commits.0).await.is_ok();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(CLOSE_GRACE);
         let c = consumer.clone();
-        let committed = tokio::task::spawn_blocking(move || {
+        let final_commit = tokio::task::spawn_blocking(move || {
             let _ = producer.flush(left);
             committer.commit(&*c, None)
-        })
-        .await
-        .unwrap_or(false);
+        });
+        // None: no answer in time; Some(false): the broker refused it (counted and logged where it failed).
+        let committed = match periodic_stopped {
+            true => tokio::time::timeout(left, final_commit).await.ok().map(|done| done.unwrap_or(false)),
+            false => None,
+        };
         let pending = tracker.pending(None);
         metrics.in_flight.set(pending as i64);
         stop_background.trigger();
         for task in background {
-            let _ = task.await;
+            // The readiness loop may be waiting for the broker's metadata.
+            let _ = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + CLOSE_GRACE), task).await;
         }
         if drained {
             let _ = tokio::task::spawn_blocking(move || inference.join()).await;
         }
         // Closing the consumer leaves the group; librdkafka blocks while doing it.
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(CLOSE_GRACE);
+        if tokio::time::timeout(left, tokio::task::spawn_blocking(move || drop(consumer))).await.is_err() {
+            tracing::warn!("the broker did not answer the group leave in time; the group rebalances once this member's session times out");
+        }
         if let Some(reason) = fatal.get() {
             return Err(WorkerError::Fatal(reason));
         }
         if !drained || pending > 0 {
             return Err(WorkerError::ShutdownTimeout { timeout, pending });
         }
-        tracing::info!(committed, "stopped cleanly");
+        match committed {
+            None => return Err(WorkerError::FinalCommit { timeout }),
+            Some(false) => tracing::warn!(
+                "stopped; the final commit was refused: messages since the last commit will be consumed again"
+            ),
+            Some(true) => tracing::info!("stopped cleanly"),
+        }
         Ok(())
     }
 }

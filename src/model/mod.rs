@@ -2,6 +2,11 @@
 //! (`config.json`, `model.safetensors`, `tokenizer.json`) loaded into candle,
 //! and batched prediction over plain strings.
 //!
+//! Two implementations of the forward pass: `bert.rs`, candle tensor
+//! operations (training, hidden states, the GPU, and the reference), and
+//! `cpu.rs`, the CPU serving path over plain slices (no padding, the last
+//! layer for `[CLS]` only), which every prediction on the CPU goes through.
+//!
 //! This module is synchronous and knows nothing of Kafka, tokio or the CLI;
 //! the worker calls [`Classifier::predict`] from its one inference thread.
 

@@ -200,7 +200,8 @@ pub struct TrainArgs {
     /// Seed of every random choice: same seed and data, same model.
     #[arg(long, env = "TRIAGEM_SEED", default_value_t = TrainOptions::default().seed)]
     pub seed: u64,
-    /// Share of the training file held out to pick the best epoch.
+    /// Share of the training file held out to pick the best epoch and fit the score calibration;
+    /// 0: none (the last epoch is kept, scores are the raw softmax).
     #[arg(long, default_value_t = TrainOptions::default().dev_fraction)]
     pub dev_fraction: f64,
     /// Share of the steps spent warming the learning rate up.

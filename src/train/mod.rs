@@ -285,7 +285,8 @@ fn calibrate(classifier: &mut Classifier, dev: &[Example], out: &Path) -> Result
         let (conf, right) = scored(t);
         eval::expected_calibration_error(&conf, &right, eval::ECE_BINS)
     };
-    let temperature = calibrate::fit_temperature(&logits, &targets);
+    // Without a dev split nothing is fitted: the scores stay softmax(logits).
+    let temperature = if dev.is_empty() { 1.0 } else { calibrate::fit_temperature(&logits, &targets) };
     let log = CalibrationLog {
         temperature,
         dev_examples: dev.len(),
@@ -407,7 +408,8 @@ fn fit(
             "epoch {epoch}/{}  loss {:.4}  dev accuracy {:.4}  dev macro-F1 {:.4}  ({:.0}s, {:.1} examples/s)",
             opts.epochs, log.train_loss, log.dev_accuracy, log.dev_macro_f1, log.seconds, log.examples_per_second
         );
-        if best.is_none_or(|(_, f1)| dev.macro_f1 > f1) {
+        // Without a dev split there is nothing to choose on: each epoch replaces the one before.
+        if dev_examples.is_empty() || best.is_none_or(|(_, f1)| dev.macro_f1 > f1) {
             best = Some((epoch, dev.macro_f1));
             save(&trainable, labels, &opts.out)?;
         }
@@ -694,6 +696,21 @@ mod tests {
             ex("tem fogão em promoção", "venda"),
             ex("o fogão veio com defeito", "suporte"),
         ]
+    }
+
+    /// `--dev-fraction 0`: nothing to choose an epoch on, so the last one is
+    /// kept (before, the first was: every later epoch's empty-dev macro-F1
+    /// tied it).
+    #[test]
+    fn without_a_dev_split_the_last_epoch_is_kept() {
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let out = tempfile::tempdir().unwrap();
+        let opts = TrainOptions { epochs: 3, out: out.path().to_path_buf(), ..tiny_options() };
+        let mut rng = StdRng::seed_from_u64(1);
+        let fitted = fit(&opts, &labels, &examples(), &[], &[], &mut rng).unwrap();
+        assert_eq!(fitted.epochs.len(), 3);
+        assert_eq!(fitted.best.map(|(epoch, _)| epoch), Some(3));
+        assert!(out.path().join(model::WEIGHTS_FILE).exists());
     }
 
     /// The reason this module has its own BERT: every tensor must receive a gradient.

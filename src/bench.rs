@@ -282,15 +282,15 @@ pub fn flops_per_message(cfg: &BertConfig, labels: usize, tokens: f64) -> f64 {
 /// [`flops_per_message`] as the CPU serving path computes them: every layer
 /// but the last in full; in the last, the key and value projections for every
 /// token, then the query, attention, output projection and feed-forward for
-/// `[CLS]` alone.
+/// `[CLS]` alone — the model's count less those four for the other tokens.
 pub fn cpu_path_flops_per_message(cfg: &BertConfig, labels: usize, tokens: f64) -> f64 {
-    let (h, i, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_hidden_layers as f64);
-    if l < 1.0 {
-        return flops_per_message(cfg, labels, tokens);
-    }
-    let full_layer = tokens * 2.0 * (4.0 * h * h + 2.0 * h * i + 2.0 * tokens * h);
-    let last_layer = tokens * 2.0 * 2.0 * h * h + 2.0 * (2.0 * h * h + 2.0 * h * i + 2.0 * tokens * h);
-    (l - 1.0) * full_layer + last_layer + 2.0 * (h * h + h * labels as f64)
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let skipped = if cfg.num_hidden_layers == 0 {
+        0.0
+    } else {
+        (tokens - 1.0) * 2.0 * (2.0 * h * h + 2.0 * h * i + 2.0 * tokens * h)
+    };
+    flops_per_message(cfg, labels, tokens) - skipped
 }
 
 /// Weights of a `BertForSequenceClassification` with this config.

@@ -408,7 +408,7 @@ impl Classifier {
         }
         if let Some(cpu) = &self.cpu {
             let logits = cpu.logits(ids).map_err(ModelError::Tokenize)?;
-            return Ok(logits.iter().map(|row| calibrated_scores(row, self.temperature)).collect());
+            return Ok(logits.iter().map(|row| softmax(row, self.temperature as f64)).collect());
         }
         let lengths: Vec<usize> = ids.iter().map(|t| t.len()).collect();
         let pad = self.encoder.pad_id;
@@ -481,12 +481,13 @@ impl Classifier {
     }
 }
 
-/// softmax(`logits` / `temperature`).
-fn calibrated_scores(logits: &[f32], temperature: f32) -> Vec<f32> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z / temperature));
-    let exps: Vec<f32> = logits.iter().map(|&z| (z / temperature - max).exp()).collect();
-    let total: f32 = exps.iter().sum();
-    exps.into_iter().map(|e| e / total).collect()
+/// softmax(`row` / `temperature`), computed in f64: the calibrated scores of one text's logits.
+pub fn softmax(row: &[f32], temperature: f64) -> Vec<f32> {
+    let scaled: Vec<f64> = row.iter().map(|&z| z as f64 / temperature).collect();
+    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = scaled.iter().map(|z| (z - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.into_iter().map(|e| (e / sum) as f32).collect()
 }
 
 /// What one more forward pass costs, in padded tokens: about 16 on the

@@ -40,7 +40,7 @@ use serde::Serialize;
 
 use crate::data::{DataError, Dataset, Example};
 use crate::eval::{self, Report};
-use crate::model::{self, bert, BertClassifier, Classifier, Mode, ModelError};
+use crate::model::{self, bert, softmax, BertClassifier, Classifier, Mode, ModelError};
 
 /// Why training stopped.
 #[derive(Debug, thiserror::Error)]
@@ -436,15 +436,6 @@ fn soft_targets(teachers: &[Classifier], texts: &[String], temperature: f64) -> 
         }
     }
     Ok(Some(mean))
-}
-
-/// softmax(row / temperature).
-fn softmax(row: &[f32], temperature: f64) -> Vec<f32> {
-    let scaled: Vec<f64> = row.iter().map(|&z| z as f64 / temperature).collect();
-    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let exps: Vec<f64> = scaled.iter().map(|z| (z - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.into_iter().map(|e| (e / sum) as f32).collect()
 }
 
 fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {

@@ -454,10 +454,12 @@ impl Worker {
         // (or a short grace after it), so that an unreachable broker cannot
         // hold the shutdown for good. What is left blocked is abandoned: the
         // process exits without waiting for it.
+        // Where each wait below ends: the deadline, or CLOSE_GRACE from now once it has passed.
+        let wait_until = || deadline.max(tokio::time::Instant::now() + CLOSE_GRACE);
         commits.1.trigger();
-        let periodic_stopped =
-            tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + CLOSE_GRACE), commits.0).await.is_ok();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(CLOSE_GRACE);
+        let periodic_stopped = tokio::time::timeout_at(wait_until(), commits.0).await.is_ok();
+        let until = wait_until();
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
         let c = consumer.clone();
         let final_commit = tokio::task::spawn_blocking(move || {
             let _ = producer.flush(left);
@@ -465,7 +467,7 @@ impl Worker {
         });
         // None: no answer in time; Some(false): the broker refused it (counted and logged where it failed).
         let committed = match periodic_stopped {
-            true => tokio::time::timeout(left, final_commit).await.ok().map(|done| done.unwrap_or(false)),
+            true => tokio::time::timeout_at(until, final_commit).await.ok().map(|done| done.unwrap_or(false)),
             false => None,
         };
         let pending = tracker.pending(None);
@@ -473,14 +475,13 @@ impl Worker {
         stop_background.trigger();
         for task in background {
             // The readiness loop may be waiting for the broker's metadata.
-            let _ = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + CLOSE_GRACE), task).await;
+            let _ = tokio::time::timeout_at(wait_until(), task).await;
         }
         if drained {
             let _ = tokio::task::spawn_blocking(move || inference.join()).await;
         }
         // Closing the consumer leaves the group; librdkafka blocks while doing it.
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(CLOSE_GRACE);
-        if tokio::time::timeout(left, tokio::task::spawn_blocking(move || drop(consumer))).await.is_err() {
+        if tokio::time::timeout_at(wait_until(), tokio::task::spawn_blocking(move || drop(consumer))).await.is_err() {
             tracing::warn!("the broker did not answer the group leave in time; the group rebalances once this member's session times out");
         }
         if let Some(reason) = fatal.get() {

@@ -5,7 +5,7 @@
 #      transformers, onnx and onnxruntime is given in TRIAGEM_BENCH_PYTHON (skipped, with a message, when not);
 #   2. the worker end to end through a real broker (triagem-test-broker, librdkafka's mock cluster in its own
 #      process; BROKER=tansu for tansu): `triagem loadgen` as fast as possible, then at half that rate
-#      for the latency;
+#      for the latency (loadgen's, end to end, and the worker's own from its /metrics before and after);
 #   3. `triagem bench`: triagem's model path at batch 1/8/32 and at the worker's batching, tokenisation
 #      included, the FLOP ceiling and peak memory, with 1 and 2 folded into its table.
 #
@@ -97,13 +97,17 @@ if [ "$e2e_count" -gt 0 ]; then
   # loadgen's reader asks for outputs every millisecond: with librdkafka's default fetch.wait.max.ms
   # (500) the broker may hold its fetch ~10 ms past an output's arrival, which is the reader's latency,
   # not the worker's.
+  # The worker's own latency over this run: its /metrics before and after.
+  curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-before-half.txt"
   "$bin" loadgen --brokers "$brokers" --data "$data" --rate "$half" --duration 20s --settle-timeout 60s --quiet \
     --client fetch.wait.max.ms=1 --json >"$out/e2e-half.json"
-  curl -sf "http://127.0.0.1:$metrics_port/metrics" \
-    | grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' >"$out/worker-metrics.txt" || true
+  curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"
+  grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' "$out/metrics-after-half.txt" \
+    >"$out/worker-metrics.txt" || true
   cleanup
   trap - EXIT
-  e2e_args=(--end-to-end "$out/e2e-max.json" --end-to-end "$out/e2e-half.json")
+  e2e_args=(--end-to-end "$out/e2e-max.json" --end-to-end "$out/e2e-half.json"
+    --worker-metrics "$out/metrics-before-half.txt" --worker-metrics "$out/metrics-after-half.txt")
 fi
 
 say "triagem's model path, $threads threads"

@@ -12,13 +12,16 @@
 //! Read from files that `scripts/bench.sh` writes in the same run: the peers
 //! (PyTorch eager and ONNX Runtime on the same directory and texts,
 //! `peer_throughput.py`'s JSON line) and the worker end to end through a broker
-//! (`triagem loadgen --json`). Computed: FLOPs per message from `config.json`
+//! (`triagem loadgen --json`), and the worker's own `/metrics` scraped before
+//! and after its run at half load: the worker's latency (from its receipt of
+//! a message to its output's acknowledgement) against the bound
+//! `batch.max_wait` + 3 mean forward passes. Computed: FLOPs per message from `config.json`
 //! and the texts' token counts, the ceiling they allow at the measured matrix
 //! product speed of this CPU with the model's threads, and the share of it
 //! reached. Peak resident memory is the process's high-water mark.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -51,6 +54,10 @@ pub struct BenchOptions {
     pub end_to_end: Vec<PathBuf>,
     /// The CPU's fp32 peak in GFLOP/s; measured with a matrix product on the model's threads when absent.
     pub peak_gflops: Option<f64>,
+    /// The worker's `/metrics` text before and after a run (empty, or two files).
+    pub worker_metrics: Vec<PathBuf>,
+    /// The worker's `batch.max_wait`, for the latency bound.
+    pub max_wait: Duration,
 }
 
 /// Why the benchmark could not run.
@@ -110,7 +117,26 @@ pub struct BenchReport {
     pub ratio_to_onnxruntime: serde_json::Map<String, Value>,
     /// The end-to-end runs' counts, rates and latency, as loadgen reported them.
     pub end_to_end: Vec<Value>,
+    /// The worker's own latency over the run between the two `/metrics` scrapes, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_latency: Option<WorkerLatency>,
     pub peak_rss_bytes: u64,
+}
+
+/// The worker's latency over a run, from the difference of two scrapes of
+/// its `/metrics`: `triagem_worker_latency_seconds` (receipt → output
+/// acknowledged) as Prometheus' `histogram_quantile` reads it, and the bound
+/// `batch.max_wait` + 3 × the run's mean forward pass (`triagem_inference_seconds`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WorkerLatency {
+    pub messages: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub batches: f64,
+    pub mean_batch: f64,
+    pub mean_forward_ms: f64,
+    pub max_wait_ms: f64,
+    pub bound_ms: f64,
 }
 
 /// Runs the measurements.
@@ -207,6 +233,25 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         end_to_end.push(report);
     }
 
+    let worker_latency = match opts.worker_metrics.as_slice() {
+        [] => None,
+        [before, after] => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).map_err(|e| BenchError::Input { path: p.clone(), reason: e.to_string() })
+            };
+            Some(
+                worker_latency(&read(before)?, &read(after)?, opts.max_wait)
+                    .map_err(|reason| BenchError::Input { path: after.clone(), reason })?,
+            )
+        }
+        more => {
+            return Err(BenchError::Input {
+                path: more[0].clone(),
+                reason: format!("--worker-metrics takes two files (before and after a run), not {}", more.len()),
+            })
+        }
+    };
+
     let mflop_per_message = flops_per_message(&cfg, classifier.labels().len(), mean_tokens) / 1e6;
     let mflop_computed_per_message = if classifier.serves_on_cpu_path() {
         cpu_path_flops_per_message(&cfg, classifier.labels().len(), mean_tokens) / 1e6
@@ -238,7 +283,87 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         share_of_ceiling: best / ceiling,
         ratio_to_onnxruntime,
         end_to_end,
+        worker_latency,
         peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Samples of a Prometheus text exposition: `name{labels}` → value (no timestamps, no comments).
+fn samples(text: &str) -> std::collections::HashMap<&str, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The cumulative buckets `(le, count)` of histogram `name`, sorted by `le` (+Inf last).
+fn buckets(samples: &std::collections::HashMap<&str, f64>, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut b: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix(prefix.as_str())?.strip_suffix("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, *v))
+        })
+        .collect();
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    b
+}
+
+/// Prometheus' `histogram_quantile`: linear inside the bucket holding the
+/// rank (the first bucket starts at 0); the highest finite bound when the
+/// rank falls in +Inf.
+fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
+    let Some(&(_, total)) = buckets.last() else { return f64::NAN };
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower;
+            }
+            return if count > below { lower + (le - lower) * (rank - below) / (count - below) } else { le };
+        }
+        (lower, below) = (le, count);
+    }
+    lower
+}
+
+/// The worker's latency between two scrapes of its `/metrics` (see [`WorkerLatency`]).
+pub fn worker_latency(before: &str, after: &str, max_wait: Duration) -> Result<WorkerLatency, String> {
+    let (b, a) = (samples(before), samples(after));
+    let diff = |name: &str| -> Result<Vec<(f64, f64)>, String> {
+        let (old, new) = (buckets(&b, name), buckets(&a, name));
+        if new.is_empty() || old.len() != new.len() {
+            return Err(format!("no {name} histogram in both scrapes (a triagem worker's /metrics?)"));
+        }
+        Ok(new.iter().zip(&old).map(|(n, o)| (n.0, n.1 - o.1)).collect())
+    };
+    let delta = |name: &str| a.get(name).copied().unwrap_or(0.0) - b.get(name).copied().unwrap_or(0.0);
+    let latency = diff("triagem_worker_latency_seconds")?;
+    let messages = latency.last().map_or(0.0, |l| l.1);
+    if messages <= 0.0 {
+        return Err("the worker acknowledged no output between the two scrapes".into());
+    }
+    let batches = delta("triagem_inference_seconds_count");
+    let mean_forward_ms = 1000.0 * delta("triagem_inference_seconds_sum") / batches.max(1.0);
+    let max_wait_ms = max_wait.as_secs_f64() * 1000.0;
+    Ok(WorkerLatency {
+        messages,
+        p50_ms: 1000.0 * histogram_quantile(0.5, &latency),
+        p99_ms: 1000.0 * histogram_quantile(0.99, &latency),
+        batches,
+        mean_batch: delta("triagem_batch_size_sum") / batches.max(1.0),
+        mean_forward_ms,
+        max_wait_ms,
+        bound_ms: max_wait_ms + 3.0 * mean_forward_ms,
     })
 }
 
@@ -385,6 +510,23 @@ impl BenchReport {
                 get("duplicates")
             ));
         }
+        if let Some(w) = &self.worker_latency {
+            s.push_str(&format!(
+                "worker's own latency (receipt → output acknowledged, its /metrics) over {:.0} messages: \
+                 p50 {:.1} / p99 {:.1} ms; {:.0} batches of {:.1} on average, forward pass {:.2} ms; \
+                 bound batch.max_wait + 3 forward passes = {:.0} + 3 × {:.2} = {:.1} ms: {}\n",
+                w.messages,
+                w.p50_ms,
+                w.p99_ms,
+                w.batches,
+                w.mean_batch,
+                w.mean_forward_ms,
+                w.max_wait_ms,
+                w.mean_forward_ms,
+                w.bound_ms,
+                if w.p99_ms <= w.bound_ms { "within" } else { "over" }
+            ));
+        }
         s.push_str(&format!("peak resident memory {:.1} MiB\n", self.peak_rss_bytes as f64 / 1048576.0));
         s
     }
@@ -395,6 +537,40 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn histogram_quantile_reads_buckets_as_prometheus_does() {
+        let b = [(0.01, 10.0), (0.02, 30.0), (f64::INFINITY, 40.0)];
+        assert!((histogram_quantile(0.5, &b) - 0.015).abs() < 1e-12);
+        assert!((histogram_quantile(0.1, &b) - 0.004).abs() < 1e-12, "the first bucket starts at 0");
+        assert_eq!(histogram_quantile(0.99, &b), 0.02, "a rank in +Inf: the highest finite bound");
+        assert!(histogram_quantile(0.5, &[(0.01, 0.0), (f64::INFINITY, 0.0)]).is_nan());
+    }
+
+    #[test]
+    fn worker_latency_is_the_difference_of_two_scrapes() {
+        let scrape = |le5: u32, le10: u32, inf: u32, fwd: f64, batches: u32, msgs: u32| {
+            format!(
+                "# HELP triagem_worker_latency_seconds x\n# TYPE triagem_worker_latency_seconds histogram\n\
+                 triagem_worker_latency_seconds_bucket{{le=\"0.005\"}} {le5}\n\
+                 triagem_worker_latency_seconds_bucket{{le=\"0.01\"}} {le10}\n\
+                 triagem_worker_latency_seconds_bucket{{le=\"+Inf\"}} {inf}\n\
+                 triagem_worker_latency_seconds_sum 1\ntriagem_worker_latency_seconds_count {inf}\n\
+                 triagem_inference_seconds_sum {fwd}\ntriagem_inference_seconds_count {batches}\n\
+                 triagem_batch_size_sum {msgs}\ntriagem_batch_size_count {batches}\n"
+            )
+        };
+        // Before: 100 messages all under 5 ms (a warm-up); the run adds 100, 50 of them in (5, 10] ms.
+        let before = scrape(100, 100, 100, 0.5, 10, 100);
+        let after = scrape(150, 200, 200, 0.8, 20, 200);
+        let w = worker_latency(&before, &after, Duration::from_millis(20)).unwrap();
+        assert_eq!((w.messages, w.batches, w.mean_batch), (100.0, 10.0, 10.0));
+        assert!((w.p50_ms - 5.0).abs() < 1e-9, "{w:?}");
+        assert!((w.p99_ms - 9.9).abs() < 1e-9, "{w:?}");
+        assert!((w.mean_forward_ms - 30.0).abs() < 1e-9 && (w.bound_ms - 110.0).abs() < 1e-9, "{w:?}");
+        assert!(worker_latency(&before, &before, Duration::ZERO).unwrap_err().contains("no output"));
+        assert!(worker_latency("", &after, Duration::ZERO).unwrap_err().contains("triagem_worker_latency_seconds"));
+    }
 
     #[test]
     fn flops_and_parameters_of_the_fixture() {

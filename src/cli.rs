@@ -73,6 +73,13 @@ pub struct BenchArgs {
     /// The CPU's fp32 peak in GFLOP/s for the ceiling; measured with a matrix product when absent.
     #[arg(long)]
     pub peak_gflops: Option<f64>,
+    /// The worker's /metrics scraped before and after its run at half load (give it twice): its own
+    /// latency against batch.max_wait + 3 forward passes.
+    #[arg(long)]
+    pub worker_metrics: Vec<PathBuf>,
+    /// The worker's batch.max_wait, for that bound.
+    #[arg(long, env = "TRIAGEM__BATCH__MAX_WAIT", value_parser = humantime::parse_duration, default_value = "20ms")]
+    pub max_wait: std::time::Duration,
     /// Print only the JSON object.
     #[arg(long)]
     pub json: bool,

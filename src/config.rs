@@ -308,7 +308,8 @@ pub struct BatchConfig {
     pub max_messages: usize,
     /// …or when it would exceed this many padded tokens (messages × longest)…
     pub max_tokens: usize,
-    /// …or this long after its first message arrived, whichever comes first.
+    /// …or this long after its first message arrived, whichever comes first
+    /// (a window also closes as soon as the model is idle: see `worker::batcher`).
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }

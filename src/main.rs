@@ -218,6 +218,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         peers: a.peers,
         end_to_end: a.end_to_end,
         peak_gflops: a.peak_gflops,
+        worker_metrics: a.worker_metrics,
+        max_wait: a.max_wait,
     })?;
     if !a.json {
         println!("{}", report.render());

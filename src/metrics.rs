@@ -23,6 +23,10 @@ const INFERENCE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 /// Buckets of `triagem_end_to_end_latency_seconds`.
 const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
+/// Buckets of `triagem_worker_latency_seconds`: finer, around `batch.max_wait` and a few forward passes.
+const WORKER_LATENCY_BUCKETS: &[f64] =
+    &[0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
 /// Buckets of `triagem_transaction_duration_seconds`.
 const TRANSACTION_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -65,6 +69,8 @@ pub struct Metrics {
     pub inference_seconds: Histogram,
     /// `triagem_end_to_end_latency_seconds`
     pub end_to_end_latency: Histogram,
+    /// `triagem_worker_latency_seconds`
+    pub worker_latency: Histogram,
     /// `triagem_queue_depth{queue}`
     pub queue_depth: IntGaugeVec,
     /// `triagem_consumer_lag{topic,partition}`
@@ -197,6 +203,12 @@ impl Metrics {
                 "end_to_end_latency_seconds",
                 "From the input message's Kafka timestamp to the broker's acknowledgement of its output.",
                 LATENCY_BUCKETS,
+            )?,
+            worker_latency: histogram(
+                &r,
+                "worker_latency_seconds",
+                "From the worker's receipt of the input message to the broker's acknowledgement of its output.",
+                WORKER_LATENCY_BUCKETS,
             )?,
             queue_depth: gauge_vec(&r, "queue_depth", "Messages waiting in each internal queue.", &["queue"])?,
             consumer_lag: gauge_vec(

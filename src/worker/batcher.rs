@@ -1,8 +1,13 @@
 //! Micro-batching, length-aware. The batcher owns the open window of
-//! messages alone. A window closes `max_wait` after its first message, or
-//! as soon as it holds a full batch's worth (`max_messages` messages or
-//! `max_tokens` tokens) and nothing more is waiting in its input, or at
-//! [`WINDOW_BATCHES`] × `max_messages`. [`plan`] then sorts the window by
+//! messages alone. A window closes, once nothing more is waiting in its
+//! input, as soon as the model is idle (every batch sent to it computed: it
+//! would otherwise sit waiting while messages wait for it) or the window
+//! holds a full batch's worth (`max_messages` messages or `max_tokens`
+//! tokens); at the latest `max_wait` after its first message, and at
+//! [`WINDOW_BATCHES`] × `max_messages`. So `max_wait` bounds the wait while
+//! the model is busy; batches grow with the load (as in text-embeddings-
+//! inference's or Triton's dynamic batching without a queue delay), and a
+//! lone message on an idle worker is not held back. [`plan`] then sorts the window by
 //! token count and cuts it into batches of at most `max_messages` messages
 //! and `max_tokens` padded tokens (messages × longest, as the model pads): a
 //! batch holds messages of similar lengths, so little of it is padding, and a
@@ -19,10 +24,11 @@
 //! both are taken the batcher blocks, its input channel fills, and the
 //! consume stage stops fetching. That chain is the backpressure.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::metrics::{Metrics, QUEUE_BATCHER, QUEUE_INFERENCE};
@@ -59,6 +65,43 @@ impl<T> Batch<T> {
     }
 }
 
+/// Whether the model is idle: the batcher counts each batch it sends, the
+/// inference thread each batch it has computed. Clones share the count.
+#[derive(Debug, Clone, Default)]
+pub struct ModelIdle(Arc<IdleState>);
+
+#[derive(Debug, Default)]
+struct IdleState {
+    outstanding: AtomicUsize,
+    became_idle: Notify,
+}
+
+impl ModelIdle {
+    /// A batch is on its way to the model.
+    pub fn sent(&self) {
+        self.0.outstanding.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The model has computed a batch.
+    pub fn computed(&self) {
+        if self.0.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A permit is kept when nobody waits yet, so a batcher that saw
+            // the model busy just before this cannot miss it.
+            self.0.became_idle.notify_one();
+        }
+    }
+
+    /// Every batch sent has been computed.
+    pub fn is_idle(&self) -> bool {
+        self.0.outstanding.load(Ordering::Acquire) == 0
+    }
+
+    /// Returns when the model may have become idle (check [`Self::is_idle`] again).
+    async fn wait(&self) {
+        self.0.became_idle.notified().await
+    }
+}
+
 /// Cuts a window of `(item, tokens)` into batches: sorted by token count
 /// (stable: equal lengths keep their order), then filled in that order until
 /// the next item would exceed `max_messages` or `max_tokens` padded tokens.
@@ -82,12 +125,14 @@ pub fn plan<T>(mut window: Vec<(T, usize)>, limits: &Limits) -> Vec<Batch<T>> {
 
 /// Runs until `rx` is closed and drained; the last open window is flushed.
 /// `tokens` prepares each item as it arrives (the worker tokenises its text,
-/// once, for the model too) and returns its token count.
-/// Stops early if `tx` is closed (the inference thread is gone).
+/// once, for the model too) and returns its token count. `idle` is shared
+/// with the inference thread, which calls [`ModelIdle::computed`] after each
+/// batch. Stops early if `tx` is closed (the inference thread is gone).
 pub async fn run<T>(
     mut rx: mpsc::Receiver<T>,
     tx: mpsc::Sender<Batch<T>>,
     limits: Limits,
+    idle: ModelIdle,
     tokens: impl Fn(&mut T) -> usize,
     metrics: Option<Arc<Metrics>>,
 ) {
@@ -100,19 +145,21 @@ pub async fn run<T>(
         let mut total = n;
         let mut window = vec![(first, n)];
         while window.len() < max_window {
-            let full = window.len() >= limits.max_messages || total >= limits.max_tokens;
-            let item = if full {
-                // A batch's worth is here: take only what is already waiting.
-                match rx.try_recv() {
-                    Ok(item) => Some(item),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => None,
-                }
-            } else {
-                tokio::select! {
-                    biased;
-                    item = rx.recv() => item,
-                    _ = tokio::time::sleep_until(deadline) => break,
+            // What is already waiting joins the window first.
+            let item = match rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let full = window.len() >= limits.max_messages || total >= limits.max_tokens;
+                    if full || idle.is_idle() {
+                        break;
+                    }
+                    tokio::select! {
+                        biased;
+                        item = rx.recv() => item,
+                        _ = idle.wait() => continue,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
                 }
             };
             let Some(mut item) = item else {
@@ -129,6 +176,7 @@ pub async fn run<T>(
                 m.queue(QUEUE_BATCHER).sub(n);
                 m.queue(QUEUE_INFERENCE).add(n);
             }
+            idle.sent();
             if tx.send(batch).await.is_err() {
                 return;
             }
@@ -144,12 +192,21 @@ mod tests {
         Limits { max_messages, max_tokens, max_wait: Duration::from_millis(wait_ms) }
     }
 
-    /// Spawns a batcher over strings whose token count is their length.
+    /// Spawns a batcher over strings whose token count is their length,
+    /// with a model that never finishes computing (windows close on size or
+    /// `max_wait` alone).
     fn spawn(l: Limits) -> (mpsc::Sender<String>, mpsc::Receiver<Batch<String>>) {
+        let idle = ModelIdle::default();
+        idle.sent();
+        let (tx, rx, _) = spawn_with(l, idle);
+        (tx, rx)
+    }
+
+    fn spawn_with(l: Limits, idle: ModelIdle) -> (mpsc::Sender<String>, mpsc::Receiver<Batch<String>>, ModelIdle) {
         let (in_tx, in_rx) = mpsc::channel(100);
         let (out_tx, out_rx) = mpsc::channel(1);
-        tokio::spawn(run(in_rx, out_tx, l, |s: &mut String| s.len(), None));
-        (in_tx, out_rx)
+        tokio::spawn(run(in_rx, out_tx, l, idle.clone(), |s: &mut String| s.len(), None));
+        (in_tx, out_rx, idle)
     }
 
     fn texts(b: &Batch<String>) -> Vec<&str> {
@@ -208,6 +265,46 @@ mod tests {
         let b = rx.recv().await.unwrap();
         assert_eq!(texts(&b), ["a", "b"]);
         assert_eq!(start.elapsed(), Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_model_gets_what_is_waiting_at_once() {
+        let (tx, mut rx, idle) = spawn_with(limits(10, 1000, 60_000), ModelIdle::default());
+        let start = Instant::now();
+        tx.send("a".into()).await.unwrap();
+        let b = rx.recv().await.unwrap();
+        assert_eq!(texts(&b), ["a"]);
+        assert_eq!(start.elapsed(), Duration::ZERO, "an idle model must not wait for max_wait");
+        assert!(!idle.is_idle(), "the batch sent is outstanding until the model has computed it");
+        // While that batch computes, the next window fills…
+        tx.send("b".into()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tx.send("c".into()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // …and goes as soon as the model is done with it.
+        idle.computed();
+        let b = rx.recv().await.unwrap();
+        assert_eq!(texts(&b), ["b", "c"]);
+        assert_eq!(start.elapsed(), Duration::from_millis(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_model_still_gets_a_window_at_max_wait() {
+        let (tx, mut rx, idle) = spawn_with(limits(10, 1000, 50), ModelIdle::default());
+        idle.sent(); // computing something
+        let start = Instant::now();
+        tx.send("a".into()).await.unwrap();
+        let b = rx.recv().await.unwrap();
+        assert_eq!(texts(&b), ["a"]);
+        assert_eq!(start.elapsed(), Duration::from_millis(50));
+        // Once the model has computed both batches, the next message goes at once.
+        idle.computed();
+        idle.computed();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let start = Instant::now();
+        tx.send("b".into()).await.unwrap();
+        assert_eq!(texts(&rx.recv().await.unwrap()), ["b"]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

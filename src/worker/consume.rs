@@ -199,6 +199,7 @@ pub fn envelope<M: Message>(m: &M) -> Envelope {
         key: m.key().map(<[u8]>::to_vec),
         headers,
         timestamp_ms: m.timestamp().to_millis(),
+        received: Some(std::time::Instant::now()),
         payload: m.payload().map(<[u8]>::to_vec),
         generation: 0,
     }

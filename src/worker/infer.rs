@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::batcher::Batch;
+use super::batcher::{Batch, ModelIdle};
 use super::message::Pending;
 use crate::metrics::{Metrics, QUEUE_INFERENCE};
 use crate::model::{Classifier, ModelInfo, Prediction};
@@ -73,10 +73,12 @@ pub struct Classified {
 /// `sink` returns false (the router is gone). `sink` gets the results of a
 /// whole window of the batcher at once (the batches up to one that
 /// [`Batch::closes_window`]), so that the router can restore input order
-/// across the window's length-sorted batches.
+/// across the window's length-sorted batches. Each computed batch is counted
+/// in `idle`, which the batcher reads.
 pub fn spawn<P: Predict>(
     model: P,
     mut rx: mpsc::Receiver<Batch<Pending>>,
+    idle: ModelIdle,
     metrics: Arc<Metrics>,
     mut sink: impl FnMut(Vec<Classified>) -> bool + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -107,6 +109,7 @@ pub fn spawn<P: Predict>(
                 Err(panic) => Err(InferError::Panic(panic_message(&panic))),
             };
             let forward = start.elapsed();
+            idle.computed();
             metrics.inference_seconds.observe(forward.as_secs_f64());
             span.record("forward_ms", forward.as_secs_f64() * 1000.0);
             tracing::debug!("batch classified");

@@ -24,6 +24,8 @@ pub struct Envelope {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
     /// Kafka timestamp (ms since the epoch), start of the end-to-end latency.
     pub timestamp_ms: Option<i64>,
+    /// When the worker took it from the consumer, start of the worker's own latency.
+    pub received: Option<std::time::Instant>,
     /// The raw value.
     pub payload: Option<Vec<u8>>,
     /// The partition's generation in the offset tracker when it was consumed.

@@ -6,7 +6,8 @@
 //!    fetches a message, records its offset in the [`offsets::OffsetTracker`];
 //! 2. [`message`]: decodes and validates it; poison goes straight to step 5;
 //! 3. [`batcher`]: groups decoded messages (`batch.max_messages`,
-//!    `batch.max_tokens`, `batch.max_wait`);
+//!    `batch.max_tokens`, `batch.max_wait`), handing the model what is
+//!    waiting as soon as it is idle;
 //! 4. [`infer`]: one `std::thread` owns the model and classifies each batch;
 //!    a channel of capacity 1 in front of it lets one batch wait while another
 //!    computes;
@@ -166,10 +167,13 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
 
 /// Settings of the worker's producer. Output topics are never auto-created
 /// (a missing one is reported: `triagem_output_topic_unavailable`, not ready).
+/// `linger.ms` is 1, not librdkafka's 5: the router enqueues a whole batcher
+/// window's outputs at once, so they leave together anyway, and a longer
+/// linger only adds to every message's latency (README, "Benchmarks").
 pub fn producer_config(cfg: &Config) -> ClientConfig {
     let mut c = client_config(
         cfg,
-        &[("message.timeout.ms", "30000"), ("linger.ms", "5"), ("allow.auto.create.topics", "false")],
+        &[("message.timeout.ms", "30000"), ("linger.ms", "1"), ("allow.auto.create.topics", "false")],
         &cfg.kafka.producer,
     );
     // Not overridable (`Config::validate` rejects a weaker value): an output
@@ -279,10 +283,12 @@ impl Worker {
             max_tokens: cfg.batch.max_tokens,
             max_wait: cfg.batch.max_wait,
         };
+        let idle = batcher::ModelIdle::default();
         let batcher = tokio::spawn(batcher::run(
             batcher_rx,
             to_inference,
             limits,
+            idle.clone(),
             move |p: &mut message::Pending| {
                 p.ids = tokenize(&p.decoded.text);
                 p.ids.len().max(1)
@@ -290,7 +296,7 @@ impl Worker {
             Some(metrics.clone()),
         ));
         let sink_tx = to_router.clone();
-        let inference = infer::spawn(model, inference_rx, metrics.clone(), move |done| {
+        let inference = infer::spawn(model, inference_rx, idle, metrics.clone(), move |done| {
             sink_tx.blocking_send(Outcome::Classified(done)).is_ok()
         })
         .map_err(|source| WorkerError::Start { what: "the inference thread", source })?;
@@ -624,6 +630,14 @@ mod tests {
         assert_eq!(c.get("request.required.acks"), None);
         assert_eq!(c.get("transactional.id"), None);
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn the_producer_lingers_1_ms_unless_told_otherwise() {
+        let mut cfg = Config::default();
+        assert_eq!(producer_config(&cfg).get("linger.ms"), Some("1"));
+        cfg.kafka.producer.0.insert("linger.ms".into(), "20".into());
+        assert_eq!(producer_config(&cfg).get("linger.ms"), Some("20"));
     }
 
     #[test]

@@ -472,6 +472,9 @@ impl Router {
             let latency = (Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
             m.end_to_end_latency.observe(latency);
         }
+        if let Some(received) = output.envelope.received {
+            m.worker_latency.observe(received.elapsed().as_secs_f64());
+        }
     }
 
     /// Runs until `rx` is closed, then waits for every delivery to finish.

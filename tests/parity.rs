@@ -7,6 +7,9 @@
 //! states and the logits within 1e-4. Each fixture's logits must also differ
 //! between texts by far more than that tolerance, and its predictions must
 //! not all be one label, so that a model ignoring its input could not pass.
+//! Both ways of computing are checked: the CPU serving path (what
+//! `Classifier::load` serves with) and candle's tensor path
+//! (`Classifier::load_tensor_path`: training, the GPU, hidden states).
 
 use std::path::Path;
 
@@ -50,7 +53,9 @@ fn check(fixture: &str) {
     labels.dedup();
     assert!(labels.len() > 1, "{fixture}: every text gets {labels:?}; regenerate the fixture");
 
-    let hidden = classifier.hidden_states(&texts).unwrap();
+    let tensor_path = Classifier::load_tensor_path(&dir, &Device::Cpu).unwrap();
+    assert!(classifier.serves_on_cpu_path() && !tensor_path.serves_on_cpu_path());
+    let hidden = tensor_path.hidden_states(&texts).unwrap();
     assert_eq!(hidden.len(), reference.last_hidden_state.len());
     for (ours, theirs) in hidden.iter().zip(&reference.last_hidden_state) {
         assert_eq!((ours.len(), ours[0].len()), (theirs.len(), theirs[0].len()), "{fixture}: hidden state shape");
@@ -61,14 +66,19 @@ fn check(fixture: &str) {
     println!("{fixture}: max |last hidden state difference| = {worst_hidden:e}");
     assert!(worst_hidden < 1e-4, "{fixture}: hidden states differ from transformers' by {worst_hidden}");
 
-    let logits = classifier.logits(&texts).unwrap();
-    assert_eq!(logits.len(), reference.logits.len());
-    let worst = max_difference(logits.iter().flatten(), reference.logits.iter().flatten());
-    println!("{fixture}: max |logit difference| = {worst:e}");
-    assert!(worst < 1e-4, "{fixture}: logits differ from transformers' by {worst}");
+    for (path, c) in [("serving", &classifier), ("tensor", &tensor_path)] {
+        let logits = c.logits(&texts).unwrap();
+        assert_eq!(logits.len(), reference.logits.len());
+        let worst = max_difference(logits.iter().flatten(), reference.logits.iter().flatten());
+        println!("{fixture}, {path} path: max |logit difference| = {worst:e}");
+        assert!(worst < 1e-4, "{fixture}, {path} path: logits differ from transformers' by {worst}");
 
-    let predicted: Vec<String> = classifier.predict(&texts).unwrap().into_iter().map(|p| p.label).collect();
-    assert_eq!(predicted, reference.predictions);
+        let predicted: Vec<String> = c.predict(&texts).unwrap().into_iter().map(|p| p.label).collect();
+        assert_eq!(predicted, reference.predictions, "{fixture}, {path} path");
+    }
+    // The serving path has no hidden states to give: one sentence, not a panic.
+    let refused = classifier.hidden_states(&texts).unwrap_err().to_string();
+    assert!(refused.contains("hidden states: only the tensor path"), "{refused}");
 }
 
 #[test]

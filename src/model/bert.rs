@@ -293,19 +293,28 @@ impl BertClassifier {
         Ok(())
     }
 
-    /// A copy of the weights laid out for the CPU serving path ([`cpu`]),
-    /// which computes the same logits as [`BertClassifier::forward`] in
-    /// evaluation mode. Weights must be f32.
-    pub fn to_cpu(&self) -> Result<CpuBert> {
+    /// The weights laid out for the CPU serving path ([`cpu`]), which
+    /// computes the same logits as [`BertClassifier::forward`] in evaluation
+    /// mode. Weights must be f32. Each part's tensors are dropped as soon as
+    /// they are copied, so the weights are held twice only a part at a time.
+    pub fn into_cpu(self) -> Result<CpuBert> {
+        let Self { embeddings: e, layers, pooler, classifier, dropout: _ } = self;
         let dense = |l: &Linear| -> Result<cpu::Dense> {
             let bias = l.bias().ok_or_else(|| candle_core::Error::Msg("a dense layer without bias".into()))?;
             cpu::Dense::new(l.weight(), bias)
         };
         let norm = |n: &LayerNorm| cpu::Norm::new(&n.weight, &n.bias, n.eps);
-        let count = self.layers.len();
-        let layers = self
-            .layers
-            .iter()
+        let hidden = e.word.embeddings().dim(1)?;
+        let word = e.word.embeddings().flatten_all()?.to_vec1()?;
+        let type_zero = e.token_type.embeddings().get(0)?;
+        let position = e.position.embeddings().broadcast_add(&type_zero)?.flatten_all()?.to_vec1()?;
+        let embedding_norm = norm(&e.norm)?;
+        drop(e);
+        let heads = layers.first().map_or(1, |l| l.attention.heads);
+        let activation = layers.first().map_or(Activation::GeluErf, |l| l.activation);
+        let count = layers.len();
+        let layers = layers
+            .into_iter()
             .enumerate()
             .map(|(l, layer)| {
                 let a = &layer.attention;
@@ -322,20 +331,16 @@ impl BertClassifier {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let e = &self.embeddings;
-        let type_zero = e.token_type.embeddings().get(0)?;
-        let position = e.position.embeddings().broadcast_add(&type_zero)?;
-        let heads = self.layers.first().map_or(1, |l| l.attention.heads);
         Ok(CpuBert {
-            hidden: e.word.embeddings().dim(1)?,
+            hidden,
             heads,
-            activation: self.layers.first().map_or(Activation::GeluErf, |l| l.activation),
-            word: e.word.embeddings().flatten_all()?.to_vec1()?,
-            position: position.flatten_all()?.to_vec1()?,
-            embedding_norm: norm(&e.norm)?,
+            activation,
+            word,
+            position,
+            embedding_norm,
             layers,
-            pooler: dense(&self.pooler)?,
-            classifier: dense(&self.classifier)?,
+            pooler: dense(&pooler)?,
+            classifier: dense(&classifier)?,
         })
     }
 
@@ -506,12 +511,12 @@ mod tests {
             };
             let mut model = BertClassifier::load(&cfg, 2, vb).unwrap();
             model.fuse_for_inference().unwrap();
-            let cpu = model.to_cpu().unwrap();
             let encoder =
                 TextEncoder::load(&dir.join("tokenizer.json"), cfg.max_position_embeddings, cfg.pad_token_id).unwrap();
             let encoded = encoder.encode(&texts).unwrap();
             let (ids, masks) = batch_tensors(&encoded.ids, &encoded.masks, &Device::Cpu).unwrap();
             let reference = model.forward(&ids, &masks, &mut Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+            let cpu = model.into_cpu().unwrap();
             for threads in 1..=3 {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let served = pool.install(|| cpu.logits(&encoded.unpadded())).unwrap();
@@ -534,7 +539,7 @@ mod tests {
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
         };
-        let cpu = BertClassifier::load(&cfg, 2, vb).unwrap().to_cpu().unwrap();
+        let cpu = BertClassifier::load(&cfg, 2, vb).unwrap().into_cpu().unwrap();
         let long = vec![5u32; cfg.max_position_embeddings + 1];
         for (texts, says) in [
             (vec![&[2u32, 5, 3][..], &[][..]], "text 1 of the batch has no tokens"),

@@ -55,6 +55,8 @@ pub enum ModelError {
     Tokenize(String),
     #[error("inference failed: {0}")]
     Inference(#[from] candle_core::Error),
+    #[error("{what}: only the tensor path computes them, and this model was loaded to serve on the CPU path (load it with `Classifier::load_tensor_path`)")]
+    NeedsTensorPath { what: &'static str },
 }
 
 /// Where the model runs, as the user names it (`--device`, `model.device`):
@@ -235,15 +237,22 @@ impl TextEncoder {
 
 /// A loaded classifier, ready to predict.
 pub struct Classifier {
-    model: BertClassifier,
+    engine: Engine,
     encoder: TextEncoder,
     labels: Vec<String>,
     device: Device,
     info: ModelInfo,
     /// Calibration temperature from `config.json` (1 when absent): scores are softmax(logits / T).
     temperature: f32,
-    /// The CPU serving path ([`cpu`]): on the CPU, logits and predictions come from it; None elsewhere.
-    cpu: Option<cpu::CpuBert>,
+}
+
+/// What computes the logits. One copy of the weights either way.
+enum Engine {
+    /// candle's tensor operations: training, the GPU, hidden states, and the
+    /// reference the serving path is tested against.
+    Tensor(BertClassifier),
+    /// The CPU serving path ([`cpu`]): what [`Classifier::load`] gives on the CPU.
+    Cpu(cpu::CpuBert),
 }
 
 /// Reads and checks `config.json` of a model directory.
@@ -281,7 +290,22 @@ pub fn file_version(path: &Path) -> std::io::Result<String> {
 
 impl Classifier {
     /// Loads a model directory onto `device`.
+    /// Loads a model directory to serve: on the CPU through the CPU serving
+    /// path ([`cpu`]; the tensor model is dropped once its weights are
+    /// copied there), elsewhere through candle's tensor path.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, device, matches!(device, Device::Cpu))
+    }
+
+    /// Loads a model directory computing with candle's tensor operations on
+    /// the CPU too: the reference the serving path is tested against, the
+    /// only one with hidden states, and what training computes with, so that
+    /// a model's training does not depend on how it is served.
+    pub fn load_tensor_path(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, device, false)
+    }
+
+    fn load_with(dir: &Path, device: &Device, serve_on_cpu_path: bool) -> Result<Self, ModelError> {
         let cfg = read_config(dir)?;
         let config_path = dir.join(CONFIG_FILE);
         let labels = cfg.labels().map_err(|reason| ModelError::BadConfig { path: config_path.clone(), reason })?;
@@ -307,9 +331,10 @@ impl Classifier {
         let mut model = BertClassifier::load(&cfg, labels.len(), vb).map_err(|e| bad_weights(e.to_string()))?;
         // Loaded to serve: its weights never change, so the fused inference path is safe.
         model.fuse_for_inference().map_err(|e| bad_weights(e.to_string()))?;
-        let cpu = match device {
-            Device::Cpu => Some(model.to_cpu().map_err(|e| bad_weights(e.to_string()))?),
-            _ => None,
+        let engine = if serve_on_cpu_path {
+            Engine::Cpu(model.into_cpu().map_err(|e| bad_weights(e.to_string()))?)
+        } else {
+            Engine::Tensor(model)
         };
         let name = dir
             .canonicalize()
@@ -317,7 +342,7 @@ impl Classifier {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| dir.display().to_string());
         let info = ModelInfo { name, version, labels: labels.clone(), path: dir.to_path_buf(), max_len };
-        Ok(Self { model, encoder, labels, device: device.clone(), info, temperature, cpu })
+        Ok(Self { engine, encoder, labels, device: device.clone(), info, temperature })
     }
 
     /// Wraps an in-memory model (used by training to evaluate without a round trip to disk).
@@ -329,22 +354,21 @@ impl Classifier {
             path: PathBuf::new(),
             max_len: encoder.max_len(),
         };
-        Self { model, encoder, labels, device, info, temperature: 1.0, cpu: None }
-    }
-
-    /// Computes with candle's tensor operations on the CPU too, instead of the
-    /// CPU serving path ([`cpu`]): the reference the serving path is tested
-    /// against, and what training computes with, so that a model's training
-    /// does not depend on how it is served.
-    pub fn tensor_path(mut self) -> Self {
-        self.cpu = None;
-        self
+        Self { engine: Engine::Tensor(model), encoder, labels, device, info, temperature: 1.0 }
     }
 
     /// Whether predictions come from the CPU serving path ([`cpu`]: no padding,
     /// the last layer for `[CLS]` only) rather than from candle's tensor path.
     pub fn serves_on_cpu_path(&self) -> bool {
-        self.cpu.is_some()
+        matches!(self.engine, Engine::Cpu(_))
+    }
+
+    /// The tensor model, or the error naming `what` needed it.
+    fn tensor_model(&self, what: &'static str) -> Result<&BertClassifier, ModelError> {
+        match &self.engine {
+            Engine::Tensor(model) => Ok(model),
+            Engine::Cpu(_) => Err(ModelError::NeedsTensorPath { what }),
+        }
     }
 
     /// The calibration temperature the scores are computed with (1: none).
@@ -374,27 +398,28 @@ impl Classifier {
 
     /// Raw logits, one row per text, in one forward pass (before calibration: what `transformers` computes).
     pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
-        threads::install(|| match &self.cpu {
-            Some(cpu) => {
+        threads::install(|| match &self.engine {
+            Engine::Cpu(cpu) => {
                 let encoded = self.encoder.encode(texts)?;
                 cpu.logits(&encoded.unpadded()).map_err(ModelError::Tokenize)
             }
-            None => Ok(self.logits_tensor(texts)?.to_dtype(DType::F32)?.to_vec2()?),
+            Engine::Tensor(model) => {
+                let (ids, masks) = self.input_tensors(texts)?;
+                Ok(model.forward(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?.to_vec2()?)
+            }
         })
     }
 
     /// The encoder's last hidden states, (text, token, hidden), padded to the
-    /// longest text: what `transformers` calls `last_hidden_state`.
+    /// longest text: what `transformers` calls `last_hidden_state`. Only on
+    /// the tensor path ([`Classifier::load_tensor_path`]): the serving path
+    /// computes the last layer for `[CLS]` alone.
     pub fn hidden_states(&self, texts: &[&str]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+        let model = self.tensor_model("hidden states")?;
         threads::install(|| {
             let (ids, masks) = self.input_tensors(texts)?;
-            Ok(self.model.hidden_states(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?.to_vec3()?)
+            Ok(model.hidden_states(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?.to_vec3()?)
         })
-    }
-
-    fn logits_tensor(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
-        let (ids, masks) = self.input_tensors(texts)?;
-        Ok(self.model.forward(&ids, &masks, &mut Mode::Eval)?)
     }
 
     /// Calibrated scores of the tokenised texts `ids`, one row each in their
@@ -406,10 +431,13 @@ impl Classifier {
         if let Some(i) = ids.iter().position(|t| t.is_empty()) {
             return Err(ModelError::Tokenize(format!("text {i} of the batch has no tokens")));
         }
-        if let Some(cpu) = &self.cpu {
-            let logits = cpu.logits(ids).map_err(ModelError::Tokenize)?;
-            return Ok(logits.iter().map(|row| softmax(row, self.temperature as f64)).collect());
-        }
+        let model = match &self.engine {
+            Engine::Cpu(cpu) => {
+                let logits = cpu.logits(ids).map_err(ModelError::Tokenize)?;
+                return Ok(logits.iter().map(|row| softmax(row, self.temperature as f64)).collect());
+            }
+            Engine::Tensor(model) => model,
+        };
         let lengths: Vec<usize> = ids.iter().map(|t| t.len()).collect();
         let pad = self.encoder.pad_id;
         let mut rows = vec![Vec::new(); ids.len()];
@@ -426,7 +454,7 @@ impl Classifier {
             let group_ids: Vec<Vec<u32>> = group.iter().map(|&i| padded(i, pad, None)).collect();
             let masks: Vec<Vec<u32>> = group.iter().map(|&i| padded(i, 0, Some(1))).collect();
             let (ids, masks) = bert::batch_tensors(&group_ids, &masks, &self.device)?;
-            let mut logits = self.model.forward(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?;
+            let mut logits = model.forward(&ids, &masks, &mut Mode::Eval)?.to_dtype(DType::F32)?;
             if self.temperature != 1.0 {
                 logits = (logits / self.temperature as f64)?;
             }

@@ -222,7 +222,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let best_epoch = best.map_or(0, |(e, _)| e);
     // Computed with the tensor path, as the epochs were: a run gives the same temperature and report
     // whichever way the model is later served.
-    let mut classifier = Classifier::load(&opts.out, &opts.device)?.tensor_path();
+    let mut classifier = Classifier::load_tensor_path(&opts.out, &opts.device)?;
     let calibration = calibrate(&mut classifier, &dev_examples, &opts.out)?;
     eprintln!(
         "calibration: temperature {:.3}, dev ECE {:.4} → {:.4}",
@@ -330,7 +330,7 @@ fn train_teachers(
         eprintln!("teacher {k}/{} (seed {seed})", opts.ensemble);
         let mut rng = StdRng::seed_from_u64(seed);
         fit(&teacher_opts, labels, train, dev, &[], &mut rng)?;
-        teachers.push(Classifier::load(&out, &opts.device)?.tensor_path());
+        teachers.push(Classifier::load_tensor_path(&out, &opts.device)?);
     }
     Ok(teachers)
 }

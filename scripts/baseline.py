@@ -11,6 +11,13 @@ with scikit-learn from PyPI and re-runs itself inside it.
 
 Usage:
   scripts/baseline.py [--train data/treino.jsonl] --data FILE [--data FILE ...] [--json]
+  scripts/baseline.py [--train data/treino.jsonl] --teacher-scores OUT.jsonl
+
+With --teacher-scores it writes, for `triagem train --teacher-scores`, the
+baseline's probabilities of every training text, each from a model fitted
+on the other four of five folds (stratified, seed 0), so that a text's
+scores say how the baseline does on it unseen, not how well it remembers it:
+one `{"prompt": text, "scores": {label: probability}}` a line.
 
 With --json it prints one line per data file: the object `triagem eval --json`
 prints, plus "data" (the file) and "model" ("char-tfidf-lr").
@@ -131,15 +138,30 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", default=os.path.join(ROOT, "data", "treino.jsonl"))
-    ap.add_argument("--data", action="append", required=True, help="labelled JSONL to score (repeatable)")
+    ap.add_argument("--data", action="append", default=[], help="labelled JSONL to score (repeatable)")
     ap.add_argument("--json", action="store_true", help="one JSON object per data file")
+    ap.add_argument("--teacher-scores", metavar="OUT", help="write out-of-fold scores of the training texts")
     a = ap.parse_args()
+    if not a.data and not a.teacher_scores:
+        ap.error("give --data FILE (to score) or --teacher-scores OUT")
 
     train_texts, train_labels = load(a.train)
     model = make_pipeline(
         TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5)),
         LogisticRegression(C=10, max_iter=2000),
     )
+    if a.teacher_scores:
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+        probs = cross_val_predict(model, train_texts, train_labels, cv=folds, method="predict_proba")
+        labels = sorted(set(train_labels))  # the column order of predict_proba
+        with open(a.teacher_scores, "w", encoding="utf-8") as f:
+            for text, row in zip(train_texts, probs):
+                scores = {l: float(p) for l, p in zip(labels, row)}
+                f.write(json.dumps({"prompt": text, "scores": scores}, ensure_ascii=False) + "\n")
+        print(f"baseline.py: out-of-fold scores of {len(train_texts)} training texts in {a.teacher_scores}",
+              file=sys.stderr)
     model.fit(train_texts, train_labels)
     labels = [str(l) for l in model.classes_]
     for path in a.data:

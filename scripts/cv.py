@@ -26,6 +26,12 @@ picks up where it stopped.
 Usage:
   scripts/cv.py [--folds 3] [--seed 7] [--out target/cv] [--baseline] NAME='TRAIN ARGS' ...
   scripts/cv.py --baseline default='' ens2='--ensemble 2' scratch='--base none'
+  scripts/cv.py lr-teacher='--teacher-scores {baseline_teacher}'
+
+In a recipe's arguments, {baseline_teacher} stands for the baseline's
+out-of-fold scores of that fold's training file (`scripts/baseline.py
+--teacher-scores`, written once per fold), as the recipe would use them on
+the whole training file.
 
 Prints a markdown table and writes OUT/cv.json. Needs a built triagem
 (TRIAGEM_BIN, else target/release/triagem).
@@ -144,7 +150,14 @@ def run_recipe(name, args, folds, out, binary):
             report = json.loads(res.stdout.splitlines()[-1])
         else:
             model = os.path.join(d, "model")
-            cmd = [binary, "train", "--quiet", "--train", tr, "--test", ho, "--out", model, *args]
+            fold_args = args
+            if any("{baseline_teacher}" in x for x in args):
+                scores = os.path.join(os.path.dirname(tr), "baseline-teacher.jsonl")
+                if not os.path.exists(scores) or os.path.getmtime(scores) < os.path.getmtime(tr):
+                    subprocess.run([sys.executable, "scripts/baseline.py", "--train", tr, "--teacher-scores", scores],
+                                   check=True)
+                fold_args = [x.replace("{baseline_teacher}", scores) for x in args]
+            cmd = [binary, "train", "--quiet", "--train", tr, "--test", ho, "--out", model, *fold_args]
             with open(os.path.join(d, "train.log"), "w") as log:
                 subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
             report = json.load(open(os.path.join(model, "metrics.json")))["test"]

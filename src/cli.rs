@@ -248,6 +248,11 @@ pub struct TrainArgs {
     /// Softmax temperature of the soft targets.
     #[arg(long, default_value_t = TrainOptions::default().distill_temperature)]
     pub distill_temperature: f64,
+    /// Another model's scores of the training texts, learnt as one more teacher: JSONL, one
+    /// `{"prompt": text, "scores": {label: probability}}` a line, every training text
+    /// (`scripts/baseline.py --teacher-scores OUT` writes the baseline's, out of fold).
+    #[arg(long)]
+    pub teacher_scores: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -414,6 +419,7 @@ impl TrainArgs {
             ensemble: self.ensemble,
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,
+            teacher_scores: self.teacher_scores.clone(),
         })
     }
 }

@@ -59,6 +59,8 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    #[error("--teacher-scores {path}: {reason}")]
+    TeacherScores { path: PathBuf, reason: String },
 }
 
 /// Everything `triagem train` takes.
@@ -106,6 +108,9 @@ pub struct TrainOptions {
     pub distill_weight: f64,
     /// Softmax temperature of the soft targets (the soft loss is scaled by its square).
     pub distill_temperature: f64,
+    /// Another model's scores of the training texts (JSONL: `prompt`, `scores` by label), learnt
+    /// as one more teacher; e.g. a different kind of model's, scored out of fold.
+    pub teacher_scores: Option<PathBuf>,
 }
 
 impl Default for TrainOptions {
@@ -136,6 +141,7 @@ impl Default for TrainOptions {
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
+            teacher_scores: None,
         }
     }
 }
@@ -212,7 +218,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     );
 
     std::fs::create_dir_all(&opts.out).map_err(|e| write_error(&opts.out, e))?;
-    let teachers = train_teachers(opts, &labels, &train_examples, &dev_examples)?;
+    let teachers = Teachers {
+        models: train_teachers(opts, &labels, &train_examples, &dev_examples)?,
+        scores: opts.teacher_scores.as_deref().map(|p| read_teacher_scores(p, &labels, &train_examples)).transpose()?,
+    };
     let Fitted { epochs, best, parameters } = fit(opts, &labels, &train_examples, &dev_examples, &teachers, &mut rng)?;
     drop(teachers);
     if opts.ensemble > 0 {
@@ -326,10 +335,10 @@ fn train_teachers(
         let seed = opts.seed.wrapping_add(k as u64);
         let out = teachers_dir(&opts.out).join(format!("seed-{seed}"));
         std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
-        let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, ..opts.clone() };
+        let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, teacher_scores: None, ..opts.clone() };
         eprintln!("teacher {k}/{} (seed {seed})", opts.ensemble);
         let mut rng = StdRng::seed_from_u64(seed);
-        fit(&teacher_opts, labels, train, dev, &[], &mut rng)?;
+        fit(&teacher_opts, labels, train, dev, &Teachers::default(), &mut rng)?;
         teachers.push(Classifier::load_tensor_path(&out, &opts.device)?);
     }
     Ok(teachers)
@@ -352,7 +361,7 @@ fn fit(
     labels: &[String],
     train_examples: &[Example],
     dev_examples: &[Example],
-    teachers: &[Classifier],
+    teachers: &Teachers,
     rng: &mut StdRng,
 ) -> Result<Fitted, TrainError> {
     let trainable = build(opts, labels, train_examples, rng)?;
@@ -381,7 +390,8 @@ fn fit(
             let texts: Vec<String> =
                 chunk.iter().map(|&i| augment::augment(&train_examples[i].text, opts.augment, rng)).collect();
             let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
-            let soft = soft_targets(teachers, &texts, opts.distill_temperature)?;
+            let originals: Vec<&str> = chunk.iter().map(|&i| train_examples[i].text.as_str()).collect();
+            let soft = teachers.soft_targets(&texts, &originals, opts.distill_temperature)?;
             let loss = loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)?;
             let mut grads = loss.backward()?;
             clip_gradients(&mut grads, &trainable.vars, 1.0)?;
@@ -418,24 +428,88 @@ fn fit(
     Ok(Fitted { epochs, best, parameters })
 }
 
-/// The teachers' mean probabilities for `texts` at `temperature`, or `None` without teachers.
-fn soft_targets(teachers: &[Classifier], texts: &[String], temperature: f64) -> Result<Option<Vec<f32>>, TrainError> {
-    if teachers.is_empty() {
-        return Ok(None);
-    }
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let mut mean: Vec<f32> = Vec::new();
-    for teacher in teachers {
-        let logits = teacher.logits(&refs)?;
-        let flat: Vec<f32> = logits.iter().flat_map(|row| softmax(row, temperature)).collect();
-        if mean.is_empty() {
-            mean = vec![0.0; flat.len()];
+/// What the model learns soft targets from, beside the labels.
+#[derive(Default)]
+struct Teachers {
+    /// Models trained first (`--ensemble`), which score each (augmented) text.
+    models: Vec<Classifier>,
+    /// Another model's probabilities of each training text (`--teacher-scores`), in label order.
+    scores: Option<HashMap<String, Vec<f32>>>,
+}
+
+impl Teachers {
+    /// The teachers' mean probabilities at `temperature`, row after row, for
+    /// the augmented `texts` of the training texts `originals`; `None` without teachers.
+    fn soft_targets(
+        &self,
+        texts: &[String],
+        originals: &[&str],
+        temperature: f64,
+    ) -> Result<Option<Vec<f32>>, TrainError> {
+        let count = self.models.len() + usize::from(self.scores.is_some());
+        if count == 0 {
+            return Ok(None);
         }
-        for (m, p) in mean.iter_mut().zip(flat) {
-            *m += p / teachers.len() as f32;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let mut mean: Vec<f32> = Vec::new();
+        let mut add = |flat: Vec<f32>| {
+            if mean.is_empty() {
+                mean = vec![0.0; flat.len()];
+            }
+            for (m, p) in mean.iter_mut().zip(flat) {
+                *m += p / count as f32;
+            }
+        };
+        for teacher in &self.models {
+            let logits = teacher.logits(&refs)?;
+            add(logits.iter().flat_map(|row| softmax(row, temperature)).collect());
         }
+        if let Some(scores) = &self.scores {
+            // Read as logits (log-probabilities), so that the temperature applies as to a model's.
+            add(originals
+                .iter()
+                .flat_map(|t| {
+                    let logits: Vec<f32> = scores[*t].iter().map(|p| p.max(1e-7).ln()).collect();
+                    softmax(&logits, temperature)
+                })
+                .collect());
+        }
+        Ok(Some(mean))
     }
-    Ok(Some(mean))
+}
+
+/// `--teacher-scores`: one JSON object a line, `{"prompt": text, "scores":
+/// {label: probability, …}}`, with every label and every training text.
+fn read_teacher_scores(
+    path: &Path,
+    labels: &[String],
+    train: &[Example],
+) -> Result<HashMap<String, Vec<f32>>, TrainError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        prompt: String,
+        scores: HashMap<String, f64>,
+    }
+    let bad = |reason: String| TrainError::TeacherScores { path: path.to_path_buf(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut scores = HashMap::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = |reason: String| bad(format!("line {}: {reason}", n + 1));
+        let line: Line = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        let row = labels
+            .iter()
+            .map(|l| match line.scores.get(l) {
+                Some(&p) if (0.0..=1.0).contains(&p) => Ok(p as f32),
+                Some(p) => Err(at(format!("the score of {l:?} is {p}; it must be in [0, 1]"))),
+                None => Err(at(format!("no score for the label {l:?}"))),
+            })
+            .collect::<Result<Vec<f32>, _>>()?;
+        scores.insert(line.prompt, row);
+    }
+    if let Some(missing) = train.iter().find(|e| !scores.contains_key(&e.text)) {
+        return Err(bad(format!("no scores for the training text {:?}", missing.text)));
+    }
+    Ok(scores)
 }
 
 fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
@@ -484,6 +558,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
+        "teacher_scores": opts.teacher_scores,
     })
 }
 
@@ -676,6 +751,7 @@ mod tests {
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
+            teacher_scores: None,
         }
     }
 
@@ -689,6 +765,40 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn teacher_scores_are_read_by_label_and_cover_every_training_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let write = |lines: &[&str]| {
+            let path = dir.path().join("scores.jsonl");
+            std::fs::write(&path, lines.join("\n")).unwrap();
+            path
+        };
+        let line = |text: &str, venda: f64| {
+            format!(r#"{{"prompt": "{text}", "scores": {{"venda": {venda}, "suporte": {}}}}}"#, 1.0 - venda)
+        };
+        let all: Vec<String> = examples().iter().map(|e| line(&e.text, 0.75)).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let scores = read_teacher_scores(&write(&refs), &labels, &examples()).unwrap();
+        assert_eq!(scores["quero comprar uma geladeira"], [0.25, 0.75], "in label order");
+
+        let err = |lines: &[&str]| read_teacher_scores(&write(lines), &labels, &examples()).unwrap_err().to_string();
+        assert!(err(&refs[..3]).contains("no scores for the training text \"o fogão veio com defeito\""));
+        let out_of_range = r#"{"prompt": "x", "scores": {"venda": 1.5, "suporte": 0.5}}"#;
+        assert!(err(&[out_of_range]).contains("line 1: the score of \"venda\" is 1.5"), "{}", err(&[out_of_range]));
+        assert!(err(&[r#"{"prompt": "x", "scores": {"venda": 1.0}}"#]).contains("line 1: no score for the label \"suporte\""));
+        assert!(err(&["not json"]).starts_with("--teacher-scores "));
+
+        // As one more teacher: its probabilities at temperature 1, flatter at 2, averaged with the others.
+        let teachers = Teachers { models: Vec::new(), scores: Some(scores) };
+        let texts = vec!["qero comprar uma geladera".to_string()]; // augmented: scored by its original
+        let soft = |t: f64| teachers.soft_targets(&texts, &["quero comprar uma geladeira"], t).unwrap().unwrap();
+        assert!((soft(1.0)[1] - 0.75).abs() < 1e-6);
+        let flat = soft(2.0)[1];
+        assert!(flat > 0.5 && flat < 0.75 && (flat - 3f32.sqrt() / (1.0 + 3f32.sqrt())).abs() < 1e-6, "{flat}");
+        assert!(Teachers::default().soft_targets(&texts, &["x"], 1.0).unwrap().is_none());
+    }
+
     /// `--dev-fraction 0`: nothing to choose an epoch on, so the last one is
     /// kept (before, the first was: every later epoch's empty-dev macro-F1
     /// tied it).
@@ -698,7 +808,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let opts = TrainOptions { epochs: 3, out: out.path().to_path_buf(), ..tiny_options() };
         let mut rng = StdRng::seed_from_u64(1);
-        let fitted = fit(&opts, &labels, &examples(), &[], &[], &mut rng).unwrap();
+        let fitted = fit(&opts, &labels, &examples(), &[], &Teachers::default(), &mut rng).unwrap();
         assert_eq!(fitted.epochs.len(), 3);
         assert_eq!(fitted.best.map(|(epoch, _)| epoch), Some(3));
         assert!(out.path().join(model::WEIGHTS_FILE).exists());

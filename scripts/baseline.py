@@ -141,9 +141,12 @@ def main():
     ap.add_argument("--data", action="append", default=[], help="labelled JSONL to score (repeatable)")
     ap.add_argument("--json", action="store_true", help="one JSON object per data file")
     ap.add_argument("--teacher-scores", metavar="OUT", help="write out-of-fold scores of the training texts")
+    ap.add_argument("--predictions", metavar="OUT", help="write the predicted label of each line of the (one) --data file, as a JSON list")
     a = ap.parse_args()
     if not a.data and not a.teacher_scores:
         ap.error("give --data FILE (to score) or --teacher-scores OUT")
+    if a.predictions and len(a.data) != 1:
+        ap.error("--predictions needs exactly one --data file")
 
     train_texts, train_labels = load(a.train)
     model = make_pipeline(
@@ -172,6 +175,9 @@ def main():
         probs = model.predict_proba(texts)
         predicted = [labels[max(range(len(labels)), key=lambda j: row[j])] for row in probs]
         confidences = [float(max(row)) for row in probs]
+        if a.predictions:
+            with open(a.predictions, "w", encoding="utf-8") as f:
+                json.dump(predicted, f, ensure_ascii=False)
         r = report(labels, texts, truth, predicted, confidences)
         if a.json:
             print(json.dumps({"model": "char-tfidf-lr", "data": path, **r}, ensure_ascii=False))

@@ -786,7 +786,8 @@ mod tests {
         assert!(err(&refs[..3]).contains("no scores for the training text \"o fogão veio com defeito\""));
         let out_of_range = r#"{"prompt": "x", "scores": {"venda": 1.5, "suporte": 0.5}}"#;
         assert!(err(&[out_of_range]).contains("line 1: the score of \"venda\" is 1.5"), "{}", err(&[out_of_range]));
-        assert!(err(&[r#"{"prompt": "x", "scores": {"venda": 1.0}}"#]).contains("line 1: no score for the label \"suporte\""));
+        assert!(err(&[r#"{"prompt": "x", "scores": {"venda": 1.0}}"#])
+            .contains("line 1: no score for the label \"suporte\""));
         assert!(err(&["not json"]).starts_with("--teacher-scores "));
 
         // As one more teacher: its probabilities at temperature 1, flatter at 2, averaged with the others.

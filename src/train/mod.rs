@@ -218,10 +218,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     );
 
     std::fs::create_dir_all(&opts.out).map_err(|e| write_error(&opts.out, e))?;
-    let teachers = Teachers {
-        models: train_teachers(opts, &labels, &train_examples, &dev_examples)?,
-        scores: opts.teacher_scores.as_deref().map(|p| read_teacher_scores(p, &labels, &train_examples)).transpose()?,
-    };
+    // The scores file is checked before any teacher trains: a bad one fails in a second, not after them.
+    let scores =
+        opts.teacher_scores.as_deref().map(|p| read_teacher_scores(p, &labels, &train_examples)).transpose()?;
+    let teachers = Teachers { models: train_teachers(opts, &labels, &train_examples, &dev_examples)?, scores };
     let Fitted { epochs, best, parameters } = fit(opts, &labels, &train_examples, &dev_examples, &teachers, &mut rng)?;
     drop(teachers);
     if opts.ensemble > 0 {

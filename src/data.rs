@@ -116,8 +116,16 @@ fn parse_jsonl<T: DeserializeOwned>(path: &Path, text: &str) -> Result<Vec<(usiz
         let value: serde_json::Value =
             serde_json::from_str(raw).map_err(|e| line_error(format!("not valid JSON ({e})")))?;
         if !value.is_object() {
-            // serde would read an array as the struct's fields in order.
-            return Err(line_error("expected a JSON object with \"prompt\" and \"completion\"".into()));
+            // serde would read an array as the struct's fields in order. Named by its kind, not by
+            // `T`'s fields: this reader serves data files and `--teacher-scores` alike.
+            let kind = match value {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            };
+            return Err(line_error(format!("expected a JSON object, not {kind}")));
         }
         let row = serde_path_to_error::deserialize(value).map_err(|e| {
             let field = e.path().to_string();
@@ -184,7 +192,7 @@ mod tests {
             ("{\"prompt\": 3, \"completion\": \"venda\"}\n", 1, "prompt: invalid type: integer `3`, expected a string"),
             ("{\"prompt\": \"  \", \"completion\": \"venda\"}\n", 1, "empty \"prompt\""),
             ("\n\n{\"prompt\": \"x\", \"completion\": \"reclamacao\"}\n", 3, "unknown label \"reclamacao\""),
-            ("[1, 2]\n", 1, "expected a JSON object"),
+            ("[1, 2]\n", 1, "expected a JSON object, not an array"),
         ];
         let known = vec!["suporte".to_string(), "venda".to_string()];
         for (content, line, reason) in cases {

@@ -289,7 +289,6 @@ pub fn file_version(path: &Path) -> std::io::Result<String> {
 }
 
 impl Classifier {
-    /// Loads a model directory onto `device`.
     /// Loads a model directory to serve: on the CPU through the CPU serving
     /// path ([`cpu`]; the tensor model is dropped once its weights are
     /// copied there), elsewhere through candle's tensor path.

@@ -479,7 +479,8 @@ impl Teachers {
 }
 
 /// `--teacher-scores`: one JSON object a line, `{"prompt": text, "scores":
-/// {label: probability, …}}`, with every label and every training text.
+/// {label: probability, …}}`, with every label and every training text (read
+/// by [`crate::data::read_jsonl`]; texts trimmed, as the training file's are).
 fn read_teacher_scores(
     path: &Path,
     labels: &[String],
@@ -491,11 +492,15 @@ fn read_teacher_scores(
         scores: HashMap<String, f64>,
     }
     let bad = |reason: String| TrainError::TeacherScores { path: path.to_path_buf(), reason };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let lines = crate::data::read_jsonl::<Line>(path).map_err(|e| match e {
+        DataError::Line { line, reason, .. } => bad(format!("line {line}: {reason}")),
+        DataError::Read { source, .. } => bad(source.to_string()),
+        DataError::Empty { .. } => bad("the file is empty".into()),
+        other => bad(other.to_string()),
+    })?;
     let mut scores = HashMap::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let at = |reason: String| bad(format!("line {}: {reason}", n + 1));
-        let line: Line = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+    for (n, line) in lines {
+        let at = |reason: String| bad(format!("line {n}: {reason}"));
         let row = labels
             .iter()
             .map(|l| match line.scores.get(l) {
@@ -504,7 +509,7 @@ fn read_teacher_scores(
                 None => Err(at(format!("no score for the label {l:?}"))),
             })
             .collect::<Result<Vec<f32>, _>>()?;
-        scores.insert(line.prompt, row);
+        scores.insert(line.prompt.trim().to_string(), row);
     }
     if let Some(missing) = train.iter().find(|e| !scores.contains_key(&e.text)) {
         return Err(bad(format!("no scores for the training text {:?}", missing.text)));
@@ -777,7 +782,8 @@ mod tests {
         let line = |text: &str, venda: f64| {
             format!(r#"{{"prompt": "{text}", "scores": {{"venda": {venda}, "suporte": {}}}}}"#, 1.0 - venda)
         };
-        let all: Vec<String> = examples().iter().map(|e| line(&e.text, 0.75)).collect();
+        // The training file's texts are trimmed when read; a scores file's are too.
+        let all: Vec<String> = examples().iter().map(|e| line(&format!(" {} ", e.text), 0.75)).collect();
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         let scores = read_teacher_scores(&write(&refs), &labels, &examples()).unwrap();
         assert_eq!(scores["quero comprar uma geladeira"], [0.25, 0.75], "in label order");

@@ -19,7 +19,8 @@
 //!   the loops are compiled for the CPU's widest vector unit (`pulp`).
 //! - **Threads that do not meet.** A batch is split between the model's
 //!   threads by texts, each part run start to end by one thread; a batch of
-//!   one text runs its products on all of them instead.
+//!   one text splits each large product into bands of output columns, one a
+//!   thread, each thread reading only its band of the weights.
 //!
 //! The tensor path (`bert.rs`) stays the reference and serves everything
 //! else: training, hidden states, the GPU. A test holds the two to the same
@@ -106,8 +107,10 @@ impl Dense {
         (part(0..first), part(first..self.n_out))
     }
 
-    /// `out` = `x` (`rows` × in) · w + b, (`rows` × out).
-    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, par: Parallelism) {
+    /// `out` = `x` (`rows` × in) · w + b, (`rows` × out). With `threads` > 1
+    /// and a product large enough, each thread computes a band of the output
+    /// columns from its own band of the weights.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, threads: usize) {
         debug_assert_eq!(x.len(), rows * self.n_in);
         out.clear();
         for _ in 0..rows {
@@ -116,21 +119,43 @@ impl Dense {
         if rows == 0 {
             return;
         }
-        // SAFETY: `out` holds rows × n_out, `x` rows × n_in and `w` n_in × n_out
-        // values, all row-major with the strides given; nothing else aliases them.
+        let dst = OutPtr(out.as_mut_ptr());
+        let bands = if rows * self.n_in * self.n_out < SPLIT_MIN_MULTIPLY_ADDS { 1 } else { threads };
+        if bands <= 1 {
+            // SAFETY: `dst` holds rows × n_out values; the band is all of them.
+            unsafe { self.band(x, rows, dst, 0..self.n_out) };
+            return;
+        }
+        // Bands in whole micro-kernel rows (16 outputs), at most one a thread.
+        let width = self.n_out.div_ceil(bands).next_multiple_of(16);
+        (0..self.n_out).step_by(width).collect::<Vec<_>>().into_par_iter().for_each(|start| {
+            // SAFETY: the bands are disjoint column ranges of `dst`, which outlives this loop.
+            unsafe { self.band(x, rows, dst, start..(start + width).min(self.n_out)) }
+        });
+    }
+
+    /// Columns `cols` of `dst` (`rows` × out, row-major, holding the bias) += `x` · w[.., cols].
+    ///
+    /// # Safety
+    /// `dst` points at `rows` × `n_out` values that nothing else reads or
+    /// writes in the columns `cols` while this runs.
+    unsafe fn band(&self, x: &[f32], rows: usize, dst: OutPtr, cols: std::ops::Range<usize>) {
+        // SAFETY: `x` holds rows × n_in and `w` n_in × n_out values, row-major
+        // with the strides given; `cols` lies inside 0..n_out (the caller's
+        // range), so every pointer offset stays inside its buffer.
         unsafe {
             gemm::gemm(
                 rows,
-                self.n_out,
+                cols.len(),
                 self.n_in,
-                out.as_mut_ptr(),
+                dst.get().add(cols.start),
                 1,
                 self.n_out as isize,
                 true,
                 x.as_ptr(),
                 1,
                 self.n_in as isize,
-                self.w.as_ptr(),
+                self.w.as_ptr().add(cols.start),
                 1,
                 self.n_out as isize,
                 1.0,
@@ -138,9 +163,29 @@ impl Dense {
                 false,
                 false,
                 false,
-                par,
+                Parallelism::None,
             )
         }
+    }
+}
+
+/// Below this many multiply-adds a product runs on one thread: handing half
+/// of it to another thread costs more than it saves (the `gemm` crate's own
+/// threshold, 48 × 48 × 256).
+const SPLIT_MIN_MULTIPLY_ADDS: usize = 48 * 48 * 256;
+
+/// The output of a product, shared by the threads that write its column bands.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: the threads given an `OutPtr` write disjoint columns (see `Dense::band`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method, so that closures capture the whole `OutPtr` (Send) and not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -262,18 +307,17 @@ impl CpuBert {
         let threads = rayon::current_num_threads();
         let parts = split_by_tokens(texts, threads);
         let flat: Vec<f32> = if parts.len() <= 1 {
-            let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-            self.forward(texts, par)
+            self.forward(texts, threads)
         } else {
-            let outs: Vec<Vec<f32>> =
-                parts.into_par_iter().map(|r| self.forward(&texts[r], Parallelism::None)).collect();
+            let outs: Vec<Vec<f32>> = parts.into_par_iter().map(|r| self.forward(&texts[r], 1)).collect();
             outs.concat()
         };
         Ok(flat.chunks(self.labels()).map(<[f32]>::to_vec).collect())
     }
 
-    /// Logits, flat (text × label), of texts already checked; all on this thread but for `par`'s products.
-    fn forward(&self, texts: &[&[u32]], par: Parallelism) -> Vec<f32> {
+    /// Logits, flat (text × label), of texts already checked; all on this thread but for
+    /// products split into column bands over `threads`.
+    fn forward(&self, texts: &[&[u32]], threads: usize) -> Vec<f32> {
         thread_local! {
             static SCRATCH: RefCell<Scratch> = RefCell::default();
         }
@@ -284,13 +328,13 @@ impl CpuBert {
             let s = held.as_deref_mut().unwrap_or(&mut fresh);
             pulp::Arch::new().dispatch(
                 #[inline(always)]
-                || self.forward_simd(texts, par, s),
+                || self.forward_simd(texts, threads, s),
             )
         })
     }
 
     #[inline(always)]
-    fn forward_simd(&self, texts: &[&[u32]], par: Parallelism, s: &mut Scratch) -> Vec<f32> {
+    fn forward_simd(&self, texts: &[&[u32]], threads: usize, s: &mut Scratch) -> Vec<f32> {
         let h = self.hidden;
         let lengths: Vec<usize> = texts.iter().map(|t| t.len()).collect();
         let tokens: usize = lengths.iter().sum();
@@ -317,26 +361,26 @@ impl CpuBert {
             match &layer.query_and_key_value {
                 Some((query, key_value)) => {
                     // Keys and values of every token; from here on only the [CLS] rows.
-                    key_value.forward(&s.x, rows, &mut s.qkv, par);
+                    key_value.forward(&s.x, rows, &mut s.qkv, threads);
                     gather_first_rows(&mut s.x, &lengths, h);
                     rows = texts.len();
                     cls_only = true;
-                    query.forward(&s.x, rows, &mut s.query, par);
+                    query.forward(&s.x, rows, &mut s.query, threads);
                     let (q, kv) = (Rows { data: &s.query, width: h }, Rows { data: &s.qkv, width: 2 * h });
                     attention(q, kv, 0, &lengths, self.heads, true, &mut s.context, &mut s.scores);
                 }
                 None => {
-                    layer.qkv.forward(&s.x, rows, &mut s.qkv, par);
+                    layer.qkv.forward(&s.x, rows, &mut s.qkv, threads);
                     let (q, kv) = (Rows { data: &s.qkv, width: 3 * h }, Rows { data: &s.qkv, width: 3 * h });
                     attention(q, kv, h, &lengths, self.heads, false, &mut s.context, &mut s.scores);
                 }
             }
-            layer.attention_out.forward(&s.context, rows, &mut s.tmp, par);
+            layer.attention_out.forward(&s.context, rows, &mut s.tmp, threads);
             layer.attention_norm.apply(&mut s.tmp, Some(&s.x));
             std::mem::swap(&mut s.x, &mut s.tmp);
-            layer.intermediate.forward(&s.x, rows, &mut s.inner, par);
+            layer.intermediate.forward(&s.x, rows, &mut s.inner, threads);
             self.activation.apply_in_place(&mut s.inner);
-            layer.output.forward(&s.inner, rows, &mut s.tmp, par);
+            layer.output.forward(&s.inner, rows, &mut s.tmp, threads);
             layer.output_norm.apply(&mut s.tmp, Some(&s.x));
             std::mem::swap(&mut s.x, &mut s.tmp);
         }
@@ -344,12 +388,12 @@ impl CpuBert {
             gather_first_rows(&mut s.x, &lengths, h);
         }
         // Pooler (tanh over [CLS]) and the classification head.
-        self.pooler.forward(&s.x, texts.len(), &mut s.tmp, par);
+        self.pooler.forward(&s.x, texts.len(), &mut s.tmp, threads);
         for v in &mut s.tmp {
             *v = v.tanh();
         }
         let mut logits = Vec::new();
-        self.classifier.forward(&s.tmp, texts.len(), &mut logits, par);
+        self.classifier.forward(&s.tmp, texts.len(), &mut logits, threads);
         logits
     }
 }
@@ -560,6 +604,40 @@ mod tests {
             .map(|y| ((exp_neg(y) as f64 - (-(y as f64)).exp()) / (-(y as f64)).exp()).abs())
             .fold(0.0, f64::max);
         assert!(worst < 1.2e-6, "worst relative error {worst:e}");
+    }
+
+    /// A product split into column bands over threads is the same product:
+    /// against a plain triple loop, on 1 to 3 threads, for output widths that
+    /// divide into bands evenly and not, large enough to be split.
+    #[test]
+    fn a_product_split_into_column_bands_is_the_same_product() {
+        let (rows, n_in) = (19, 160);
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for n_out in [200, 256, 37 * 16 + 5] {
+            assert!(rows * n_in * n_out >= SPLIT_MIN_MULTIPLY_ADDS, "{n_out} outputs would not be split");
+            let dense = Dense {
+                w: (0..n_in * n_out).map(value).collect(),
+                b: (0..n_out).map(|i| value(i + 3)).collect(),
+                n_in,
+                n_out,
+            };
+            let x: Vec<f32> = (0..rows * n_in).map(|i| value(i + 11)).collect();
+            let mut expected = vec![0f32; rows * n_out];
+            for r in 0..rows {
+                for o in 0..n_out {
+                    let dot: f64 = (0..n_in).map(|i| x[r * n_in + i] as f64 * dense.w[i * n_out + o] as f64).sum();
+                    expected[r * n_out + o] = (dot + dense.b[o] as f64) as f32;
+                }
+            }
+            for threads in 1..=3 {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut out = Vec::new();
+                pool.install(|| dense.forward(&x, rows, &mut out, threads));
+                assert_eq!(out.len(), expected.len());
+                let worst = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{n_out} outputs on {threads} threads: worst difference {worst}");
+            }
+        }
     }
 
     #[test]

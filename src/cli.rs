@@ -253,6 +253,11 @@ pub struct TrainArgs {
     /// (`scripts/baseline.py --teacher-scores OUT` writes the baseline's, out of fold).
     #[arg(long)]
     pub teacher_scores: Option<PathBuf>,
+    /// After the dev split has chosen the epoch and fitted the temperature, train again on the whole
+    /// training file (dev split included) for that many epochs and keep that model, with the temperature.
+    /// Doubles the training time.
+    #[arg(long)]
+    pub refit: bool,
 }
 
 #[derive(Debug, Args)]
@@ -420,6 +425,7 @@ impl TrainArgs {
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,
             teacher_scores: self.teacher_scores.clone(),
+            refit: self.refit,
         })
     }
 }

@@ -111,6 +111,10 @@ pub struct TrainOptions {
     /// Another model's scores of the training texts (JSONL: `prompt`, `scores` by label), learnt
     /// as one more teacher; e.g. a different kind of model's, scored out of fold.
     pub teacher_scores: Option<PathBuf>,
+    /// After the dev split has chosen the epoch and fitted the temperature, train again from the
+    /// base on the whole training file (dev split included) for that many epochs, on the same
+    /// learning-rate schedule, and keep that model with the temperature.
+    pub refit: bool,
 }
 
 impl Default for TrainOptions {
@@ -142,6 +146,7 @@ impl Default for TrainOptions {
             distill_weight: 0.5,
             distill_temperature: 2.0,
             teacher_scores: None,
+            refit: false,
         }
     }
 }
@@ -175,6 +180,21 @@ pub struct TrainSummary {
     pub triagem_version: String,
     /// The temperature fitted on the dev split and the dev ECE before and after it.
     pub calibration: CalibrationLog,
+    /// `--refit`: the model kept was trained again on the whole training file (None without it).
+    pub refit: Option<RefitLog>,
+}
+
+/// What `--refit` did: the model in the directory is this run's, not the dev-selected one
+/// (whose epochs, temperature and dev figures the rest of the summary reports).
+#[derive(Debug, Clone, Serialize)]
+pub struct RefitLog {
+    /// Epochs trained: the dev-selected model's best epoch.
+    pub epochs: usize,
+    /// Training examples: the whole training file.
+    pub examples: usize,
+    /// The last epoch's mean training loss.
+    pub train_loss: f64,
+    pub seconds: f64,
 }
 
 /// Temperature scaling as fitted by this run.
@@ -219,14 +239,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
 
     std::fs::create_dir_all(&opts.out).map_err(|e| write_error(&opts.out, e))?;
     // The scores file is checked before any teacher trains: a bad one fails in a second, not after them.
-    let scores =
-        opts.teacher_scores.as_deref().map(|p| read_teacher_scores(p, &labels, &train_examples)).transpose()?;
+    let scored = if opts.refit { &train_set.examples } else { &train_examples };
+    let scores = opts.teacher_scores.as_deref().map(|p| read_teacher_scores(p, &labels, scored)).transpose()?;
     let teachers = Teachers { models: train_teachers(opts, &labels, &train_examples, &dev_examples)?, scores };
-    let Fitted { epochs, best, parameters } = fit(opts, &labels, &train_examples, &dev_examples, &teachers, &mut rng)?;
-    drop(teachers);
-    if opts.ensemble > 0 {
-        let _ = std::fs::remove_dir_all(teachers_dir(&opts.out));
-    }
+    let Fitted { epochs, best, parameters, .. } =
+        fit(opts, &labels, &train_examples, &dev_examples, &teachers, None, &mut rng)?;
 
     let best_epoch = best.map_or(0, |(e, _)| e);
     // Computed with the tensor path, as the epochs were: a run gives the same temperature and report
@@ -237,6 +254,25 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         "calibration: temperature {:.3}, dev ECE {:.4} → {:.4}",
         calibration.temperature, calibration.dev_ece_before, calibration.dev_ece_after
     );
+    let refit = if opts.refit && best_epoch > 0 {
+        eprintln!("refit: {best_epoch} epochs on all {} training examples", train_set.examples.len());
+        let started = Instant::now();
+        let fitted = fit(opts, &labels, &train_set.examples, &[], &teachers, Some(best_epoch), &mut rng)?;
+        set_temperature(&opts.out, calibration.temperature)?;
+        classifier = Classifier::load_tensor_path(&opts.out, &opts.device)?;
+        Some(RefitLog {
+            epochs: fitted.epochs.len(),
+            examples: train_set.examples.len(),
+            train_loss: fitted.epochs.last().map_or(0.0, |e| e.train_loss),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    } else {
+        None
+    };
+    drop(teachers);
+    if opts.ensemble > 0 {
+        let _ = std::fs::remove_dir_all(teachers_dir(&opts.out));
+    }
     let test = eval::evaluate(&classifier, &test_set.examples, 64)?;
     let weights = opts.out.join(model::WEIGHTS_FILE);
     let summary = TrainSummary {
@@ -260,6 +296,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         model_bytes: std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0),
         triagem_version: env!("CARGO_PKG_VERSION").to_string(),
         calibration,
+        refit,
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises") + "\n";
     replace_file(&opts.out.join("metrics.json"), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
@@ -307,13 +344,18 @@ fn calibrate(classifier: &mut Classifier, dev: &[Example], out: &Path) -> Result
         },
     };
     if !dev.is_empty() {
-        let mut config = model::read_config(out)?;
-        config.triagem_temperature = Some(temperature);
-        let json = serde_json::to_string_pretty(&config).expect("config serialises") + "\n";
-        replace_file(&out.join(model::CONFIG_FILE), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
+        set_temperature(out, temperature)?;
         classifier.set_temperature(temperature as f32);
     }
     Ok(log)
+}
+
+/// Writes `temperature` into `out/config.json` (`triagem_temperature`).
+fn set_temperature(out: &Path, temperature: f64) -> Result<(), TrainError> {
+    let mut config = model::read_config(out)?;
+    config.triagem_temperature = Some(temperature);
+    let json = serde_json::to_string_pretty(&config).expect("config serialises") + "\n";
+    replace_file(&out.join(model::CONFIG_FILE), |p| std::fs::write(p, json).map_err(|e| e.to_string()))
 }
 
 /// Where the teachers of an ensemble are written while the model trains (removed afterwards).
@@ -338,7 +380,7 @@ fn train_teachers(
         let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, teacher_scores: None, ..opts.clone() };
         eprintln!("teacher {k}/{} (seed {seed})", opts.ensemble);
         let mut rng = StdRng::seed_from_u64(seed);
-        fit(&teacher_opts, labels, train, dev, &Teachers::default(), &mut rng)?;
+        fit(&teacher_opts, labels, train, dev, &Teachers::default(), None, &mut rng)?;
         teachers.push(Classifier::load_tensor_path(&out, &opts.device)?);
     }
     Ok(teachers)
@@ -355,13 +397,16 @@ struct Fitted {
 }
 
 /// Trains a model on `train` (learning from `teachers` too, when there are
-/// any) and keeps the epoch with the best dev macro-F1 in `opts.out`.
+/// any) and keeps the epoch with the best dev macro-F1 in `opts.out` (without
+/// dev examples: the last epoch). The learning rate follows the schedule of
+/// `opts.epochs` epochs; `stop_after` ends the run after that many.
 fn fit(
     opts: &TrainOptions,
     labels: &[String],
     train_examples: &[Example],
     dev_examples: &[Example],
     teachers: &Teachers,
+    stop_after: Option<usize>,
     rng: &mut StdRng,
 ) -> Result<Fitted, TrainError> {
     let trainable = build(opts, labels, train_examples, rng)?;
@@ -378,7 +423,7 @@ fn fit(
     let mut best: Option<(usize, f64)> = None;
     let mut step = 0usize;
     let mut order: Vec<usize> = (0..train_examples.len()).collect();
-    for epoch in 1..=opts.epochs {
+    for epoch in 1..=stop_after.map_or(opts.epochs, |n| n.min(opts.epochs)) {
         let epoch_start = Instant::now();
         order.shuffle(rng);
         let bar = progress_bar(opts.quiet, train_examples.len() as u64, epoch, opts.epochs);
@@ -563,7 +608,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
-        "teacher_scores": opts.teacher_scores,
+        "teacher_scores": opts.teacher_scores, "refit": opts.refit,
     })
 }
 
@@ -757,6 +802,7 @@ mod tests {
             distill_weight: 0.5,
             distill_temperature: 2.0,
             teacher_scores: None,
+            refit: false,
         }
     }
 
@@ -815,10 +861,52 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let opts = TrainOptions { epochs: 3, out: out.path().to_path_buf(), ..tiny_options() };
         let mut rng = StdRng::seed_from_u64(1);
-        let fitted = fit(&opts, &labels, &examples(), &[], &Teachers::default(), &mut rng).unwrap();
+        let fitted = fit(&opts, &labels, &examples(), &[], &Teachers::default(), None, &mut rng).unwrap();
         assert_eq!(fitted.epochs.len(), 3);
         assert_eq!(fitted.best.map(|(epoch, _)| epoch), Some(3));
         assert!(out.path().join(model::WEIGHTS_FILE).exists());
+    }
+
+    /// `--refit`: the dev split chooses the epoch and the temperature, then a
+    /// model trained that many epochs on every training example replaces the
+    /// chosen one, with the chosen temperature.
+    #[test]
+    fn refit_trains_the_chosen_epochs_on_every_example_and_keeps_the_temperature() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |e: &Example| format!(r#"{{"prompt": "{}", "completion": "{}"}}"#, e.text, e.label);
+        let mut train_lines = Vec::new();
+        for round in ["", " agora", " hoje", " por favor", " amanhã"] {
+            train_lines.extend(examples().iter().map(|e| line(&Example { text: e.text.clone() + round, ..e.clone() })));
+        }
+        let (train_file, test_file) = (dir.path().join("treino.jsonl"), dir.path().join("teste.jsonl"));
+        std::fs::write(&train_file, train_lines.join("\n")).unwrap();
+        std::fs::write(&test_file, examples().iter().map(line).collect::<Vec<_>>().join("\n")).unwrap();
+        let run = |refit: bool, out: &str| {
+            let opts = TrainOptions {
+                train: train_file.clone(),
+                test: test_file.clone(),
+                out: dir.path().join(out),
+                epochs: 3,
+                dev_fraction: 0.4,
+                refit,
+                ..tiny_options()
+            };
+            train(&opts).unwrap()
+        };
+        let (chosen, refitted) = (run(false, "chosen"), run(true, "refit"));
+        assert!(chosen.refit.is_none());
+        let log = refitted.refit.as_ref().expect("a refit log");
+        assert!(refitted.best_epoch >= 1);
+        assert_eq!(log.epochs, refitted.best_epoch);
+        assert_eq!(log.examples, 20, "the dev split's 8 examples are trained on too");
+        // The dev-selected run is the same in both (same seed): its epochs and temperature.
+        assert_eq!(refitted.best_epoch, chosen.best_epoch);
+        assert_eq!(refitted.calibration.temperature, chosen.calibration.temperature);
+        let config = model::read_config(&dir.path().join("refit")).unwrap();
+        assert_eq!(config.triagem_temperature, Some(chosen.calibration.temperature));
+        let weights = |out: &str| std::fs::read(dir.path().join(out).join(model::WEIGHTS_FILE)).unwrap();
+        assert_ne!(weights("refit"), weights("chosen"), "the kept model is the refitted one");
+        assert_eq!(refitted.hyperparameters["refit"], true);
     }
 
     /// The reason this module has its own BERT: every tensor must receive a gradient.

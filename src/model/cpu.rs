@@ -128,7 +128,8 @@ impl Dense {
         }
         // Bands in whole micro-kernel rows (16 outputs), at most one a thread.
         let width = self.n_out.div_ceil(bands).next_multiple_of(16);
-        (0..self.n_out).step_by(width).collect::<Vec<_>>().into_par_iter().for_each(|start| {
+        (0..self.n_out.div_ceil(width)).into_par_iter().for_each(|band| {
+            let start = band * width;
             // SAFETY: the bands are disjoint column ranges of `dst`, which outlives this loop.
             unsafe { self.band(x, rows, dst, start..(start + width).min(self.n_out)) }
         });

@@ -242,7 +242,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let scored = if opts.refit { &train_set.examples } else { &train_examples };
     let scores = opts.teacher_scores.as_deref().map(|p| read_teacher_scores(p, &labels, scored)).transpose()?;
     let teachers = Teachers { models: train_teachers(opts, &labels, &train_examples, &dev_examples)?, scores };
-    let Fitted { epochs, best, parameters, .. } =
+    let Fitted { epochs, best, parameters } =
         fit(opts, &labels, &train_examples, &dev_examples, &teachers, None, &mut rng)?;
 
     let best_epoch = best.map_or(0, |(e, _)| e);
@@ -255,7 +255,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         calibration.temperature, calibration.dev_ece_before, calibration.dev_ece_after
     );
     let refit = if opts.refit && best_epoch > 0 {
-        eprintln!("refit: {best_epoch} epochs on all {} training examples", train_set.examples.len());
+        eprintln!(
+            "refit: the first {best_epoch} epochs of the {}-epoch schedule on all {} training examples",
+            opts.epochs,
+            train_set.examples.len()
+        );
         let started = Instant::now();
         let fitted = fit(opts, &labels, &train_set.examples, &[], &teachers, Some(best_epoch), &mut rng)?;
         set_temperature(&opts.out, calibration.temperature)?;
@@ -423,10 +427,11 @@ fn fit(
     let mut best: Option<(usize, f64)> = None;
     let mut step = 0usize;
     let mut order: Vec<usize> = (0..train_examples.len()).collect();
-    for epoch in 1..=stop_after.map_or(opts.epochs, |n| n.min(opts.epochs)) {
+    let last = stop_after.map_or(opts.epochs, |n| n.min(opts.epochs));
+    for epoch in 1..=last {
         let epoch_start = Instant::now();
         order.shuffle(rng);
-        let bar = progress_bar(opts.quiet, train_examples.len() as u64, epoch, opts.epochs);
+        let bar = progress_bar(opts.quiet, train_examples.len() as u64, epoch, last);
         let mut loss_sum = 0.0;
         for chunk in order.chunks(opts.batch_size) {
             let lr = opts.lr * schedule(step, warmup_steps, total_steps);
@@ -459,9 +464,14 @@ fn fit(
             seconds,
             examples_per_second: train_examples.len() as f64 / seconds,
         };
+        let dev_figures = if dev_examples.is_empty() {
+            "no dev split".to_string()
+        } else {
+            format!("dev accuracy {:.4}  dev macro-F1 {:.4}", log.dev_accuracy, log.dev_macro_f1)
+        };
         eprintln!(
-            "epoch {epoch}/{}  loss {:.4}  dev accuracy {:.4}  dev macro-F1 {:.4}  ({:.0}s, {:.1} examples/s)",
-            opts.epochs, log.train_loss, log.dev_accuracy, log.dev_macro_f1, log.seconds, log.examples_per_second
+            "epoch {epoch}/{last}  loss {:.4}  {dev_figures}  ({:.0}s, {:.1} examples/s)",
+            log.train_loss, log.seconds, log.examples_per_second
         );
         // Without a dev split there is nothing to choose on: each epoch replaces the one before.
         if dev_examples.is_empty() || best.is_none_or(|(_, f1)| dev.macro_f1 > f1) {

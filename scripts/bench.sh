@@ -4,8 +4,9 @@
 #      the same weights exported to ONNX), with scripts/peer_throughput.py, when a Python with torch,
 #      transformers, onnx and onnxruntime is given in TRIAGEM_BENCH_PYTHON (skipped, with a message, when not);
 #   2. the worker end to end through a real broker (triagem-test-broker, librdkafka's mock cluster in its own
-#      process; BROKER=tansu for tansu): `triagem loadgen` as fast as possible, then at half that rate
-#      for the latency (loadgen's, end to end, and the worker's own from its /metrics before and after);
+#      process; BROKER=tansu for tansu): after a warm-up, a backlog sent while the worker is stopped
+#      (`loadgen --backlog`: the rate the worker drains it at, and how busy its model was), then `triagem loadgen` as fast as possible, then at half that
+#      rate for the latency (loadgen's, end to end, and the worker's own from its /metrics before and after);
 #   3. `triagem bench`: triagem's model path at batch 1/8/32 and at the worker's batching, tokenisation
 #      included, the FLOP ceiling and peak memory, with 1 and 2 folded into its table.
 #
@@ -67,7 +68,7 @@ fi
 e2e_args=()
 if [ "$e2e_count" -gt 0 ]; then
   pids=()
-  cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+  cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; kill -CONT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
   trap cleanup EXIT
   if [ "$broker_kind" = tansu ]; then
     command -v tansu >/dev/null || { say "tansu missing: scripts/install-tansu.sh"; exit 2; }
@@ -87,8 +88,23 @@ if [ "$e2e_count" -gt 0 ]; then
     TRIAGEM__MODEL__PATH="$model" TRIAGEM__MODEL__THREADS="$threads" \
     TRIAGEM__KAFKA__CONSUMER__FETCH__WAIT__MAX__MS=10 RUST_LOG=warn \
     "$bin" worker --config config/default.toml >"$out/worker.log" 2>&1 &
-  pids+=($!)
+  worker_pid=$!
+  pids+=("$worker_pid")
   wait_ready "$metrics_port"
+  "$bin" loadgen --brokers "$brokers" --data "$data" --count 2000 --quiet >/dev/null # warm-up
+  # A backlog sent while the worker is stopped (SIGSTOP), then resumed: the rate it drains at is the
+  # worker's alone, loadgen's producer no longer sharing the cores (its reader still does, as does the broker).
+  say "worker end to end: a backlog of $e2e_count messages, sent while the worker is stopped"
+  curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-before-backlog.txt"
+  kill -STOP "$worker_pid"
+  "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --backlog "$out/backlog.sent" \
+    --settle-timeout 120s --quiet --json >"$out/e2e-backlog.json" &
+  backlog_pid=$!
+  for _ in $(seq 1200); do [ -f "$out/backlog.sent" ] || ! kill -0 "$backlog_pid" 2>/dev/null && break; sleep 0.1; done
+  kill -CONT "$worker_pid"
+  [ -f "$out/backlog.sent" ] || { say "loadgen did not send the backlog"; wait "$backlog_pid"; exit 1; }
+  wait "$backlog_pid"
+  curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-backlog.txt"
   say "worker end to end through the $broker_kind broker: $e2e_count messages as fast as possible"
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \
     >"$out/e2e-max.json"
@@ -106,8 +122,9 @@ if [ "$e2e_count" -gt 0 ]; then
     >"$out/worker-metrics.txt" || true
   cleanup
   trap - EXIT
-  e2e_args=(--end-to-end "$out/e2e-max.json" --end-to-end "$out/e2e-half.json"
-    --worker-metrics "$out/metrics-before-half.txt" --worker-metrics "$out/metrics-after-half.txt")
+  e2e_args=(--end-to-end "$out/e2e-backlog.json" --end-to-end "$out/e2e-max.json" --end-to-end "$out/e2e-half.json"
+    --worker-metrics "$out/metrics-before-half.txt" --worker-metrics "$out/metrics-after-half.txt"
+    --drain-metrics "$out/metrics-before-backlog.txt" --drain-metrics "$out/metrics-after-backlog.txt")
 fi
 
 say "triagem's model path, $threads threads"

@@ -58,6 +58,9 @@ pub struct BenchOptions {
     pub worker_metrics: Vec<PathBuf>,
     /// The worker's `batch.max_wait`, for the latency bound.
     pub max_wait: Duration,
+    /// The worker's `/metrics` text before and after the backlog run (empty, or two files): how much of
+    /// the drain its model spent computing.
+    pub drain_metrics: Vec<PathBuf>,
 }
 
 /// Why the benchmark could not run.
@@ -120,7 +123,22 @@ pub struct BenchReport {
     /// The worker's own latency over the run between the two `/metrics` scrapes, when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_latency: Option<WorkerLatency>,
+    /// How busy the worker kept its model while it drained the backlog, when its `/metrics` were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
     pub peak_rss_bytes: u64,
+}
+
+/// The model's share of a backlog drain: the growth of the worker's `triagem_inference_seconds_sum`
+/// over the backlog run (scraped before and after; the worker read nothing else meanwhile) against
+/// loadgen's `drain_seconds`. Near 1, the pipeline kept the model fed and the worker's rate is its
+/// model's on the cores it shares with the rest.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Drain {
+    pub messages: f64,
+    pub forward_seconds: f64,
+    pub drain_seconds: f64,
+    pub model_busy: f64,
 }
 
 /// The worker's latency over a run, from the difference of two scrapes of
@@ -223,10 +241,15 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             obj.retain(|k, _| !matches!(k.as_str(), "missing_ids" | "run_id"));
         }
         let get = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        let (throughput, rate) = (get("throughput"), get("send_rate"));
+        // A backlog run (`loadgen --backlog`): sent before the worker read; its rate is the drain rate.
+        let (batching, throughput) = if report.get("received_while_sending").is_some() {
+            ("backlog".to_string(), get("drain_throughput"))
+        } else {
+            (format!("sent {:.0}/s", get("send_rate")), get("throughput"))
+        };
         rows.push(Row {
             runtime: "worker end to end".into(),
-            batching: format!("sent {rate:.0}/s"),
+            batching,
             messages_per_second: throughput,
             padded_tokens_per_message: None,
         });
@@ -248,6 +271,24 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             return Err(BenchError::Input {
                 path: more[0].clone(),
                 reason: format!("--worker-metrics takes two files (before and after a run), not {}", more.len()),
+            })
+        }
+    };
+
+    let drain = match opts.drain_metrics.as_slice() {
+        [] => None,
+        [before, after] => {
+            let input = |path: &PathBuf, reason: String| BenchError::Input { path: path.clone(), reason };
+            let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| input(p, e.to_string()));
+            Some(drain(&read(before)?, &read(after)?, &end_to_end).map_err(|r| input(after, r))?)
+        }
+        more => {
+            return Err(BenchError::Input {
+                path: more[0].clone(),
+                reason: format!(
+                    "--drain-metrics takes two files (before and after the backlog run), not {}",
+                    more.len()
+                ),
             })
         }
     };
@@ -284,7 +325,34 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ratio_to_onnxruntime,
         end_to_end,
         worker_latency,
+        drain,
         peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// The model's share of the backlog run among `end_to_end`, from the worker's `/metrics` before and after it.
+pub fn drain(before: &str, after: &str, end_to_end: &[Value]) -> Result<Drain, String> {
+    let backlog = end_to_end
+        .iter()
+        .find(|e| e.get("received_while_sending").is_some())
+        .ok_or("--drain-metrics needs a backlog run among --end-to-end (`triagem loadgen --backlog`)")?;
+    let get = |k: &str| backlog.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let forward = |text: &str| {
+        samples(text)
+            .get("triagem_inference_seconds_sum")
+            .copied()
+            .ok_or("no triagem_inference_seconds_sum in it: not a triagem worker's /metrics")
+    };
+    let forward_seconds = forward(after)? - forward(before)?;
+    let drain_seconds = get("drain_seconds");
+    if drain_seconds <= 0.0 {
+        return Err("the backlog run has no drain time (fewer than two outputs came back)".into());
+    }
+    Ok(Drain {
+        messages: get("accounted"),
+        forward_seconds,
+        drain_seconds,
+        model_busy: forward_seconds / drain_seconds,
     })
 }
 
@@ -494,15 +562,43 @@ impl BenchReport {
                 .collect();
             s.push_str(&format!("triagem / ONNX Runtime: {}\n", parts.join(", ")));
         }
+        let worker_row = self.rows.iter().find(|r| r.runtime == "triagem" && r.batching == "worker");
+        let of_worker_row = |rate: f64| {
+            worker_row.map_or(String::new(), |r| {
+                format!(" ({:.0} % of the model path at the worker's batching)", 100.0 * rate / r.messages_per_second)
+            })
+        };
         for e in &self.end_to_end {
             let get = |k: &str| e.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
             let lat = |k: &str| e.get("latency").and_then(|l| l.get(k)).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            if e.get("received_while_sending").is_some() {
+                s.push_str(&format!(
+                    "worker end to end, a backlog of {:.0} sent while it did not read: drained at {:.0} msg/s{}, \
+                     first output to last; {} came out while sending, {} missing, {} duplicates\n",
+                    get("sent"),
+                    get("drain_throughput"),
+                    of_worker_row(get("drain_throughput")),
+                    get("received_while_sending"),
+                    get("missing"),
+                    get("duplicates")
+                ));
+                if let Some(d) = &self.drain {
+                    s.push_str(&format!(
+                        "  its model computed for {:.2} s of the drain's {:.2} s: busy {:.0} % of it (the rest: waiting for batches)\n",
+                        d.forward_seconds,
+                        d.drain_seconds,
+                        100.0 * d.model_busy
+                    ));
+                }
+                continue;
+            }
             s.push_str(&format!(
-                "worker end to end, {:.0} sent at {:.0}/s: {:.0} msg/s, latency p50 {:.0} / p99 {:.0} / max {:.0} ms, \
+                "worker end to end, {:.0} sent at {:.0}/s: {:.0} msg/s{}, latency p50 {:.0} / p99 {:.0} / max {:.0} ms, \
                  {} missing, {} duplicates\n",
                 get("sent"),
                 get("send_rate"),
                 get("throughput"),
+                of_worker_row(get("throughput")),
                 lat("p50_ms"),
                 lat("p99_ms"),
                 lat("max_ms"),
@@ -537,6 +633,22 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn the_drain_share_is_forward_time_over_the_backlog_runs_drain_time() {
+        let scrape =
+            |sum: f64| format!("# TYPE triagem_inference_seconds histogram\ntriagem_inference_seconds_sum {sum}\n");
+        let (before, after) = (scrape(0.5), scrape(2.0));
+        let max_run = json!({"accounted": 100.0, "drain_seconds": 9.0, "throughput": 50.0});
+        let backlog = json!({"accounted": 1000.0, "drain_seconds": 2.0, "received_while_sending": 0});
+        let d = drain(&before, &after, &[max_run.clone(), backlog.clone()]).unwrap();
+        assert_eq!(d, Drain { messages: 1000.0, forward_seconds: 1.5, drain_seconds: 2.0, model_busy: 0.75 });
+        let err = drain(&before, &after, &[max_run]).unwrap_err();
+        assert!(err.contains("--backlog"), "{err}");
+        let empty = json!({"accounted": 1.0, "drain_seconds": 0.0, "received_while_sending": 0});
+        assert!(drain(&before, &after, &[empty]).unwrap_err().contains("no drain time"));
+        assert!(drain("up 1\n", &after, &[backlog]).unwrap_err().contains("not a triagem worker"));
+    }
 
     #[test]
     fn histogram_quantile_reads_buckets_as_prometheus_does() {

@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// latency against batch.max_wait + 3 forward passes.
     #[arg(long)]
     pub worker_metrics: Vec<PathBuf>,
+    /// The worker's /metrics scraped before and after the backlog run (`loadgen --backlog`; give it twice):
+    /// the share of the drain its model spent computing.
+    #[arg(long)]
+    pub drain_metrics: Vec<PathBuf>,
     /// The worker's batch.max_wait, for that bound.
     #[arg(long, env = "TRIAGEM__BATCH__MAX_WAIT", value_parser = humantime::parse_duration, default_value = "20ms")]
     pub max_wait: std::time::Duration,
@@ -148,6 +152,11 @@ pub struct LoadgenArgs {
     /// read_uncommitted, an output counts as soon as it is written, an aborted one included).
     #[arg(long, env = "TRIAGEM_LOADGEN_READ_COMMITTED")]
     pub read_committed: bool,
+    /// Measure how fast the worker drains a backlog: send while the worker is not reading (stopped, or not
+    /// started yet), create FILE once the broker has acknowledged every message — start or resume the worker
+    /// then — and read the drain rate (first output to last) in the report.
+    #[arg(long, env = "TRIAGEM_LOADGEN_BACKLOG", value_name = "FILE")]
+    pub backlog: Option<PathBuf>,
     /// Print the report as one JSON object on stdout instead of the table.
     #[arg(long, env = "TRIAGEM_LOADGEN_JSON")]
     pub json: bool,

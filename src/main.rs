@@ -181,6 +181,7 @@ fn run_loadgen(a: LoadgenArgs) -> Result<()> {
         client: a.client,
         progress: !a.quiet,
         read_committed: a.read_committed,
+        backlog: a.backlog,
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
@@ -220,6 +221,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         peak_gflops: a.peak_gflops,
         worker_metrics: a.worker_metrics,
         max_wait: a.max_wait,
+        drain_metrics: a.drain_metrics,
     })?;
     if !a.json {
         println!("{}", report.render());

@@ -177,3 +177,41 @@ async fn earlier_traffic_is_not_counted_and_a_missing_topic_is_an_error() {
     drop(producer);
     drop(mock);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_sent_before_the_router_starts_and_its_drain_is_timed() {
+    let mock = cluster();
+    let data = data_file();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("backlog.sent");
+    let mut opts = options(mock.bootstrap_servers(), &data);
+    opts.limit = Limit::Count(400);
+    opts.backlog = Some(marker.clone());
+    let run = tokio::spawn(loadgen::run(opts));
+
+    // The router starts only once loadgen says every message is acknowledged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(std::time::Instant::now() < deadline, "no backlog file after 20 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "400\n");
+    let (stop, stopped) = watch::channel(false);
+    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), None, stopped));
+    let report = run.await.unwrap().expect("nothing missing");
+    stop.send(true).unwrap();
+    assert_eq!(router.await.unwrap(), 400);
+
+    assert_eq!((report.accounted, report.missing, report.received_while_sending), (400, 0, Some(0)));
+    assert!(report.drain_seconds > 0.0 && report.drain_throughput > 0.0, "{report:?}");
+    // The drain starts after the sends: it is shorter than send start → last output.
+    assert!(report.drain_seconds < report.end_to_end_seconds - report.send_seconds, "{report:?}");
+    assert!(report.render().contains("drain rate"));
+
+    // Without a router reading, a backlog file that cannot be written is one clear error.
+    let mut opts = options(mock.bootstrap_servers(), &data);
+    opts.limit = Limit::Count(5);
+    opts.backlog = Some(dir.path().join("no-such-dir").join("backlog.sent"));
+    let err = loadgen::run(opts).await.expect_err("the file cannot be created");
+    assert!(err.to_string().starts_with("cannot create the backlog file"), "{err}");
+}

@@ -98,6 +98,11 @@ pub struct LoadgenOptions {
     /// Read the outputs with `isolation.level = read_committed` (an exactly-once worker's outputs
     /// count once their transaction commits); else `read_uncommitted`.
     pub read_committed: bool,
+    /// A backlog run: the worker is not reading while the messages are sent (stopped, or not started
+    /// yet); this file is created once the broker has acknowledged every message, for the script that
+    /// starts or resumes the worker then, and the report counts the outputs that came back before it
+    /// (`received_while_sending`). The figure to read is then `drain_throughput`.
+    pub backlog: Option<PathBuf>,
 }
 
 impl LoadgenOptions {
@@ -117,6 +122,7 @@ impl LoadgenOptions {
             client: Vec::new(),
             progress: false,
             read_committed: false,
+            backlog: None,
         }
     }
 
@@ -178,6 +184,8 @@ pub enum LoadgenError {
     Kafka { context: String, error: KafkaError },
     #[error("topic {topic:?} does not exist on {brokers} (create it, or name an existing one)")]
     TopicMissing { topic: String, brokers: String },
+    #[error("cannot create the backlog file {path:?}: {reason}")]
+    Backlog { path: PathBuf, reason: String },
     #[error("a loadgen task failed: {0}")]
     Task(String),
     #[error(
@@ -306,11 +314,25 @@ pub async fn run(opts: LoadgenOptions) -> Result<LoadgenReport, LoadgenError> {
     let deliveries = tokio::spawn(await_deliveries(delivery_rx, tracker.clone()));
 
     let started = Instant::now();
-    let send_result = send(&opts, &texts, &producer, &tracker, &delivery_tx, &progress.sent, started).await;
+    let mut send_result = send(&opts, &texts, &producer, &tracker, &delivery_tx, &progress.sent, started).await;
     drop(delivery_tx);
     deliveries.await.map_err(|e| LoadgenError::Task(e.to_string()))?;
     let sends_done = Instant::now();
     progress.sent.finish();
+    let mut received_while_sending = None;
+    if let (Some(path), Ok(())) = (&opts.backlog, &send_result) {
+        let (sent, received) = {
+            let t = lock(&tracker);
+            (t.sent_count(), t.received_count())
+        };
+        received_while_sending = Some(received);
+        if received > 0 {
+            tracing::warn!(received, "outputs came back while the backlog was being sent: the worker was reading");
+        }
+        if let Err(e) = std::fs::write(path, format!("{sent}\n")) {
+            send_result = Err(LoadgenError::Backlog { path: path.clone(), reason: e.to_string() });
+        }
+    }
     if send_result.is_ok() {
         let sent = lock(&tracker).sent_count();
         progress.received.set_length(sent);
@@ -327,7 +349,8 @@ pub async fn run(opts: LoadgenOptions) -> Result<LoadgenReport, LoadgenError> {
     drop(producer);
     send_result?;
 
-    let report = lock(&tracker).report(&run_id, &opts.input_topic, started, sends_done);
+    let mut report = lock(&tracker).report(&run_id, &opts.input_topic, started, sends_done);
+    report.received_while_sending = received_while_sending;
     if report.ok() {
         Ok(report)
     } else {

@@ -84,6 +84,15 @@ pub struct LoadgenReport {
     pub end_to_end_seconds: f64,
     /// End-to-end throughput: `accounted / end_to_end_seconds`, messages per second.
     pub throughput: f64,
+    /// The first output's receipt to the last first receipt, seconds.
+    pub drain_seconds: f64,
+    /// How fast the outputs came: `(accounted - 1) / drain_seconds`, messages per second — the
+    /// worker's rate once it has started, what `--backlog` reports (0 with fewer than 2 outputs).
+    pub drain_throughput: f64,
+    /// With `--backlog`: sent messages whose output came back before every send was acknowledged
+    /// (0 when the worker was stopped as it should be); absent without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_while_sending: Option<u64>,
     /// Send → receipt by loadgen's consumer (first receipt of each message).
     pub latency: Option<LatencySummary>,
 }
@@ -123,6 +132,13 @@ impl LoadgenReport {
             "{:<28} {:>10.1} msg/s  ({:.2} s)",
             "end-to-end throughput", self.throughput, self.end_to_end_seconds
         ));
+        line(format!(
+            "{:<28} {:>10.1} msg/s  ({:.2} s, first output to last)",
+            "drain rate", self.drain_throughput, self.drain_seconds
+        ));
+        if let Some(n) = self.received_while_sending {
+            line(format!("{:<28} {:>10}  (a backlog run: 0 when the worker waited)", "out before sends done", n));
+        }
         match &self.latency {
             Some(l) => line(format!(
                 "{:<28} p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}  mean {:.1}",
@@ -193,6 +209,8 @@ pub struct Tracker {
     outstanding: u64,
     /// Send (scheduled send at a fixed rate) → first receipt, microseconds.
     latencies_us: Histogram<u64>,
+    /// The earliest first receipt.
+    first_receipt: Option<Instant>,
     /// The latest first receipt.
     last_receipt: Option<Instant>,
 }
@@ -210,6 +228,7 @@ impl Tracker {
             foreign: 0,
             outstanding: 0,
             latencies_us: latency_histogram(),
+            first_receipt: None,
             last_receipt: None,
         }
     }
@@ -268,8 +287,14 @@ impl Tracker {
         }
         let micros = at.saturating_duration_since(slot.sent_at).as_micros() as u64;
         self.latencies_us.saturating_record(micros.max(1));
+        self.first_receipt = Some(self.first_receipt.map_or(at, |t| t.min(at)));
         self.last_receipt = Some(self.last_receipt.map_or(at, |t| t.max(at)));
         Receipt::First
+    }
+
+    /// Sent messages received at least once.
+    pub fn received_count(&self) -> u64 {
+        self.slots.iter().filter(|s| s.state == State::Received).count() as u64
     }
 
     /// Sent messages neither received nor failed.
@@ -302,6 +327,10 @@ impl Tracker {
         let accounted = count(&|s| s.state == State::Received);
         let send_seconds = sends_done.saturating_duration_since(started).as_secs_f64();
         let end_to_end_seconds = self.last_receipt.map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64());
+        let drain_seconds = match (self.first_receipt, self.last_receipt) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
         let per_second = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
         LoadgenReport {
             run_id: run_id.to_string(),
@@ -320,6 +349,9 @@ impl Tracker {
             send_rate: per_second(sent, send_seconds),
             end_to_end_seconds,
             throughput: per_second(accounted, end_to_end_seconds),
+            drain_seconds,
+            drain_throughput: per_second(accounted.saturating_sub(1), drain_seconds),
+            received_while_sending: None,
             latency: LatencySummary::from_histogram(&self.latencies_us),
         }
     }
@@ -429,6 +461,29 @@ mod tests {
         assert_eq!((r.sent, r.send_failed, r.missing), (1, 1, 0));
         assert_eq!(r.send_rate, 0.5);
         assert!(r.ok());
+    }
+
+    #[test]
+    fn the_drain_rate_counts_from_the_first_output_to_the_last() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            t.sent(t0, false);
+        }
+        let r = t.report("run1", "in", t0, t0);
+        assert_eq!((r.drain_seconds, r.drain_throughput), (0.0, 0.0), "nothing received: no rate");
+        // Received 10 s after the sends (a worker started late), 4 intervals over 2 s, out of order;
+        // a duplicate after the last first receipt does not stretch the span.
+        let at = |ms: u64| t0 + Duration::from_millis(10_000 + ms);
+        for (i, ms) in [(1, 500), (0, 0), (3, 2000), (2, 1500), (4, 1000)] {
+            t.receive("a.venda", Some(&format!("run1-{i}")), at(ms));
+        }
+        t.receive("a.venda", Some("run1-0"), at(9000));
+        let r = t.report("run1", "in", t0, t0);
+        assert_eq!(r.drain_seconds, 2.0);
+        assert_eq!(r.drain_throughput, 2.0, "4 outputs after the first, in 2 s");
+        assert_eq!(r.end_to_end_seconds, 12.0);
+        assert_eq!(r.received_while_sending, None);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 #      transformers, onnx and onnxruntime is given in TRIAGEM_BENCH_PYTHON (skipped, with a message, when not);
 #   2. the worker end to end through a real broker (triagem-test-broker, librdkafka's mock cluster in its own
 #      process; BROKER=tansu for tansu): after a warm-up, a backlog sent while the worker is stopped
-#      (`loadgen --backlog`: the rate the worker drains it at, and how busy its model was), then `triagem loadgen` as fast as possible, then at half that
-#      rate for the latency (loadgen's, end to end, and the worker's own from its /metrics before and after);
+#      (`loadgen --backlog`: the rate the worker drains it at, and how busy its model was), then
+#      `triagem loadgen` as fast as possible, then at half that rate for the latency (loadgen's, end to
+#      end, and the worker's own from its /metrics before and after);
 #   3. `triagem bench`: triagem's model path at batch 1/8/32 and at the worker's batching, tokenisation
 #      included, the FLOP ceiling and peak memory, with 1 and 2 folded into its table.
 #

@@ -101,7 +101,7 @@ if [ "$e2e_count" -gt 0 ]; then
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --backlog "$out/backlog.sent" \
     --settle-timeout 120s --quiet --json >"$out/e2e-backlog.json" &
   backlog_pid=$!
-  for _ in $(seq 1200); do [ -f "$out/backlog.sent" ] || ! kill -0 "$backlog_pid" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 12000); do [ -f "$out/backlog.sent" ] || ! kill -0 "$backlog_pid" 2>/dev/null && break; sleep 0.01; done
   kill -CONT "$worker_pid"
   [ -f "$out/backlog.sent" ] || { say "loadgen did not send the backlog"; wait "$backlog_pid"; exit 1; }
   wait "$backlog_pid"

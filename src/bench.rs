@@ -131,13 +131,16 @@ pub struct BenchReport {
 
 /// The model's share of a backlog drain: the growth of the worker's `triagem_inference_seconds_sum`
 /// over the backlog run (scraped before and after; the worker read nothing else meanwhile) against
-/// loadgen's `drain_seconds`. Near 1, the pipeline kept the model fed and the worker's rate is its
-/// model's on the cores it shares with the rest.
+/// the time from the last send's acknowledgement (the worker is resumed then) to the last output
+/// read back (loadgen's `end_to_end_seconds - send_seconds`). Not the first-to-last output span of
+/// the drain rate: the first output leaves only once the forward passes of its window are done.
+/// Near 1, the pipeline kept the model fed and the worker's rate is its model's on the cores it
+/// shares with the rest.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Drain {
     pub messages: f64,
     pub forward_seconds: f64,
-    pub drain_seconds: f64,
+    pub span_seconds: f64,
     pub model_busy: f64,
 }
 
@@ -344,16 +347,11 @@ pub fn drain(before: &str, after: &str, end_to_end: &[Value]) -> Result<Drain, S
             .ok_or("no triagem_inference_seconds_sum in it: not a triagem worker's /metrics")
     };
     let forward_seconds = forward(after)? - forward(before)?;
-    let drain_seconds = get("drain_seconds");
-    if drain_seconds <= 0.0 {
-        return Err("the backlog run has no drain time (fewer than two outputs came back)".into());
+    let span_seconds = get("end_to_end_seconds") - get("send_seconds");
+    if span_seconds <= 0.0 {
+        return Err("the backlog run has no time between its last send and its last output".into());
     }
-    Ok(Drain {
-        messages: get("accounted"),
-        forward_seconds,
-        drain_seconds,
-        model_busy: forward_seconds / drain_seconds,
-    })
+    Ok(Drain { messages: get("accounted"), forward_seconds, span_seconds, model_busy: forward_seconds / span_seconds })
 }
 
 /// Samples of a Prometheus text exposition: `name{labels}` → value (no timestamps, no comments).
@@ -584,9 +582,10 @@ impl BenchReport {
                 ));
                 if let Some(d) = &self.drain {
                     s.push_str(&format!(
-                        "  its model computed for {:.2} s of the drain's {:.2} s: busy {:.0} % of it (the rest: waiting for batches)\n",
+                        "  its model computed for {:.2} s of the {:.2} s from the backlog's last send to its last output: \
+                         busy {:.0} % (the rest: waiting for batches)\n",
                         d.forward_seconds,
-                        d.drain_seconds,
+                        d.span_seconds,
                         100.0 * d.model_busy
                     ));
                 }
@@ -639,14 +638,15 @@ mod tests {
         let scrape =
             |sum: f64| format!("# TYPE triagem_inference_seconds histogram\ntriagem_inference_seconds_sum {sum}\n");
         let (before, after) = (scrape(0.5), scrape(2.0));
-        let max_run = json!({"accounted": 100.0, "drain_seconds": 9.0, "throughput": 50.0});
-        let backlog = json!({"accounted": 1000.0, "drain_seconds": 2.0, "received_while_sending": 0});
+        let max_run = json!({"accounted": 100.0, "end_to_end_seconds": 9.0, "send_seconds": 1.0});
+        let backlog = json!({"accounted": 1000.0, "end_to_end_seconds": 2.5, "send_seconds": 0.5, "drain_seconds": 1.8, "received_while_sending": 0});
         let d = drain(&before, &after, &[max_run.clone(), backlog.clone()]).unwrap();
-        assert_eq!(d, Drain { messages: 1000.0, forward_seconds: 1.5, drain_seconds: 2.0, model_busy: 0.75 });
+        assert_eq!(d, Drain { messages: 1000.0, forward_seconds: 1.5, span_seconds: 2.0, model_busy: 0.75 });
         let err = drain(&before, &after, &[max_run]).unwrap_err();
         assert!(err.contains("--backlog"), "{err}");
-        let empty = json!({"accounted": 1.0, "drain_seconds": 0.0, "received_while_sending": 0});
-        assert!(drain(&before, &after, &[empty]).unwrap_err().contains("no drain time"));
+        let empty =
+            json!({"accounted": 0.0, "end_to_end_seconds": 0.0, "send_seconds": 0.5, "received_while_sending": 0});
+        assert!(drain(&before, &after, &[empty]).unwrap_err().contains("no time between"));
         assert!(drain("up 1\n", &after, &[backlog]).unwrap_err().contains("not a triagem worker"));
     }
 

@@ -244,8 +244,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             obj.retain(|k, _| !matches!(k.as_str(), "missing_ids" | "run_id"));
         }
         let get = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        // A backlog run (`loadgen --backlog`): sent before the worker read; its rate is the drain rate.
-        let (batching, throughput) = if report.get("received_while_sending").is_some() {
+        // A backlog run: sent before the worker read; its rate is the drain rate.
+        let (batching, throughput) = if is_backlog(&report) {
             ("backlog".to_string(), get("drain_throughput"))
         } else {
             (format!("sent {:.0}/s", get("send_rate")), get("throughput"))
@@ -333,11 +333,17 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     })
 }
 
+/// Whether a `loadgen --json` report is of a backlog run (`--backlog`: only those carry
+/// `received_while_sending`).
+fn is_backlog(report: &Value) -> bool {
+    report.get("received_while_sending").is_some()
+}
+
 /// The model's share of the backlog run among `end_to_end`, from the worker's `/metrics` before and after it.
 pub fn drain(before: &str, after: &str, end_to_end: &[Value]) -> Result<Drain, String> {
     let backlog = end_to_end
         .iter()
-        .find(|e| e.get("received_while_sending").is_some())
+        .find(|e| is_backlog(e))
         .ok_or("--drain-metrics needs a backlog run among --end-to-end (`triagem loadgen --backlog`)")?;
     let get = |k: &str| backlog.get(k).and_then(Value::as_f64).unwrap_or(0.0);
     let forward = |text: &str| {
@@ -569,7 +575,7 @@ impl BenchReport {
         for e in &self.end_to_end {
             let get = |k: &str| e.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
             let lat = |k: &str| e.get("latency").and_then(|l| l.get(k)).and_then(Value::as_f64).unwrap_or(f64::NAN);
-            if e.get("received_while_sending").is_some() {
+            if is_backlog(e) {
                 s.push_str(&format!(
                     "worker end to end, a backlog of {:.0} sent while it did not read: drained at {:.0} msg/s{}, \
                      first output to last; {} came out while sending, {} missing, {} duplicates\n",

@@ -324,7 +324,7 @@ impl Tracker {
         let count = |f: &dyn Fn(&Slot) -> bool| self.slots.iter().filter(|s| f(s)).count() as u64;
         let send_failed = count(&|s| s.state == State::Failed);
         let sent = self.slots.len() as u64 - send_failed;
-        let accounted = count(&|s| s.state == State::Received);
+        let accounted = self.received_count();
         let send_seconds = sends_done.saturating_duration_since(started).as_secs_f64();
         let end_to_end_seconds = self.last_receipt.map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64());
         let drain_seconds = match (self.first_receipt, self.last_receipt) {

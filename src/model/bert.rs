@@ -528,9 +528,6 @@ mod tests {
                 }
             }
         }
-        // The products above ran with the weights packed from 7 token rows (cpu.rs explains why).
-        assert_eq!(gemm::get_lhs_packing_threshold_single_thread(), 1);
-        assert_eq!(gemm::get_lhs_packing_threshold_multi_thread(), 1);
     }
 
     /// Input the serving path cannot compute is an error naming the text, never a panic.

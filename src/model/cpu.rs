@@ -13,10 +13,16 @@
 //!   token and the rest (query, attention, feed-forward) for `[CLS]` only.
 //!   On the default two-layer model that is 36 % fewer operations at its
 //!   mean length of 18.5 tokens (`triagem bench` prints the count).
-//! - **One pass a step.** Each product is written onto its bias (the `gemm`
-//!   crate reads the destination), the residual add is done inside the layer
-//!   norm, attention is one loop per text and head without score tensors, and
-//!   the loops are compiled for the CPU's widest vector unit (`pulp`).
+//! - **One pass a step.** Each product is added onto its bias, the residual
+//!   add is done inside the layer norm, attention is one loop per text and
+//!   head without score tensors, and the loops are compiled for the CPU's
+//!   widest vector unit (`pulp`).
+//! - **Weights laid out for the product.** Each layer's weights are stored in
+//!   panels of 16 output columns, read start to end by an AVX2/FMA tile of
+//!   six rows (`panel_product`), which asks the memory for the next panel
+//!   while it computes: a model whose weights do not stay in cache reads
+//!   them at the memory's pace instead of waiting for each block (other
+//!   CPUs: the `gemm` crate on the same panels).
 //! - **Threads that do not meet.** A batch is split between the model's
 //!   threads by texts, each part run start to end by one thread; a batch of
 //!   one text splits each large product into bands of output columns, one a
@@ -76,13 +82,19 @@ impl Activation {
     }
 }
 
-/// A dense layer: weights transposed to (in, out), so that `y = x · w + b` with `x` row-major.
+/// A dense layer, `y = x · w + b` with `x` row-major, its weights stored in
+/// panels of [`PANEL`] output columns: panel `p` holds `w[k][16p..16p + 16]`
+/// for every input `k`, `k` after `k` (the last panel padded with zeros), so
+/// that a product reads each panel start to end, once for every six rows.
 pub struct Dense {
-    w: Vec<f32>,
+    panels: Vec<f32>,
     b: Vec<f32>,
     n_in: usize,
     n_out: usize,
 }
+
+/// Output columns a panel holds: two 8-lane vectors.
+const PANEL: usize = 16;
 
 impl Dense {
     /// From a weight shaped (out, in), as candle's `Linear` and PyTorch store it, and a bias (out).
@@ -93,23 +105,39 @@ impl Dense {
         if b.len() != n_out {
             candle_core::bail!("a bias of {} for a layer of {n_out} outputs", b.len());
         }
-        Ok(Self { w, b, n_in, n_out })
+        Ok(Self::from_in_out(&w, b, n_in, n_out))
+    }
+
+    /// From weights laid out (in, out), row-major, and a bias (out).
+    fn from_in_out(w: &[f32], b: Vec<f32>, n_in: usize, n_out: usize) -> Self {
+        debug_assert_eq!(w.len(), n_in * n_out);
+        let mut panels = vec![0f32; n_out.div_ceil(PANEL) * PANEL * n_in];
+        for (p, panel) in panels.chunks_exact_mut(PANEL * n_in).enumerate() {
+            let cols = p * PANEL..((p + 1) * PANEL).min(n_out);
+            for (k, row) in panel.chunks_exact_mut(PANEL).enumerate() {
+                row[..cols.len()].copy_from_slice(&w[k * n_out..][cols.clone()]);
+            }
+        }
+        Self { panels, b, n_in, n_out }
+    }
+
+    /// The weight from input `k` to output `o`.
+    fn weight(&self, k: usize, o: usize) -> f32 {
+        self.panels[(o / PANEL) * PANEL * self.n_in + k * PANEL + o % PANEL]
     }
 
     /// Two layers: the first `first` outputs of this one, and the rest.
     pub fn split_outputs(&self, first: usize) -> (Dense, Dense) {
-        let part = |range: std::ops::Range<usize>| Dense {
-            w: self.w.chunks_exact(self.n_out).flat_map(|row| &row[range.clone()]).copied().collect(),
-            b: self.b[range.clone()].to_vec(),
-            n_in: self.n_in,
-            n_out: range.len(),
+        let part = |range: std::ops::Range<usize>| {
+            let w: Vec<f32> = (0..self.n_in).flat_map(|k| range.clone().map(move |o| self.weight(k, o))).collect();
+            Dense::from_in_out(&w, self.b[range.clone()].to_vec(), self.n_in, range.len())
         };
         (part(0..first), part(first..self.n_out))
     }
 
     /// `out` = `x` (`rows` × in) · w + b, (`rows` × out). With `threads` > 1
     /// and a product large enough, each thread computes a band of the output
-    /// columns from its own band of the weights.
+    /// columns from its own panels.
     fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, threads: usize) {
         debug_assert_eq!(x.len(), rows * self.n_in);
         out.clear();
@@ -123,42 +151,74 @@ impl Dense {
         let bands = if rows * self.n_in * self.n_out < SPLIT_MIN_MULTIPLY_ADDS { 1 } else { threads };
         if bands <= 1 {
             // SAFETY: `dst` holds rows × n_out values; the band is all of them.
-            unsafe { self.band(x, rows, dst, 0..self.n_out) };
+            unsafe { self.band(x, rows, dst, 0..self.n_out.div_ceil(PANEL)) };
             return;
         }
-        // Bands in whole micro-kernel rows (16 outputs), at most one a thread.
-        let width = self.n_out.div_ceil(bands).next_multiple_of(16);
-        (0..self.n_out.div_ceil(width)).into_par_iter().for_each(|band| {
+        // Bands of whole panels, at most one a thread.
+        let panels = self.n_out.div_ceil(PANEL);
+        let width = panels.div_ceil(bands);
+        (0..panels.div_ceil(width)).into_par_iter().for_each(|band| {
             let start = band * width;
             // SAFETY: the bands are disjoint column ranges of `dst`, which outlives this loop.
-            unsafe { self.band(x, rows, dst, start..(start + width).min(self.n_out)) }
+            unsafe { self.band(x, rows, dst, start..(start + width).min(panels)) }
         });
     }
 
-    /// Columns `cols` of `dst` (`rows` × out, row-major, holding the bias) += `x` · w[.., cols].
+    /// The columns of panels `panels` of `dst` (`rows` × out, row-major, holding the bias) += `x` ·
+    /// their weights.
     ///
     /// # Safety
     /// `dst` points at `rows` × `n_out` values that nothing else reads or
-    /// writes in the columns `cols` while this runs.
-    unsafe fn band(&self, x: &[f32], rows: usize, dst: OutPtr, cols: std::ops::Range<usize>) {
-        // SAFETY: `x` holds rows × n_in and `w` n_in × n_out values, row-major
-        // with the strides given; `cols` lies inside 0..n_out (the caller's
-        // range), so every pointer offset stays inside its buffer.
+    /// writes in the columns of `panels` while this runs.
+    unsafe fn band(&self, x: &[f32], rows: usize, dst: OutPtr, panels: std::ops::Range<usize>) {
+        let size = PANEL * self.n_in;
+        let block = (INPUT_BLOCK_BYTES / (4 * self.n_in)).max(TILE_ROWS) / TILE_ROWS * TILE_ROWS;
+        for first in (0..rows).step_by(block) {
+            let (x, rows) = (&x[first * self.n_in..], block.min(rows - first));
+            for p in panels.clone() {
+                let panel = &self.panels[p * size..][..size];
+                let width = PANEL.min(self.n_out - p * PANEL);
+                let dst = dst.get().add(first * self.n_out + p * PANEL);
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_and_fma() {
+                    // The band's next panel, asked for from memory while this one is computed.
+                    let next = if p + 1 < panels.end { &self.panels[(p + 1) * size..][..size] } else { &[] };
+                    // SAFETY: AVX2 and FMA are present; `x` holds rows × n_in values, the panels
+                    // n_in × PANEL, and `dst` rows × n_out from this panel's first column, of which
+                    // this writes `width`, inside the caller's.
+                    unsafe { panel_product(x, rows, self.n_in, panel, next, dst, self.n_out, width) };
+                    continue;
+                }
+                // SAFETY: as above.
+                unsafe { self.panel_portable(x, rows, panel, dst, width) };
+            }
+        }
+    }
+
+    /// [`panel_product`]'s work without it: the `gemm` crate on the same panel (other CPUs
+    /// and architectures).
+    ///
+    /// # Safety
+    /// `dst` holds `rows` rows of `width` values, `n_out` apart.
+    unsafe fn panel_portable(&self, x: &[f32], rows: usize, panel: &[f32], dst: *mut f32, width: usize) {
+        assert!(x.len() >= rows * self.n_in && panel.len() >= self.n_in * PANEL && width <= PANEL);
+        // SAFETY: `x` holds rows × n_in values and `panel` n_in × PANEL, row-major with the
+        // strides given; `dst` as the caller says.
         unsafe {
             gemm::gemm(
                 rows,
-                cols.len(),
+                width,
                 self.n_in,
-                dst.get().add(cols.start),
+                dst,
                 1,
                 self.n_out as isize,
                 true,
                 x.as_ptr(),
                 1,
                 self.n_in as isize,
-                self.w.as_ptr().add(cols.start),
+                panel.as_ptr(),
                 1,
-                self.n_out as isize,
+                PANEL as isize,
                 1.0,
                 1.0,
                 false,
@@ -166,6 +226,129 @@ impl Dense {
                 false,
                 Parallelism::None,
             )
+        }
+    }
+}
+
+/// How much of the input a band multiplies by every panel before moving on to the next rows:
+/// a block that stays in L2 (a quarter of this machine's 1 MiB), so that a large batch reads
+/// its input from L2 for each panel and its weights from memory once a block.
+const INPUT_BLOCK_BYTES: usize = 256 << 10;
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_and_fma() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// `dst` (`rows` × `width`, rows `dst_stride` apart) += `x` (`rows` × `k`, row-major) · `panel`
+/// (`k` × [`PANEL`], row-major; its first `width` columns), six rows at a time, each six over
+/// the whole panel with their 12 sums in registers. While it computes, it asks the memory for
+/// `next` (a panel too, or empty), one cache line (a panel row) every few rows of `k`, spread
+/// over its tiles of six: a model whose weights do not stay in cache (MiniLM-L6: 42 MB of
+/// encoder) otherwise waits for each panel as it starts on it.
+///
+/// # Safety
+/// AVX2 and FMA are available; `dst` holds the values described.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    panel: &[f32],
+    next: &[f32],
+    dst: *mut f32,
+    dst_stride: usize,
+    width: usize,
+) {
+    assert!(x.len() >= rows * k && panel.len() >= k * PANEL && width <= PANEL);
+    let tiles = rows.div_ceil(TILE_ROWS);
+    let next = if next.len() >= k * PANEL { next.as_ptr() } else { std::ptr::null() };
+    for t in 0..tiles {
+        let r = t * TILE_ROWS;
+        let prefetch = Prefetch { next, phase: t, every: tiles };
+        // SAFETY: rows r.. of `x` and `dst` exist (r < rows), the tile's count of them too.
+        unsafe {
+            let (x, dst, p) = (x.as_ptr().add(r * k), dst.add(r * dst_stride), panel.as_ptr());
+            match rows - r {
+                1 => tile::<1>(x, k, p, prefetch, dst, dst_stride, width),
+                2 => tile::<2>(x, k, p, prefetch, dst, dst_stride, width),
+                3 => tile::<3>(x, k, p, prefetch, dst, dst_stride, width),
+                4 => tile::<4>(x, k, p, prefetch, dst, dst_stride, width),
+                5 => tile::<5>(x, k, p, prefetch, dst, dst_stride, width),
+                _ => tile::<TILE_ROWS>(x, k, p, prefetch, dst, dst_stride, width),
+            }
+        }
+    }
+}
+
+/// Rows a tile computes at once: 6 × 2 vector sums, the two panel vectors and a broadcast fill
+/// 15 of AVX2's 16 registers.
+const TILE_ROWS: usize = 6;
+
+/// Which rows of the next panel a tile asks for: those whose index is `phase` modulo `every`.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    next: *const f32,
+    phase: usize,
+    every: usize,
+}
+
+/// `R` rows of [`panel_product`].
+///
+/// # Safety
+/// As [`panel_product`]: `x` holds `R` rows of `k`, `panel` `k` rows of [`PANEL`], `dst` `R` rows
+/// of `width` `dst_stride` apart, `prefetch.next` null or `k` rows of [`PANEL`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const R: usize>(
+    x: *const f32,
+    k: usize,
+    panel: *const f32,
+    prefetch: Prefetch,
+    dst: *mut f32,
+    dst_stride: usize,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut sums = [[_mm256_setzero_ps(); 2]; R];
+    // Counts down to the next row of `prefetch.next` to ask for; never reaches it when null.
+    let mut countdown = if prefetch.next.is_null() { usize::MAX } else { prefetch.phase };
+    for kk in 0..k {
+        // SAFETY (this loop): kk < k, so every offset is inside the rows described above.
+        unsafe {
+            if countdown == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(prefetch.next.add(kk * PANEL).cast());
+                countdown = prefetch.every;
+            }
+            countdown = countdown.wrapping_sub(1);
+            let w0 = _mm256_loadu_ps(panel.add(kk * PANEL));
+            let w1 = _mm256_loadu_ps(panel.add(kk * PANEL + 8));
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*x.add(i * k + kk));
+                sum[0] = _mm256_fmadd_ps(xv, w0, sum[0]);
+                sum[1] = _mm256_fmadd_ps(xv, w1, sum[1]);
+            }
+        }
+    }
+    for (i, sum) in sums.iter().enumerate() {
+        // SAFETY: row i < R of `dst`, `width` values from its start.
+        unsafe {
+            let d = dst.add(i * dst_stride);
+            if width == PANEL {
+                _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), sum[0]));
+                _mm256_storeu_ps(d.add(8), _mm256_add_ps(_mm256_loadu_ps(d.add(8)), sum[1]));
+            } else {
+                let mut both = [0f32; PANEL];
+                _mm256_storeu_ps(both.as_mut_ptr(), sum[0]);
+                _mm256_storeu_ps(both.as_mut_ptr().add(8), sum[1]);
+                for (j, v) in both.iter().enumerate().take(width) {
+                    *d.add(j) += v;
+                }
+            }
         }
     }
 }
@@ -289,7 +472,6 @@ impl CpuBert {
     /// padding), one row per text. Runs on the current rayon pool (the
     /// model's, inside [`super::threads::install`]).
     pub fn logits(&self, texts: &[&[u32]]) -> std::result::Result<Vec<Vec<f32>>, String> {
-        pack_weights_from_seven_tokens();
         for (i, t) in texts.iter().enumerate() {
             if t.is_empty() {
                 return Err(format!("text {i} of the batch has no tokens"));
@@ -397,32 +579,6 @@ impl CpuBert {
         self.classifier.forward(&s.tmp, texts.len(), &mut logits, threads);
         logits
     }
-}
-
-/// Makes the `gemm` crate pack a block of weights before multiplying it
-/// whenever a product has more than 6 token rows (its default: more than 48
-/// on one thread, 96 on several).
-///
-/// Our products are `tokens × in` by `in × out`, which `gemm` computes as
-/// `out × in` by `in × tokens`, six tokens per micro-kernel call. Unpacked,
-/// each block of weights is read from memory again for every six tokens of
-/// the batch, with a stride of a whole row between its values; packed, it is
-/// read once and then served from L1. A model whose weights stay in cache
-/// (the default: 1.6 MB of encoder weights) does not notice; MiniLM-L6's 88
-/// MB made a single message memory-bound. Measured with `triagem bench
-/// --threads 1` on MiniLM-L6 with a classification head (512 messages of 28
-/// tokens): batch 1 went from 77/75 to 90–94 msg/s; batches of 2 to 8,
-/// whose products already had enough rows, are unchanged; on two threads a
-/// batch of two (one text per thread) went from ~150 to ~190 msg/s. The
-/// default model: within noise. The setting is the process's (candle's
-/// products read it too); packing copies values, so results are the same
-/// bits (a training epoch gave the same `model.safetensors`).
-fn pack_weights_from_seven_tokens() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        gemm::set_lhs_packing_threshold_single_thread(1);
-        gemm::set_lhs_packing_threshold_multi_thread(1);
-    });
 }
 
 /// Keeps the first row of each text (its `[CLS]`) of rows laid out text after text, in place.
@@ -616,17 +772,13 @@ mod tests {
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         for n_out in [200, 256, 37 * 16 + 5] {
             assert!(rows * n_in * n_out >= SPLIT_MIN_MULTIPLY_ADDS, "{n_out} outputs would not be split");
-            let dense = Dense {
-                w: (0..n_in * n_out).map(value).collect(),
-                b: (0..n_out).map(|i| value(i + 3)).collect(),
-                n_in,
-                n_out,
-            };
+            let w: Vec<f32> = (0..n_in * n_out).map(value).collect();
+            let dense = Dense::from_in_out(&w, (0..n_out).map(|i| value(i + 3)).collect(), n_in, n_out);
             let x: Vec<f32> = (0..rows * n_in).map(|i| value(i + 11)).collect();
             let mut expected = vec![0f32; rows * n_out];
             for r in 0..rows {
                 for o in 0..n_out {
-                    let dot: f64 = (0..n_in).map(|i| x[r * n_in + i] as f64 * dense.w[i * n_out + o] as f64).sum();
+                    let dot: f64 = (0..n_in).map(|i| x[r * n_in + i] as f64 * w[i * n_out + o] as f64).sum();
                     expected[r * n_out + o] = (dot + dense.b[o] as f64) as f32;
                 }
             }
@@ -637,6 +789,54 @@ mod tests {
                 assert_eq!(out.len(), expected.len());
                 let worst = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(worst < 1e-4, "{n_out} outputs on {threads} threads: worst difference {worst}");
+            }
+        }
+    }
+
+    /// Products of every row count a tile of six can leave (1 to 13 rows) and of more rows than
+    /// a block of the input holds, widths that are and are not whole panels, one input to a
+    /// few hundred: the panels give the triple loop's
+    /// product, by the SIMD tiles (where the CPU has them) and by the portable path alike.
+    #[test]
+    fn a_product_over_panels_is_the_same_product_for_any_rows_and_width() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for n_in in [1, 7, 300] {
+            for n_out in [5, 16, 37, 64] {
+                let w: Vec<f32> = (0..n_in * n_out).map(|i| value(i + 5)).collect();
+                let b: Vec<f32> = (0..n_out).map(|i| value(i + 3)).collect();
+                let dense = Dense::from_in_out(&w, b.clone(), n_in, n_out);
+                // 451 rows: blocks of the input of 218 rows for 300 inputs (`INPUT_BLOCK_BYTES`).
+                for rows in (1..=13).chain([451]) {
+                    let x: Vec<f32> = (0..rows * n_in).map(|i| value(i + 11)).collect();
+                    let expected: Vec<f32> = (0..rows * n_out)
+                        .map(|i| {
+                            let (r, o) = (i / n_out, i % n_out);
+                            let dot: f64 = (0..n_in).map(|k| x[r * n_in + k] as f64 * w[k * n_out + o] as f64).sum();
+                            (dot + b[o] as f64) as f32
+                        })
+                        .collect();
+                    let mut simd = Vec::new();
+                    dense.forward(&x, rows, &mut simd, 1);
+                    let mut portable = Vec::new();
+                    for _ in 0..rows {
+                        portable.extend_from_slice(&b);
+                    }
+                    for p in 0..n_out.div_ceil(PANEL) {
+                        let panel = &dense.panels[p * PANEL * n_in..][..PANEL * n_in];
+                        let width = PANEL.min(n_out - p * PANEL);
+                        // SAFETY: `portable` holds rows × n_out values, this panel's columns from p · PANEL.
+                        unsafe { dense.panel_portable(&x, rows, panel, portable.as_mut_ptr().add(p * PANEL), width) };
+                    }
+                    for (path, out) in [("simd", &simd), ("portable", &portable)] {
+                        let worst = out.iter().zip(&expected).map(|(a, e)| (a - e).abs()).fold(0f32, f32::max);
+                        assert!(worst < 1e-4, "{path}: {rows} × {n_in} by {n_in} × {n_out}: worst difference {worst}");
+                    }
+                }
+                let (first, rest) = dense.split_outputs(n_out / 3);
+                for o in 0..n_out {
+                    let (part, col) = if o < n_out / 3 { (&first, o) } else { (&rest, o - n_out / 3) };
+                    assert_eq!(part.weight(n_in - 1, col), w[(n_in - 1) * n_out + o], "split at {}", n_out / 3);
+                }
             }
         }
     }

@@ -26,7 +26,9 @@
 //! - **Threads that do not meet.** A batch is split between the model's
 //!   threads by texts, each part run start to end by one thread; a batch of
 //!   one text splits each large product into bands of output columns, one a
-//!   thread, each thread reading only its band of the weights.
+//!   thread, each thread reading only its band of the weights, handed out
+//!   to a team that waits for them for the length of the forward pass
+//!   (`threads::Team`) rather than to a rayon section per product.
 //!
 //! The tensor path (`bert.rs`) stays the reference and serves everything
 //! else: training, hidden states, the GPU. A test holds the two to the same
@@ -37,6 +39,8 @@ use std::cell::RefCell;
 use candle_core::{Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use super::threads::{with_team, Team};
 
 /// Which activation the feed-forward layers use (the model's `hidden_act`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +142,7 @@ impl Dense {
     /// `out` = `x` (`rows` × in) · w + b, (`rows` × out). With `threads` > 1
     /// and a product large enough, each thread computes a band of the output
     /// columns from its own panels.
-    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, threads: usize) {
+    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, team: &Team) {
         debug_assert_eq!(x.len(), rows * self.n_in);
         out.clear();
         for _ in 0..rows {
@@ -148,7 +152,7 @@ impl Dense {
             return;
         }
         let dst = OutPtr(out.as_mut_ptr());
-        let bands = if rows * self.n_in * self.n_out < SPLIT_MIN_MULTIPLY_ADDS { 1 } else { threads };
+        let bands = if rows * self.n_in * self.n_out < SPLIT_MIN_MULTIPLY_ADDS { 1 } else { team.size() };
         if bands <= 1 {
             // SAFETY: `dst` holds rows × n_out values; the band is all of them.
             unsafe { self.band(x, rows, dst, 0..self.n_out.div_ceil(PANEL)) };
@@ -157,9 +161,9 @@ impl Dense {
         // Bands of whole panels, at most one a thread.
         let panels = self.n_out.div_ceil(PANEL);
         let width = panels.div_ceil(bands);
-        (0..panels.div_ceil(width)).into_par_iter().for_each(|band| {
+        team.run(panels.div_ceil(width), &|band| {
             let start = band * width;
-            // SAFETY: the bands are disjoint column ranges of `dst`, which outlives this loop.
+            // SAFETY: the bands are disjoint column ranges of `dst`, which outlives this call.
             unsafe { self.band(x, rows, dst, start..(start + width).min(panels)) }
         });
     }
@@ -509,15 +513,17 @@ impl CpuBert {
             let mut fresh = Scratch::default();
             let mut held = cell.try_borrow_mut();
             let s = held.as_deref_mut().unwrap_or(&mut fresh);
-            pulp::Arch::new().dispatch(
-                #[inline(always)]
-                || self.forward_simd(texts, threads, s),
-            )
+            with_team(threads, |team| {
+                pulp::Arch::new().dispatch(
+                    #[inline(always)]
+                    || self.forward_simd(texts, team, s),
+                )
+            })
         })
     }
 
     #[inline(always)]
-    fn forward_simd(&self, texts: &[&[u32]], threads: usize, s: &mut Scratch) -> Vec<f32> {
+    fn forward_simd(&self, texts: &[&[u32]], team: &Team, s: &mut Scratch) -> Vec<f32> {
         let h = self.hidden;
         let lengths: Vec<usize> = texts.iter().map(|t| t.len()).collect();
         let tokens: usize = lengths.iter().sum();
@@ -544,26 +550,26 @@ impl CpuBert {
             match &layer.query_and_key_value {
                 Some((query, key_value)) => {
                     // Keys and values of every token; from here on only the [CLS] rows.
-                    key_value.forward(&s.x, rows, &mut s.qkv, threads);
+                    key_value.forward(&s.x, rows, &mut s.qkv, team);
                     gather_first_rows(&mut s.x, &lengths, h);
                     rows = texts.len();
                     cls_only = true;
-                    query.forward(&s.x, rows, &mut s.query, threads);
+                    query.forward(&s.x, rows, &mut s.query, team);
                     let (q, kv) = (Rows { data: &s.query, width: h }, Rows { data: &s.qkv, width: 2 * h });
                     attention(q, kv, 0, &lengths, self.heads, true, &mut s.context, &mut s.scores);
                 }
                 None => {
-                    layer.qkv.forward(&s.x, rows, &mut s.qkv, threads);
+                    layer.qkv.forward(&s.x, rows, &mut s.qkv, team);
                     let (q, kv) = (Rows { data: &s.qkv, width: 3 * h }, Rows { data: &s.qkv, width: 3 * h });
                     attention(q, kv, h, &lengths, self.heads, false, &mut s.context, &mut s.scores);
                 }
             }
-            layer.attention_out.forward(&s.context, rows, &mut s.tmp, threads);
+            layer.attention_out.forward(&s.context, rows, &mut s.tmp, team);
             layer.attention_norm.apply(&mut s.tmp, Some(&s.x));
             std::mem::swap(&mut s.x, &mut s.tmp);
-            layer.intermediate.forward(&s.x, rows, &mut s.inner, threads);
+            layer.intermediate.forward(&s.x, rows, &mut s.inner, team);
             self.activation.apply_in_place(&mut s.inner);
-            layer.output.forward(&s.inner, rows, &mut s.tmp, threads);
+            layer.output.forward(&s.inner, rows, &mut s.tmp, team);
             layer.output_norm.apply(&mut s.tmp, Some(&s.x));
             std::mem::swap(&mut s.x, &mut s.tmp);
         }
@@ -571,12 +577,12 @@ impl CpuBert {
             gather_first_rows(&mut s.x, &lengths, h);
         }
         // Pooler (tanh over [CLS]) and the classification head.
-        self.pooler.forward(&s.x, texts.len(), &mut s.tmp, threads);
+        self.pooler.forward(&s.x, texts.len(), &mut s.tmp, team);
         for v in &mut s.tmp {
             *v = v.tanh();
         }
         let mut logits = Vec::new();
-        self.classifier.forward(&s.tmp, texts.len(), &mut logits, threads);
+        self.classifier.forward(&s.tmp, texts.len(), &mut logits, team);
         logits
     }
 }
@@ -785,7 +791,7 @@ mod tests {
             for threads in 1..=3 {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut out = Vec::new();
-                pool.install(|| dense.forward(&x, rows, &mut out, threads));
+                pool.install(|| with_team(threads, |team| dense.forward(&x, rows, &mut out, team)));
                 assert_eq!(out.len(), expected.len());
                 let worst = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(worst < 1e-4, "{n_out} outputs on {threads} threads: worst difference {worst}");
@@ -816,7 +822,7 @@ mod tests {
                         })
                         .collect();
                     let mut simd = Vec::new();
-                    dense.forward(&x, rows, &mut simd, 1);
+                    dense.forward(&x, rows, &mut simd, &Team::solo());
                     let mut portable = Vec::new();
                     for _ in 0..rows {
                         portable.extend_from_slice(&b);

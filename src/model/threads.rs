@@ -86,6 +86,152 @@ fn pool_with(n: usize) -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
+/// The model's threads working on one text together: the products of a
+/// single text are cut into column bands, one a thread, at every layer —
+/// about 25 meetings per message for MiniLM-L6. A rayon parallel section
+/// per product costs a wake-up of the other thread each time (it sleeps
+/// after a few microseconds without work, and the layer norms, attention and
+/// activations between two products take longer); a team keeps its helpers
+/// waiting on an atomic counter for the length of one forward pass instead,
+/// so that a band is handed over in well under a microsecond.
+///
+/// A band is computed by whoever claims it first, the caller included: when
+/// the pool's other threads are busy elsewhere, the caller computes every
+/// band itself and nothing waits for a helper that never came.
+pub struct Team<'a> {
+    size: usize,
+    shared: Option<&'a Shared>,
+}
+
+/// What a team's members share: the current job and who has done what.
+#[derive(Default)]
+pub struct Shared {
+    /// The job's generation (high 32 bits) and the next band to claim (low 32).
+    ticket: std::sync::atomic::AtomicU64,
+    /// The job: a band's work, its lifetime erased; valid while `done` < its band count.
+    job: std::sync::Mutex<Option<JobPtr>>,
+    bands: std::sync::atomic::AtomicUsize,
+    done: std::sync::atomic::AtomicUsize,
+    exit: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+struct JobPtr(*const (dyn Fn(usize) + Sync));
+
+// SAFETY: the pointee is `Sync`, and `Team::run` keeps it alive until every band has been
+// computed (it waits for `done`); a member reads it only for a band of its own generation.
+unsafe impl Send for JobPtr {}
+
+impl Team<'_> {
+    /// A team of one: `run` computes every band on the calling thread.
+    pub fn solo() -> Team<'static> {
+        Team { size: 1, shared: None }
+    }
+
+    /// How many threads the team has.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Calls `band(i)` once for every `i` in `0..bands`, on the team's threads; returns when all
+    /// are done.
+    pub fn run(&self, bands: usize, band: &(dyn Fn(usize) + Sync)) {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        let Some(shared) = self.shared.filter(|_| bands > 1) else {
+            (0..bands).for_each(band);
+            return;
+        };
+        // SAFETY of the erased lifetime: this function does not return before `done` reaches
+        // `bands`, and no member calls the job once its bands are all claimed.
+        let erased: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(band) };
+        *shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(erased));
+        shared.bands.store(bands, Release);
+        shared.done.store(0, Release);
+        let generation = (shared.ticket.load(Acquire) >> 32) + 1;
+        shared.ticket.store(generation << 32, Release);
+        shared.work(generation);
+        let mut spins = 0u32;
+        while shared.done.load(Acquire) < bands {
+            pause(&mut spins);
+        }
+    }
+}
+
+impl Shared {
+    /// Claims and computes bands of job `generation` until none is left.
+    fn work(&self, generation: u64) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let job = match *self.job.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(job) => job,
+            None => return,
+        };
+        let bands = self.bands.load(Acquire) as u64;
+        let mut ticket = self.ticket.load(Acquire);
+        loop {
+            if ticket >> 32 != generation || ticket & 0xffff_ffff >= bands {
+                return;
+            }
+            match self.ticket.compare_exchange_weak(ticket, ticket + 1, AcqRel, Acquire) {
+                Ok(_) => {
+                    // SAFETY: the band belongs to this generation, whose job is still alive (see `run`).
+                    unsafe { (*job.0)((ticket & 0xffff_ffff) as usize) };
+                    self.done.fetch_add(1, AcqRel);
+                    ticket = self.ticket.load(Acquire);
+                }
+                Err(now) => ticket = now,
+            }
+        }
+    }
+
+    /// A helper's life: waits for each new job, works on it, until the team breaks up.
+    fn help(&self) {
+        use std::sync::atomic::Ordering::Acquire;
+        let mut seen = 0;
+        let mut spins = 0u32;
+        loop {
+            if self.exit.load(Acquire) {
+                return;
+            }
+            let generation = self.ticket.load(Acquire) >> 32;
+            if generation != seen {
+                seen = generation;
+                self.work(generation);
+                spins = 0;
+            } else {
+                pause(&mut spins);
+            }
+        }
+    }
+}
+
+/// A short wait: a spin hint, and after a while a yield, so that a waiting member leaves its
+/// core to whatever else is runnable there (the worker's async threads).
+fn pause(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 2_000 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Runs `body` with a team of the current rayon pool's threads (up to `threads`): the caller
+/// and `threads - 1` helpers, which wait for jobs until `body` returns.
+pub fn with_team<R: Send>(threads: usize, body: impl FnOnce(&Team) -> R + Send) -> R {
+    if threads <= 1 {
+        return body(&Team::solo());
+    }
+    let shared = Shared::default();
+    rayon::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(|_| shared.help());
+        }
+        let result = body(&Team { size: threads, shared: Some(&shared) });
+        shared.exit.store(true, std::sync::atomic::Ordering::Release);
+        result
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +240,49 @@ mod tests {
     fn an_explicit_count_wins_and_zero_is_at_least_one() {
         assert_eq!(resolve(3), 3);
         assert!(resolve(0) >= 1);
+    }
+
+    /// Jobs of 1 to 7 bands one after another, on teams of 1 to 3 threads: every band of every
+    /// job is computed exactly once, and before `run` returns.
+    #[test]
+    fn a_team_computes_every_band_of_every_job_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        for threads in 1..=3 {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                with_team(threads, |team| {
+                    assert_eq!(team.size(), threads);
+                    for job in 0..2_000 {
+                        let bands = job % 7 + 1;
+                        let counts: Vec<AtomicUsize> = (0..bands).map(|_| AtomicUsize::new(0)).collect();
+                        team.run(bands, &|band| {
+                            counts[band].fetch_add(1, Relaxed);
+                        });
+                        let counts: Vec<usize> = counts.iter().map(|c| c.load(Relaxed)).collect();
+                        assert_eq!(counts, vec![1; bands], "{threads} threads, job {job}");
+                    }
+                })
+            });
+        }
+    }
+
+    /// A team larger than its pool (helpers that never get a thread while the job runs): the
+    /// caller computes every band itself, and the team breaks up without waiting for them.
+    #[test]
+    fn a_team_whose_helpers_never_start_still_finishes() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let done = AtomicUsize::new(0);
+        pool.install(|| {
+            with_team(3, |team| {
+                for _ in 0..10 {
+                    team.run(4, &|_| {
+                        done.fetch_add(1, Relaxed);
+                    });
+                }
+            })
+        });
+        assert_eq!(done.load(Relaxed), 40);
     }
 
     #[test]

@@ -97,7 +97,9 @@ fn pool_with(n: usize) -> Option<&'static rayon::ThreadPool> {
 ///
 /// A band is computed by whoever claims it first, the caller included: when
 /// the pool's other threads are busy elsewhere, the caller computes every
-/// band itself and nothing waits for a helper that never came.
+/// band itself and nothing waits for a helper that never came. A band that
+/// panics still counts as done, and the panic reaches the caller of
+/// [`with_team`] as a rayon section's would (tested), never a wait for ever.
 pub struct Team<'a> {
     size: usize,
     shared: Option<&'a Shared>,
@@ -149,11 +151,29 @@ impl Team<'_> {
         shared.done.store(0, Release);
         let generation = (shared.ticket.load(Acquire) >> 32) + 1;
         shared.ticket.store(generation << 32, Release);
-        shared.work(generation);
+        // A band that panics here must not leave `band` to the helpers while this frame unwinds:
+        // the bands nobody has claimed are withdrawn, and the claimed ones waited for, first.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.work(generation)));
+        if outcome.is_err() {
+            shared.withdraw(generation);
+        }
         let mut spins = 0u32;
         while shared.done.load(Acquire) < bands {
             pause(&mut spins);
         }
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Counts a claimed band as done when dropped, after its work or while a panic in it unwinds,
+/// so that the caller of [`Team::run`] never waits for a band that will not finish.
+struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -173,10 +193,28 @@ impl Shared {
             }
             match self.ticket.compare_exchange_weak(ticket, ticket + 1, AcqRel, Acquire) {
                 Ok(_) => {
+                    let _done = Done(&self.done);
                     // SAFETY: the band belongs to this generation, whose job is still alive (see `run`).
                     unsafe { (*job.0)((ticket & 0xffff_ffff) as usize) };
-                    self.done.fetch_add(1, AcqRel);
+                    drop(_done);
                     ticket = self.ticket.load(Acquire);
+                }
+                Err(now) => ticket = now,
+            }
+        }
+    }
+
+    /// Claims every band of job `generation` nobody has claimed yet and counts it as done
+    /// without computing it.
+    fn withdraw(&self, generation: u64) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let bands = self.bands.load(Acquire) as u64;
+        let mut ticket = self.ticket.load(Acquire);
+        while ticket >> 32 == generation && ticket & 0xffff_ffff < bands {
+            match self.ticket.compare_exchange_weak(ticket, (generation << 32) | bands, AcqRel, Acquire) {
+                Ok(_) => {
+                    self.done.fetch_add((bands - (ticket & 0xffff_ffff)) as usize, AcqRel);
+                    return;
                 }
                 Err(now) => ticket = now,
             }
@@ -226,9 +264,15 @@ pub fn with_team<R: Send>(threads: usize, body: impl FnOnce(&Team) -> R + Send) 
         for _ in 1..threads {
             scope.spawn(|_| shared.help());
         }
-        let result = body(&Team { size: threads, shared: Some(&shared) });
-        shared.exit.store(true, std::sync::atomic::Ordering::Release);
-        result
+        // The helpers are told to leave when `body` returns or panics: the scope waits for them.
+        struct Exit<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Exit<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _exit = Exit(&shared.exit);
+        body(&Team { size: threads, shared: Some(&shared) })
     })
 }
 
@@ -283,6 +327,25 @@ mod tests {
             })
         });
         assert_eq!(done.load(Relaxed), 40);
+    }
+
+    /// A band that panics, on whichever member: the panic reaches the team's caller, and nothing
+    /// waits for ever.
+    #[test]
+    fn a_band_that_panics_is_a_panic_of_the_caller_not_a_hang() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for failing in 0..4 {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| {
+                    with_team(2, |team| {
+                        for _ in 0..50 {
+                            team.run(4, &|band| assert_ne!(band, failing, "band {failing} fails"));
+                        }
+                    })
+                })
+            }));
+            assert!(outcome.is_err(), "band {failing}");
+        }
     }
 
     #[test]

@@ -473,8 +473,9 @@ fn fit(
             "epoch {epoch}/{last}  loss {:.4}  {dev_figures}  ({:.0}s, {:.1} examples/s)",
             log.train_loss, log.seconds, log.examples_per_second
         );
-        // Without a dev split there is nothing to choose on: each epoch replaces the one before.
-        if dev_examples.is_empty() || best.is_none_or(|(_, f1)| dev.macro_f1 > f1) {
+        // Without a dev split there is nothing to choose on: the last epoch is the one kept, saved once.
+        let keep = if dev_examples.is_empty() { epoch == last } else { best.is_none_or(|(_, f1)| dev.macro_f1 > f1) };
+        if keep {
             best = Some((epoch, dev.macro_f1));
             save(&trainable, labels, &opts.out)?;
         }

@@ -247,6 +247,10 @@ pub struct TrainArgs {
     /// Label smoothing: this much of each hard target's probability is spread evenly over the labels.
     #[arg(long, default_value_t = TrainOptions::default().label_smoothing)]
     pub label_smoothing: f64,
+    /// Dropout probability of the hidden states and the attention weights while training (default:
+    /// the base model's, 0.1 for the small BERT); written to the model's config.json.
+    #[arg(long)]
+    pub dropout: Option<f64>,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
     #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = TrainOptions::default().ensemble)]
@@ -430,6 +434,7 @@ impl TrainArgs {
             scratch_layers: self.scratch_layers,
             quiet: self.quiet,
             label_smoothing: self.label_smoothing,
+            dropout: self.dropout,
             ensemble: self.ensemble,
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,

@@ -115,6 +115,10 @@ pub(super) fn build(
         }
     };
     config.set_labels(labels);
+    if let Some(p) = opts.dropout {
+        config.hidden_dropout_prob = p;
+        config.attention_probs_dropout_prob = p;
+    }
     let max_len = opts.max_len.min(config.max_position_embeddings);
     let encoder = TextEncoder::new(tokenizer, max_len, config.pad_token_id).map_err(TrainError::Tokenizer)?;
     let varmap = VarMap::new();

@@ -101,6 +101,8 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Label smoothing of the hard targets: this much probability is spread evenly over the labels.
     pub label_smoothing: f64,
+    /// Dropout of the hidden states and the attention weights in training; `None`: the base's.
+    pub dropout: Option<f64>,
     /// Teachers trained first (seeds `seed+1` … `seed+N`, same split, same options) whose averaged
     /// scores the model also learns from (ensemble distillation); 0: none.
     pub ensemble: usize,
@@ -142,6 +144,7 @@ impl Default for TrainOptions {
             device: Device::Cpu,
             quiet: false,
             label_smoothing: 0.0,
+            dropout: None,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -593,6 +596,9 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if !(0.0..1.0).contains(&opts.label_smoothing) {
         return bad("--label-smoothing must be in [0, 1)");
     }
+    if opts.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+        return bad("--dropout must be in [0, 1)");
+    }
     if !(0.0..=1.0).contains(&opts.distill_weight) {
         return bad("--distill-weight must be in [0, 1]");
     }
@@ -617,6 +623,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "weight_decay": opts.weight_decay, "augment": opts.augment, "vocab_size": opts.vocab_size,
         "scratch_hidden": opts.scratch_hidden, "scratch_layers": opts.scratch_layers,
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
+        "dropout": opts.dropout,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
         "teacher_scores": opts.teacher_scores, "refit": opts.refit,
@@ -809,6 +816,7 @@ mod tests {
             device: Device::Cpu,
             quiet: true,
             label_smoothing: 0.0,
+            dropout: None,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -861,6 +869,24 @@ mod tests {
         let flat = soft(2.0)[1];
         assert!(flat > 0.5 && flat < 0.75 && (flat - 3f32.sqrt() / (1.0 + 3f32.sqrt())).abs() < 1e-6, "{flat}");
         assert!(Teachers::default().soft_targets(&texts, &["x"], 1.0).unwrap().is_none());
+    }
+
+    /// `--dropout P` is what the model trains with and what its config.json says (both
+    /// probabilities); outside [0, 1) it is one sentence naming the option.
+    #[test]
+    fn the_dropout_given_is_trained_with_and_written_to_the_config() {
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let out = tempfile::tempdir().unwrap();
+        let opts = TrainOptions { dropout: Some(0.3), out: out.path().to_path_buf(), ..tiny_options() };
+        let mut rng = StdRng::seed_from_u64(1);
+        fit(&opts, &labels, &examples(), &[], &Teachers::default(), None, &mut rng).unwrap();
+        let config = model::read_config(out.path()).unwrap();
+        assert_eq!((config.hidden_dropout_prob, config.attention_probs_dropout_prob), (0.3, 0.3));
+        for p in [1.0, -0.1, f64::NAN] {
+            let err = check_options(&TrainOptions { dropout: Some(p), ..tiny_options() }).unwrap_err().to_string();
+            assert!(err.contains("--dropout must be in [0, 1)"), "{p}: {err}");
+        }
+        assert!(check_options(&TrainOptions { dropout: Some(0.0), ..tiny_options() }).is_ok());
     }
 
     /// `--dev-fraction 0`: nothing to choose an epoch on, so the last one is

@@ -108,21 +108,27 @@ pub struct Team<'a> {
 /// What a team's members share: the current job and who has done what.
 #[derive(Default)]
 pub struct Shared {
-    /// The job's generation (high 32 bits) and the next band to claim (low 32).
+    /// The current job's generation (high 32 bits) and the next band to claim (low 32).
     ticket: std::sync::atomic::AtomicU64,
-    /// The job: a band's work, its lifetime erased; valid while `done` < its band count.
-    job: std::sync::Mutex<Option<JobPtr>>,
-    bands: std::sync::atomic::AtomicUsize,
+    /// The current job, written before its generation is published in `ticket`.
+    job: std::sync::Mutex<Option<Job>>,
+    /// Bands of the current job computed (or withdrawn).
     done: std::sync::atomic::AtomicUsize,
     exit: std::sync::atomic::AtomicBool,
 }
 
+/// A job: its generation, how many bands, and a band's work with its lifetime erased.
 #[derive(Clone, Copy)]
-struct JobPtr(*const (dyn Fn(usize) + Sync));
+struct Job {
+    generation: u64,
+    bands: u64,
+    work: *const (dyn Fn(usize) + Sync),
+}
 
-// SAFETY: the pointee is `Sync`, and `Team::run` keeps it alive until every band has been
-// computed (it waits for `done`); a member reads it only for a band of its own generation.
-unsafe impl Send for JobPtr {}
+// SAFETY: `work` is `Sync`, and `Team::run` keeps it alive until every band of its generation
+// has been claimed and computed; a member calls it only for a band it claimed in that generation,
+// with the band count of that same generation (both come from one `Job`).
+unsafe impl Send for Job {}
 
 impl Team<'_> {
     /// A team of one: `run` computes every band on the calling thread.
@@ -145,17 +151,16 @@ impl Team<'_> {
         };
         // SAFETY of the erased lifetime: this function does not return before `done` reaches
         // `bands`, and no member calls the job once its bands are all claimed.
-        let erased: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(band) };
-        *shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(erased));
-        shared.bands.store(bands, Release);
-        shared.done.store(0, Release);
+        let work: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(band) };
         let generation = (shared.ticket.load(Acquire) >> 32) + 1;
+        *shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Job { generation, bands: bands as u64, work });
+        shared.done.store(0, Release);
         shared.ticket.store(generation << 32, Release);
         // A band that panics here must not leave `band` to the helpers while this frame unwinds:
         // the bands nobody has claimed are withdrawn, and the claimed ones waited for, first.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.work(generation)));
         if outcome.is_err() {
-            shared.withdraw(generation);
+            shared.withdraw(generation, bands as u64);
         }
         let mut spins = 0u32;
         while shared.done.load(Acquire) < bands {
@@ -182,20 +187,19 @@ impl Shared {
     fn work(&self, generation: u64) {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
         let job = match *self.job.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(job) => job,
-            None => return,
+            Some(job) if job.generation == generation => job,
+            _ => return,
         };
-        let bands = self.bands.load(Acquire) as u64;
         let mut ticket = self.ticket.load(Acquire);
         loop {
-            if ticket >> 32 != generation || ticket & 0xffff_ffff >= bands {
+            if ticket >> 32 != generation || ticket & 0xffff_ffff >= job.bands {
                 return;
             }
             match self.ticket.compare_exchange_weak(ticket, ticket + 1, AcqRel, Acquire) {
                 Ok(_) => {
                     let _done = Done(&self.done);
-                    // SAFETY: the band belongs to this generation, whose job is still alive (see `run`).
-                    unsafe { (*job.0)((ticket & 0xffff_ffff) as usize) };
+                    // SAFETY: a band of this generation was claimed, so its job is still alive (see `run`).
+                    unsafe { (*job.work)((ticket & 0xffff_ffff) as usize) };
                     drop(_done);
                     ticket = self.ticket.load(Acquire);
                 }
@@ -206,9 +210,8 @@ impl Shared {
 
     /// Claims every band of job `generation` nobody has claimed yet and counts it as done
     /// without computing it.
-    fn withdraw(&self, generation: u64) {
+    fn withdraw(&self, generation: u64, bands: u64) {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        let bands = self.bands.load(Acquire) as u64;
         let mut ticket = self.ticket.load(Acquire);
         while ticket >> 32 == generation && ticket & 0xffff_ffff < bands {
             match self.ticket.compare_exchange_weak(ticket, (generation << 32) | bands, AcqRel, Acquire) {

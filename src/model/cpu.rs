@@ -139,9 +139,9 @@ impl Dense {
         (part(0..first), part(first..self.n_out))
     }
 
-    /// `out` = `x` (`rows` × in) · w + b, (`rows` × out). With `threads` > 1
-    /// and a product large enough, each thread computes a band of the output
-    /// columns from its own panels.
+    /// `out` = `x` (`rows` × in) · w + b, (`rows` × out). With a team of more
+    /// than one thread and a product large enough, each member computes a band
+    /// of the output columns from its own panels.
     fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, team: &Team) {
         debug_assert_eq!(x.len(), rows * self.n_in);
         out.clear();

@@ -259,42 +259,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         end_to_end.push(report);
     }
 
-    let worker_latency = match opts.worker_metrics.as_slice() {
-        [] => None,
-        [before, after] => {
-            let read = |p: &PathBuf| {
-                std::fs::read_to_string(p).map_err(|e| BenchError::Input { path: p.clone(), reason: e.to_string() })
-            };
-            Some(
-                worker_latency(&read(before)?, &read(after)?, opts.max_wait)
-                    .map_err(|reason| BenchError::Input { path: after.clone(), reason })?,
-            )
-        }
-        more => {
-            return Err(BenchError::Input {
-                path: more[0].clone(),
-                reason: format!("--worker-metrics takes two files (before and after a run), not {}", more.len()),
-            })
-        }
-    };
-
-    let drain = match opts.drain_metrics.as_slice() {
-        [] => None,
-        [before, after] => {
-            let input = |path: &PathBuf, reason: String| BenchError::Input { path: path.clone(), reason };
-            let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| input(p, e.to_string()));
-            Some(drain(&read(before)?, &read(after)?, &end_to_end).map_err(|r| input(after, r))?)
-        }
-        more => {
-            return Err(BenchError::Input {
-                path: more[0].clone(),
-                reason: format!(
-                    "--drain-metrics takes two files (before and after the backlog run), not {}",
-                    more.len()
-                ),
-            })
-        }
-    };
+    let worker_latency = from_scrapes(&opts.worker_metrics, "--worker-metrics", "a run", |before, after| {
+        worker_latency(before, after, opts.max_wait)
+    })?;
+    let drain = from_scrapes(&opts.drain_metrics, "--drain-metrics", "the backlog run", |before, after| {
+        drain(before, after, &end_to_end)
+    })?;
 
     let mflop_per_message = flops_per_message(&cfg, classifier.labels().len(), mean_tokens) / 1e6;
     let mflop_computed_per_message = if classifier.serves_on_cpu_path() {
@@ -331,6 +301,26 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         drain,
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// `compute` over two `/metrics` scrapes given as an option's two files, before and after `run`;
+/// `None` without them. A file that cannot be read, or that `compute` refuses (the after file
+/// named), is one error naming it, as is any other count of files.
+fn from_scrapes<T>(
+    paths: &[PathBuf],
+    option: &str,
+    run: &str,
+    compute: impl FnOnce(&str, &str) -> Result<T, String>,
+) -> Result<Option<T>, BenchError> {
+    let input = |path: &PathBuf, reason: String| BenchError::Input { path: path.clone(), reason };
+    match paths {
+        [] => Ok(None),
+        [before, after] => {
+            let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| input(p, e.to_string()));
+            compute(&read(before)?, &read(after)?).map(Some).map_err(|reason| input(after, reason))
+        }
+        more => Err(input(&more[0], format!("{option} takes two files (before and after {run}), not {}", more.len()))),
+    }
 }
 
 /// Whether a `loadgen --json` report is of a backlog run (`--backlog`: only those carry

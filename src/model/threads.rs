@@ -107,7 +107,7 @@ pub struct Team<'a> {
 
 /// What a team's members share: the current job and who has done what.
 #[derive(Default)]
-pub struct Shared {
+struct Shared {
     /// The current job's generation (high 32 bits) and the next band to claim (low 32).
     ticket: std::sync::atomic::AtomicU64,
     /// The current job, written before its generation is published in `ticket`.

@@ -336,18 +336,29 @@ mod tests {
     /// waits for ever.
     #[test]
     fn a_band_that_panics_is_a_panic_of_the_caller_not_a_hang() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for failing in 0..4 {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                pool.install(|| {
-                    with_team(2, |team| {
-                        for _ in 0..50 {
-                            team.run(4, &|band| assert_ne!(band, failing, "band {failing} fails"));
-                        }
+        // On a thread of its own, so that a hang fails the test instead of stalling the suite.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            for failing in 0..4 {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pool.install(|| {
+                        with_team(2, |team| {
+                            for _ in 0..50 {
+                                team.run(4, &|band| assert_ne!(band, failing, "band {failing} fails"));
+                            }
+                        })
                     })
-                })
-            }));
-            assert!(outcome.is_err(), "band {failing}");
+                }));
+                tx.send((failing, outcome.is_err())).unwrap();
+            }
+        });
+        for failing in 0..4 {
+            let (band, panicked) = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("a team with a panicking band {failing} hung"));
+            assert_eq!(band, failing);
+            assert!(panicked, "band {failing}: the panic did not reach the caller");
         }
     }
 

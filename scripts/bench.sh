@@ -15,7 +15,9 @@
 # Env:   TRIAGEM_BIN (default target/release/triagem; built when missing), TRIAGEM_BENCH_PYTHON,
 #        BENCH_THREADS (2: the model's threads, and the peers'), BENCH_MESSAGES (2048),
 #        BENCH_DATA (data/teste.jsonl), E2E_COUNT (20000; 0 skips the end-to-end runs),
-#        BROKER (test | tansu), BENCH_OUT (a directory to keep the parts in).
+#        BROKER (test | tansu), BENCH_OUT (a directory to keep the parts in), BENCH_DEVICE (cpu; cuda runs
+#        the worker, `triagem bench` and the peers on the GPU), BENCH_BATCH_SIZES (1,8,32), BENCH_PEAK_GFLOPS
+#        (the device's fp32 peak for the ceiling; measured on the CPU when unset).
 # A base model without a classification head (models/base/all-MiniLM-L6-v2) is given a fresh, untrained
 # two-label head first (needs TRIAGEM_BENCH_PYTHON): the speed is the forward pass's, the labels mean nothing.
 set -euo pipefail
@@ -28,6 +30,10 @@ data=${BENCH_DATA:-data/teste.jsonl}
 e2e_count=${E2E_COUNT:-20000}
 broker_kind=${BROKER:-test}
 python=${TRIAGEM_BENCH_PYTHON:-}
+device=${BENCH_DEVICE:-cpu}
+sizes=${BENCH_BATCH_SIZES:-1,8,32}
+peak_args=()
+[ -z "${BENCH_PEAK_GFLOPS:-}" ] || peak_args=(--peak-gflops "$BENCH_PEAK_GFLOPS")
 say() { echo "bench: $*" >&2; }
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
@@ -60,8 +66,9 @@ fi
 
 peer_args=()
 if [ "$have_python" = 1 ]; then
-  say "peers: PyTorch and ONNX Runtime, $threads threads"
+  say "peers: PyTorch and ONNX Runtime on $device, $threads threads"
   "$python" scripts/peer_throughput.py "$model" "$data" --threads "$threads" --n "$messages" \
+    --device "$device" --batch-sizes "$sizes" \
     >"$out/peers.txt" 2>"$out/peers.log" || { say "peer script failed, see $out/peers.log"; tail -5 "$out/peers.log" >&2; exit 1; }
   peer_args=(--peers "$out/peers.txt")
 fi
@@ -86,7 +93,7 @@ if [ "$e2e_count" -gt 0 ]; then
   fi
   metrics_port=$(free_port)
   TRIAGEM__KAFKA__BROKERS="$brokers" TRIAGEM__METRICS__LISTEN="127.0.0.1:$metrics_port" \
-    TRIAGEM__MODEL__PATH="$model" TRIAGEM__MODEL__THREADS="$threads" \
+    TRIAGEM__MODEL__PATH="$model" TRIAGEM__MODEL__THREADS="$threads" TRIAGEM__MODEL__DEVICE="$device" \
     TRIAGEM__KAFKA__CONSUMER__FETCH__WAIT__MAX__MS=10 RUST_LOG=warn \
     "$bin" worker --config config/default.toml >"$out/worker.log" 2>&1 &
   worker_pid=$!
@@ -128,8 +135,8 @@ if [ "$e2e_count" -gt 0 ]; then
     --drain-metrics "$out/metrics-before-backlog.txt" --drain-metrics "$out/metrics-after-backlog.txt")
 fi
 
-say "triagem's model path, $threads threads"
-"$bin" bench --model "$model" --data "$data" --messages "$messages" --threads "$threads" \
-  "${peer_args[@]}" "${e2e_args[@]}"
+say "triagem's model path on $device, $threads threads"
+"$bin" bench --model "$model" --data "$data" --messages "$messages" --threads "$threads" --device "$device" \
+  --batch-sizes "$sizes" "${peak_args[@]}" "${peer_args[@]}" "${e2e_args[@]}"
 [ -s "$out/worker-metrics.txt" ] && { echo; echo "worker batches during the end-to-end runs:"; cat "$out/worker-metrics.txt"; } >&2
 say "parts kept in $out"

@@ -3,18 +3,23 @@
 # image or of NVIDIA's wheels under its python3) with a binary built elsewhere by scripts/build-cuda.sh:
 #   1. the GPU's name, and the default model's predictions of data/teste.jsonl on cuda against the CPU
 #      (same binary): labels that differ, largest score difference;
-#   2. `triagem bench --device cuda` (batch 1 / 8 / 32 / 128 and the worker's batching, tokenisation
-#      included) for the default model, a MiniLM-L6-shaped and a BERT-base-shaped classifier; the shaped
-#      ones are made here by `transformers` with random weights (seed 0) and the default model's tokenizer,
-#      so their figures are the forward pass's speed at those sizes, and their labels mean nothing.
+#   2. scripts/bench.sh on the device for the default model, a MiniLM-L6-shaped and a BERT-base-shaped
+#      classifier: `triagem bench --device cuda` (batch 1 / 8 / 32 / 128 and the worker's batching,
+#      tokenisation included), the peers on the same device and texts (PyTorch on cuda; ONNX Runtime only
+#      where its CUDA provider is installed), and for the default model the worker end to end on cuda through
+#      the test broker (triagem-test-broker beside BIN). The shaped ones are made here by `transformers` with
+#      random weights (seed 0) and the default model's tokenizer, so their figures are the forward pass's
+#      speed at those sizes, and their labels mean nothing.
 #
 # Usage: scripts/gpu-bench.sh [BIN]   (default .gpu/triagem; .gpu/triagem.xz is unpacked first)
 # Env:   DEVICE (cuda; `cpu` checks the script's plumbing on a machine without a GPU), PYTHON (python3, with
 #        torch and transformers), OUT (a directory for the JSON reports; default a fresh one), PEAK_GFLOPS
 #        (the GPU's fp32 peak for the ceiling; 67000, an H100/H200 SXM's non-tensor-core fp32), MESSAGES
-#        (texts per bench row, 4096).
+#        (texts per bench row, 4096), THREADS (CPU threads for tokenising and the peers, 8), E2E_COUNT
+#        (the default model's end-to-end messages, 20000; 0 skips the worker).
 # The binary is about 61 MiB stripped and 9 MiB as xz, so it travels as `.gpu/triagem.xz`
-# (`strip -o .gpu/triagem target/cuda/release/triagem && xz -T0 .gpu/triagem`).
+# (`strip -o .gpu/triagem target/cuda/release/triagem && xz -T0 .gpu/triagem`), and the test broker beside it
+# as `.gpu/triagem-test-broker.xz` (built by `scripts/build-cuda.sh --bin triagem-test-broker`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-.gpu/triagem}
@@ -23,12 +28,16 @@ python=${PYTHON:-python3}
 out=${OUT:-$(mktemp -d)}
 peak=${PEAK_GFLOPS:-67000}
 messages=${MESSAGES:-4096}
+threads=${THREADS:-8}
+e2e_count=${E2E_COUNT:-20000}
 say() { echo "gpu-bench: $*" >&2; }
 mkdir -p "$out"
 
-if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
-  xz -dkf "$bin.xz" && chmod +x "$bin"
-fi
+for b in "$bin" "$(dirname "$bin")/triagem-test-broker"; do
+  if [ ! -x "$b" ] && [ -f "$b.xz" ]; then
+    xz -dkf "$b.xz" && chmod +x "$b"
+  fi
+done
 [ -x "$bin" ] || { say "no $bin (build it with scripts/build-cuda.sh, see the header)"; exit 2; }
 [ -f models/triagem/config.json ] || { say "no models/triagem (carry it, or train it: triagem train)"; exit 2; }
 
@@ -73,11 +82,18 @@ for name, hidden, layers, heads in (("minilm-l6-shaped", 384, 6, 12), ("bert-bas
     print(d, file=sys.stderr)
 PY
 
+# 3. Each model through scripts/bench.sh on $device: `triagem bench` (batch 1/8/32/128 and the worker's
+# batching), the peers on the same device and texts (PyTorch; ONNX Runtime where the installed onnxruntime has
+# the CUDA provider), and for the default model the worker end to end through the test broker.
 for model in models/triagem "$out/minilm-l6-shaped" "$out/bert-base-shaped"; do
   name=$(basename "$model")
-  say "bench $name on $device"
-  "$bin" bench --device "$device" --model "$model" --batch-sizes 1,8,32,128 --messages "$messages" \
-    --peak-gflops "$peak" >"$out/bench-$name.txt" 2>"$out/bench-$name.log" || { tail -5 "$out/bench-$name.log" >&2; exit 1; }
+  e2e=0
+  [ "$model" = models/triagem ] && e2e=$e2e_count
+  say "bench $name on $device (end to end: $e2e messages)"
+  TRIAGEM_BIN="$bin" TRIAGEM_BENCH_PYTHON="$python" BENCH_DEVICE="$device" BENCH_BATCH_SIZES=1,8,32,128 \
+    BENCH_MESSAGES="$messages" BENCH_PEAK_GFLOPS="$peak" BENCH_THREADS="$threads" E2E_COUNT="$e2e" \
+    BENCH_OUT="$out/parts-$name" scripts/bench.sh "$model" >"$out/bench-$name.txt" 2>"$out/bench-$name.log" ||
+    { tail -15 "$out/bench-$name.log" >&2; exit 1; }
   grep -v '^{' "$out/bench-$name.txt"
   tail -1 "$out/bench-$name.txt" >"$out/bench-$name.json"
 done

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-# Copied unchanged (apart from this line) from the project brief's /work/shared/bench/peer_throughput.py, so that
-# scripts/bench.sh works from a clean clone.
+# Copied from the project brief's /work/shared/bench/peer_throughput.py, so that scripts/bench.sh works from a
+# clean clone; added here: --device (PyTorch on cuda, and ONNX Runtime's CUDA provider when the installed
+# onnxruntime has one, else no ONNX Runtime rows) and --batch-sizes. With neither given it runs as the original.
 """Peer throughput anchors on one HF model directory (e.g. the project's default
 model): PyTorch eager (transformers) and ONNX Runtime (exported from the same
 weights), same texts, batch sizes 1/8/32, tokenisation included, argmax only.
 Also checks that both agree with each other on labels.
 
-Usage: python peer_throughput.py MODEL_DIR EVAL.jsonl [--threads N] [--n 2048]
+Usage: python peer_throughput.py MODEL_DIR EVAL.jsonl [--threads N] [--n 2048] [--device cpu|cuda]
+       [--batch-sizes 1,8,32]
 Prints one line per (runtime, batch) and a JSON line at the end."""
 import argparse, json, os, tempfile, time
 
@@ -19,18 +21,24 @@ ap.add_argument("model")
 ap.add_argument("data")
 ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--n", type=int, default=2048)
+ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+ap.add_argument("--batch-sizes", default="1,8,32")
 a = ap.parse_args()
+sizes = [int(s) for s in a.batch_sizes.split(",")]
+dev = torch.device(a.device)
 torch.set_num_threads(a.threads)
 xs = [json.loads(l)["prompt"] for l in open(a.data, encoding="utf-8") if l.strip()]
 xs = (xs * (a.n // len(xs) + 1))[: a.n]
 tok = AutoTokenizer.from_pretrained(a.model)
-m = AutoModelForSequenceClassification.from_pretrained(a.model).eval()
+m = AutoModelForSequenceClassification.from_pretrained(a.model).eval().to(dev)
 ntok = sum(len(tok(x)["input_ids"]) for x in xs) / len(xs)
 res = {"model": a.model, "threads": a.threads, "avg_tokens": ntok, "params": sum(p.numel() for p in m.parameters())}
+if a.device == "cuda":
+    res["device"] = torch.cuda.get_device_name(0)
 
 
 def bench(name, fn):
-    for bs in (1, 8, 32):
+    for bs in sizes:
         n = min(len(xs), 512) if bs == 1 else len(xs)
         fn(xs[:bs])  # warm-up
         t0 = time.perf_counter()
@@ -43,14 +51,20 @@ def bench(name, fn):
 
 def torch_fn(batch):
     with torch.inference_mode():
-        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        return m(**enc).logits.argmax(-1).numpy()
+        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt").to(dev)
+        return m(**enc).logits.argmax(-1).cpu().numpy()
 
 
 bench("torch", torch_fn)
 
 import onnxruntime as ort
 
+provider = "CUDAExecutionProvider" if a.device == "cuda" else "CPUExecutionProvider"
+if provider not in ort.get_available_providers():
+    print(f"onnxrt: this onnxruntime has no {provider} (only {ort.get_available_providers()}): no ONNX Runtime rows", flush=True)
+    print(json.dumps(res))
+    raise SystemExit(0)
+m = m.cpu()
 d = tempfile.mkdtemp()
 path = os.path.join(d, "m.onnx")
 enc = tok(["exemplo de mensagem", "outra"], padding=True, return_tensors="pt")
@@ -62,7 +76,8 @@ torch.onnx.export(
 so = ort.SessionOptions()
 so.intra_op_num_threads = a.threads
 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+sess = ort.InferenceSession(path, so, providers=[provider])
+m = m.to(dev)
 
 
 def ort_fn(batch):
@@ -70,7 +85,7 @@ def ort_fn(batch):
     return sess.run(None, {k: e[k].astype(np.int64) for k in names})[0].argmax(-1)
 
 
-agree = np.mean([(torch_fn(xs[i : i + 32]) == ort_fn(xs[i : i + 32])).all() for i in range(0, 256, 32)])
+agree = np.mean([(torch_fn(xs[i : i + 32]) == ort_fn(xs[i : i + 32])).all() for i in range(0, min(256, len(xs)), 32)])
 res["ort_torch_agree"] = float(agree)
 bench("onnxrt", ort_fn)
 print(json.dumps(res))

@@ -435,7 +435,7 @@ fn padded_tokens(classifier: &Classifier, lengths: &[usize]) -> usize {
     if classifier.serves_on_cpu_path() {
         return lengths.iter().sum();
     }
-    model::group_by_length(lengths).iter().map(|g| g.len() * g.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
+    classifier.groups(lengths).iter().map(|g| g.len() * g.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
 }
 
 fn row(runtime: &str, batching: String, n: usize, start: Instant, padded: Option<f64>) -> Row {

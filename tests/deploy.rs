@@ -611,6 +611,9 @@ fn configmap_and_env_overrides_load_with_the_workers_own_loader() {
         assert_eq!(cfg.kafka.input_topic, "atendimento.mensagens");
         let want = if rel.contains("gpu") { "cuda" } else { "cpu" };
         assert_eq!(cfg.model.device.as_str(), want, "{rel}");
+        if rel.contains("gpu") {
+            assert_eq!((cfg.batch.max_messages, cfg.batch.max_tokens), (128, 16384), "{rel}: the GPU's batches");
+        }
         assert_eq!(humantime::format_duration(cfg.shutdown.timeout).to_string(), configmap_toml()["shutdown.timeout"]);
     }
     // Compose: the image's config/default.toml plus the worker's environment.

@@ -364,7 +364,8 @@ impl BertClassifier {
     /// Logits shaped (batch, labels) for `input_ids` and `attention_mask`, both (batch, seq) u32.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let xs = self.hidden_states(input_ids, attention_mask, mode)?;
-        let cls = xs.narrow(1, 0, 1)?.squeeze(1)?;
+        // Contiguous: CUDA's matrix product takes no row stride other than the row's length.
+        let cls = xs.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         let pooled = mode.dropout(&pooled, self.dropout)?;
         self.classifier.forward(&pooled)

@@ -421,6 +421,12 @@ impl Classifier {
         })
     }
 
+    /// The tensor path's forward passes for texts of `lengths` tokens: [`group_by_length`] at this
+    /// device's [`pass_cost_tokens`].
+    pub fn groups(&self, lengths: &[usize]) -> Vec<Vec<usize>> {
+        group_by_length(lengths, pass_cost_tokens(&self.device))
+    }
+
     /// Calibrated scores of the tokenised texts `ids`, one row each in their
     /// order: from the CPU serving path when there is one (no padding at
     /// all), else from the tensor path in groups of similar lengths
@@ -440,7 +446,7 @@ impl Classifier {
         let lengths: Vec<usize> = ids.iter().map(|t| t.len()).collect();
         let pad = self.encoder.pad_id;
         let mut rows = vec![Vec::new(); ids.len()];
-        for group in group_by_length(&lengths) {
+        for group in self.groups(&lengths) {
             let longest = group.iter().map(|&i| lengths[i]).max().unwrap_or(0);
             let padded = |i: usize, fill: u32, value: Option<u32>| -> Vec<u32> {
                 let mut row: Vec<u32> = match value {
@@ -517,17 +523,32 @@ pub fn softmax(row: &[f32], temperature: f64) -> Vec<f32> {
     exps.into_iter().map(|e| (e / sum) as f32).collect()
 }
 
-/// What one more forward pass costs, in padded tokens: about 16 on the
-/// default model on a 2-core CPU (`triagem bench`: ~0.8 ms a pass against
-/// ~0.04 ms a padded token).
+/// What one more forward pass costs, in padded tokens, on the CPU: about 16
+/// on the default model on a 2-core CPU (`triagem bench`: ~0.8 ms a pass
+/// against ~0.04 ms a padded token).
 const PASS_COST_TOKENS: usize = 16;
+
+/// The same on a GPU, where a pass is a few hundred kernel launches (~1–3 ms
+/// whatever its size) and a padded token of a BERT-base-sized model costs a
+/// few microseconds: splitting a batch pays only when it saves hundreds of
+/// padded tokens (see the README's "GPU figures").
+const GPU_PASS_COST_TOKENS: usize = 512;
+
+/// What one more forward pass costs on `device`, in padded tokens.
+pub fn pass_cost_tokens(device: &Device) -> usize {
+    if device.is_cpu() {
+        PASS_COST_TOKENS
+    } else {
+        GPU_PASS_COST_TOKENS
+    }
+}
 
 /// Splits texts of `lengths` (in tokens) into groups run as one forward pass
 /// each: sorted by length, then cut where the padding saved is worth more
-/// than another pass (an exact minimum of passes × [`PASS_COST_TOKENS`] +
-/// padded tokens over contiguous groups of the sorted order). Returns indices
-/// into `lengths`, each group shortest first.
-pub fn group_by_length(lengths: &[usize]) -> Vec<Vec<usize>> {
+/// than another pass (an exact minimum of passes × `pass_cost` + padded
+/// tokens over contiguous groups of the sorted order). Returns indices into
+/// `lengths`, each group shortest first.
+pub fn group_by_length(lengths: &[usize], pass_cost: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| lengths[i]);
     let n = order.len();
@@ -536,7 +557,7 @@ pub fn group_by_length(lengths: &[usize]) -> Vec<Vec<usize>> {
     let mut cut = vec![0usize; n + 1];
     for j in 1..=n {
         let longest = lengths[order[j - 1]];
-        (best[j], cut[j]) = (0..j).map(|i| (best[i] + PASS_COST_TOKENS + (j - i) * longest, i)).min().unwrap_or((0, 0));
+        (best[j], cut[j]) = (0..j).map(|i| (best[i] + pass_cost + (j - i) * longest, i)).min().unwrap_or((0, 0));
     }
     let mut groups = Vec::new();
     let mut j = n;
@@ -615,7 +636,7 @@ mod tests {
     #[test]
     fn grouping_by_length_pads_less_and_keeps_every_text_once() {
         let lengths = [12, 5, 60, 7, 13, 58, 6, 11];
-        let groups = group_by_length(&lengths);
+        let groups = group_by_length(&lengths, PASS_COST_TOKENS);
         let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());
@@ -624,8 +645,11 @@ mod tests {
         assert!(cost < lengths.len() * 60 + PASS_COST_TOKENS, "{groups:?}");
         assert_eq!(groups.len(), 3, "short, middle and long texts: {groups:?}");
         // Equal lengths: one pass.
-        assert_eq!(group_by_length(&[9, 9, 9]).len(), 1);
-        assert!(group_by_length(&[]).is_empty());
+        assert_eq!(group_by_length(&[9, 9, 9], PASS_COST_TOKENS).len(), 1);
+        assert!(group_by_length(&[], PASS_COST_TOKENS).is_empty());
+        // A pass as dear as a GPU's: the same texts in one pass, as padding costs less than a second one.
+        assert_eq!(group_by_length(&lengths, GPU_PASS_COST_TOKENS).len(), 1);
+        assert_eq!(pass_cost_tokens(&Device::Cpu), PASS_COST_TOKENS);
     }
 
     #[test]

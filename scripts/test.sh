@@ -46,6 +46,15 @@ summary() {
 }
 
 set +e
+# Everything is built first, so that a build that fails says so (and is not
+# taken for a failing broker below).
+echo "== build"
+cargo test --locked --no-run --all-targets 2>&1 | tee "$log"
+if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+  echo "BUILD FAILED: the tests were not run."
+  summary
+  exit 1
+fi
 echo "== broker conformance (the broker every delivery test runs on)"
 if [ -n "$python_skip" ]; then
   echo "kafka-python conformance check SKIPPED: $python_skip (the rdkafka checks still run)"

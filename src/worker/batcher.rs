@@ -124,51 +124,59 @@ pub fn plan<T>(mut window: Vec<(T, usize)>, limits: &Limits) -> Vec<Batch<T>> {
 }
 
 /// Runs until `rx` is closed and drained; the last open window is flushed.
-/// `tokens` prepares each item as it arrives (the worker tokenises its text,
-/// once, for the model too) and returns its token count. `idle` is shared
-/// with the inference thread, which calls [`ModelIdle::computed`] after each
-/// batch. Stops early if `tx` is closed (the inference thread is gone).
+/// `tokens` prepares the items that have arrived since its last call, all at
+/// once (the worker tokenises their texts, once, for the model too, on the
+/// model's threads) and returns each one's token count, in order. `idle` is
+/// shared with the inference thread, which calls [`ModelIdle::computed`]
+/// after each batch. Stops early if `tx` is closed (the inference thread is
+/// gone).
 pub async fn run<T>(
     mut rx: mpsc::Receiver<T>,
     tx: mpsc::Sender<Batch<T>>,
     limits: Limits,
     idle: ModelIdle,
-    tokens: impl Fn(&mut T) -> usize,
+    tokens: impl Fn(&mut [T]) -> Vec<usize>,
     metrics: Option<Arc<Metrics>>,
 ) {
     let max_window = limits.max_messages.max(1) * WINDOW_BATCHES;
     let mut closed = false;
     while !closed {
-        let Some(mut first) = rx.recv().await else { return };
+        let Some(first) = rx.recv().await else { return };
         let deadline = Instant::now() + limits.max_wait;
-        let n = tokens(&mut first);
-        let mut total = n;
-        let mut window = vec![(first, n)];
-        while window.len() < max_window {
-            // What is already waiting joins the window first.
-            let item = match rx.try_recv() {
-                Ok(item) => Some(item),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    let full = window.len() >= limits.max_messages || total >= limits.max_tokens;
-                    if full || idle.is_idle() {
+        let mut arrived = vec![first];
+        let mut total = 0;
+        let mut window: Vec<(T, usize)> = Vec::new();
+        loop {
+            // What is already waiting joins the window first, prepared in one call.
+            while window.len() + arrived.len() < max_window {
+                match rx.try_recv() {
+                    Ok(item) => arrived.push(item),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
                         break;
                     }
-                    tokio::select! {
-                        biased;
-                        item = rx.recv() => item,
-                        _ = idle.wait() => continue,
-                        _ = tokio::time::sleep_until(deadline) => break,
-                    }
                 }
-            };
-            let Some(mut item) = item else {
-                closed = true;
+            }
+            let counts = tokens(&mut arrived);
+            total += counts.iter().sum::<usize>();
+            window.extend(arrived.drain(..).zip(counts));
+            let full = window.len() >= limits.max_messages || total >= limits.max_tokens;
+            if closed || window.len() >= max_window || full || idle.is_idle() {
                 break;
-            };
-            let n = tokens(&mut item);
-            total += n;
-            window.push((item, n));
+            }
+            tokio::select! {
+                biased;
+                item = rx.recv() => match item {
+                    Some(item) => arrived.push(item),
+                    None => {
+                        closed = true;
+                        break;
+                    }
+                },
+                _ = idle.wait() => continue,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
         }
         for batch in plan(window, &limits) {
             if let Some(m) = &metrics {
@@ -205,7 +213,7 @@ mod tests {
     fn spawn_with(l: Limits, idle: ModelIdle) -> (mpsc::Sender<String>, mpsc::Receiver<Batch<String>>, ModelIdle) {
         let (in_tx, in_rx) = mpsc::channel(100);
         let (out_tx, out_rx) = mpsc::channel(1);
-        tokio::spawn(run(in_rx, out_tx, l, idle.clone(), |s: &mut String| s.len(), None));
+        tokio::spawn(run(in_rx, out_tx, l, idle.clone(), |s: &mut [String]| s.iter().map(String::len).collect(), None));
         (in_tx, out_rx, idle)
     }
 
@@ -240,6 +248,31 @@ mod tests {
         assert_eq!(texts(&rx.recv().await.unwrap()), ["a", "b", "c"]);
         assert_eq!(texts(&rx.recv().await.unwrap()), ["d"]);
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_arrived_together_is_prepared_in_one_call() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let idle = ModelIdle::default();
+        idle.sent(); // busy: the window stays open until max_wait
+        let (in_tx, in_rx) = mpsc::channel(100);
+        let (out_tx, mut out_rx) = mpsc::channel(1);
+        let tokens = move |items: &mut [String]| {
+            seen.lock().unwrap().push(items.iter().map(String::as_str).collect::<Vec<_>>().join(""));
+            items.iter().map(String::len).collect()
+        };
+        tokio::spawn(run(in_rx, out_tx, limits(10, 1000, 50), idle, tokens, None));
+        for s in ["a", "b", "c"] {
+            in_tx.send(s.into()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for s in ["d", "e"] {
+            in_tx.send(s.into()).await.unwrap();
+        }
+        let b = out_rx.recv().await.unwrap();
+        assert_eq!(texts(&b), ["a", "b", "c", "d", "e"]);
+        assert_eq!(*calls.lock().unwrap(), ["abc", "de"], "one call for each group that arrived together");
     }
 
     #[tokio::test(start_paused = true)]

@@ -158,9 +158,11 @@ pub async fn run<T>(
                     }
                 }
             }
-            let counts = tokens(&mut arrived);
-            total += counts.iter().sum::<usize>();
-            window.extend(arrived.drain(..).zip(counts));
+            if !arrived.is_empty() {
+                let counts = tokens(&mut arrived);
+                total += counts.iter().sum::<usize>();
+                window.extend(arrived.drain(..).zip(counts));
+            }
             let full = window.len() >= limits.max_messages || total >= limits.max_tokens;
             if closed || window.len() >= max_window || full || idle.is_idle() {
                 break;
@@ -213,7 +215,12 @@ mod tests {
     fn spawn_with(l: Limits, idle: ModelIdle) -> (mpsc::Sender<String>, mpsc::Receiver<Batch<String>>, ModelIdle) {
         let (in_tx, in_rx) = mpsc::channel(100);
         let (out_tx, out_rx) = mpsc::channel(1);
-        tokio::spawn(run(in_rx, out_tx, l, idle.clone(), |s: &mut [String]| s.iter().map(String::len).collect(), None));
+        let tokens = |s: &mut [String]| {
+            // Nothing arrived, nothing to prepare: a call for none would hand the model's threads empty work.
+            assert!(!s.is_empty(), "tokens called with nothing arrived");
+            s.iter().map(String::len).collect()
+        };
+        tokio::spawn(run(in_rx, out_tx, l, idle.clone(), tokens, None));
         (in_tx, out_rx, idle)
     }
 

@@ -15,7 +15,9 @@
 # Env:   TRIAGEM_BIN (default target/release/triagem; built when missing), TRIAGEM_BENCH_PYTHON,
 #        BENCH_THREADS (2: the model's threads, and the peers'), BENCH_MESSAGES (2048),
 #        BENCH_DATA (data/teste.jsonl), E2E_COUNT (20000; 0 skips the end-to-end runs),
-#        BROKER (test | tansu), BENCH_OUT (a directory to keep the parts in), BENCH_DEVICE (cpu; cuda runs
+#        E2E_LATENCY_RATE (the latency run's rate in msg/s; default half the as-fast-as-possible throughput:
+#        a fixed rate compares two builds at the same load), BROKER (test | tansu), BENCH_OUT (a directory to
+#        keep the parts in), BENCH_DEVICE (cpu; cuda runs
 #        the worker, `triagem bench` and the peers on the GPU), BENCH_BATCH_SIZES (1,8,32), BENCH_PEAK_GFLOPS
 #        (the device's fp32 peak for the ceiling; measured on the CPU when unset).
 # A base model without a classification head (models/base/all-MiniLM-L6-v2) is given a fresh, untrained
@@ -117,7 +119,12 @@ if [ "$e2e_count" -gt 0 ]; then
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \
     >"$out/e2e-max.json"
   half=$(python3 -c "import json,sys; print(max(1, int(json.load(open(sys.argv[1]))['throughput'] / 2)))" "$out/e2e-max.json")
-  say "worker end to end at half that rate: $half msg/s for 20 s"
+  if [ -n "${E2E_LATENCY_RATE:-}" ]; then
+    half=$E2E_LATENCY_RATE
+    say "worker end to end at a fixed rate (E2E_LATENCY_RATE): $half msg/s for 20 s"
+  else
+    say "worker end to end at half that rate: $half msg/s for 20 s"
+  fi
   # loadgen's reader asks for outputs every millisecond: with librdkafka's default fetch.wait.max.ms
   # (500) the broker may hold its fetch ~10 ms past an output's arrival, which is the reader's latency,
   # not the worker's.

@@ -37,6 +37,10 @@ sizes=${BENCH_BATCH_SIZES:-1,8,32}
 peak_args=()
 [ -z "${BENCH_PEAK_GFLOPS:-}" ] || peak_args=(--peak-gflops "$BENCH_PEAK_GFLOPS")
 say() { echo "bench: $*" >&2; }
+# cpu_ticks PID: the process's user + system CPU time so far, in clock ticks (0 once it is gone).
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0; }
+# machine_ticks: the machine's busy and total CPU ticks so far, all cores (/proc/stat).
+machine_ticks() { awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6; exit }' /proc/stat; }
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
 
@@ -130,9 +134,19 @@ if [ "$e2e_count" -gt 0 ]; then
   # not the worker's.
   # The worker's own latency over this run: its /metrics before and after.
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-before-half.txt"
+  # Who used the cores meanwhile: the worker shares them with the broker and loadgen, and its latency tail
+  # depends on what they leave it.
+  cpu_before=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   "$bin" loadgen --brokers "$brokers" --data "$data" --rate "$half" --duration 20s --settle-timeout 60s --quiet \
     --client fetch.wait.max.ms=1 --json >"$out/e2e-half.json"
+  cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"
+  awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
+    -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
+    'BEGIN { wall = total / n; if (wall <= 0) exit
+      printf "during the latency run: the worker used %.2f cores, the broker %.2f, the rest (loadgen, ...) %.2f; the machine'"'"'s %d cores were %.0f %% busy\n",
+        w / wall, b / wall, (busy - w - b) / wall, n, 100 * busy / total }' >"$out/cpu-latency-run.txt"
+  say "$(cat "$out/cpu-latency-run.txt")"
   grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' "$out/metrics-after-half.txt" \
     >"$out/worker-metrics.txt" || true
   cleanup

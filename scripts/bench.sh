@@ -38,7 +38,11 @@ peak_args=()
 [ -z "${BENCH_PEAK_GFLOPS:-}" ] || peak_args=(--peak-gflops "$BENCH_PEAK_GFLOPS")
 say() { echo "bench: $*" >&2; }
 # cpu_ticks PID: the process's user + system CPU time so far, in clock ticks (0 once it is gone).
-cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0; }
+cpu_ticks() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  echo "${stat##*) }" | awk '{ print $12 + $13 }' # fields after "PID (COMM) ": utime and stime are 12 and 13
+}
 # machine_ticks: the machine's busy and total CPU ticks so far, all cores (/proc/stat).
 machine_ticks() { awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6; exit }' /proc/stat; }
 # shellcheck source=scripts/bench-common.sh
@@ -123,11 +127,11 @@ if [ "$e2e_count" -gt 0 ]; then
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \
     >"$out/e2e-max.json"
   half=$(python3 -c "import json,sys; print(max(1, int(json.load(open(sys.argv[1]))['throughput'] / 2)))" "$out/e2e-max.json")
+  rate=${E2E_LATENCY_RATE:-$half}
   if [ -n "${E2E_LATENCY_RATE:-}" ]; then
-    half=$E2E_LATENCY_RATE
-    say "worker end to end at a fixed rate (E2E_LATENCY_RATE): $half msg/s for 20 s"
+    say "worker end to end at a fixed rate (E2E_LATENCY_RATE): $rate msg/s for 20 s"
   else
-    say "worker end to end at half that rate: $half msg/s for 20 s"
+    say "worker end to end at half that rate: $rate msg/s for 20 s"
   fi
   # loadgen's reader asks for outputs every millisecond: with librdkafka's default fetch.wait.max.ms
   # (500) the broker may hold its fetch ~10 ms past an output's arrival, which is the reader's latency,
@@ -137,7 +141,7 @@ if [ "$e2e_count" -gt 0 ]; then
   # Who used the cores meanwhile: the worker shares them with the broker and loadgen, and its latency tail
   # depends on what they leave it.
   cpu_before=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
-  "$bin" loadgen --brokers "$brokers" --data "$data" --rate "$half" --duration 20s --settle-timeout 60s --quiet \
+  "$bin" loadgen --brokers "$brokers" --data "$data" --rate "$rate" --duration 20s --settle-timeout 60s --quiet \
     --client fetch.wait.max.ms=1 --json >"$out/e2e-half.json"
   cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"

@@ -271,6 +271,10 @@ pub struct TrainArgs {
     /// Doubles the training time.
     #[arg(long)]
     pub refit: bool,
+    /// Keep an exponential moving average of the weights, updated after every step with this decay
+    /// (e.g. 0.99); the epochs are judged on the dev split, and saved, with the averaged weights. 0: off.
+    #[arg(long, default_value_t = TrainOptions::default().ema)]
+    pub ema: f64,
 }
 
 #[derive(Debug, Args)]
@@ -440,6 +444,7 @@ impl TrainArgs {
             distill_temperature: self.distill_temperature,
             teacher_scores: self.teacher_scores.clone(),
             refit: self.refit,
+            ema: self.ema,
         })
     }
 }

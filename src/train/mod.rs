@@ -14,10 +14,12 @@
 //! `base.rs` resolves `--base` and builds and initialises the model from it;
 //! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
 //! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
-//! spelling; `calibrate.rs` fits the temperature; `pretrain.rs` is
+//! spelling; `average.rs` keeps the weights' moving average of `--ema`;
+//! `calibrate.rs` fits the temperature; `pretrain.rs` is
 //! `triagem pretrain`, the masked-language-model base that `--base` takes.
 
 pub mod augment;
+mod average;
 mod base;
 pub mod calibrate;
 mod checkpoint;
@@ -117,6 +119,9 @@ pub struct TrainOptions {
     /// base on the whole training file (dev split included) for that many epochs, on the same
     /// learning-rate schedule, and keep that model with the temperature.
     pub refit: bool,
+    /// Exponential moving average of the weights over the steps (`--ema`): the epochs are judged on
+    /// the dev split, and saved, with the averaged weights. 0: off (the trained weights are kept).
+    pub ema: f64,
 }
 
 impl Default for TrainOptions {
@@ -150,6 +155,7 @@ impl Default for TrainOptions {
             distill_temperature: 2.0,
             teacher_scores: None,
             refit: false,
+            ema: 0.0,
         }
     }
 }
@@ -426,6 +432,7 @@ fn fit(
     let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
     let label_index: HashMap<&str, u32> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
 
+    let mut ema = if opts.ema > 0.0 { Some(average::Ema::new(opts.ema, &trainable.vars)?) } else { None };
     let mut epochs = Vec::new();
     let mut best: Option<(usize, f64)> = None;
     let mut step = 0usize;
@@ -450,6 +457,9 @@ fn fit(
             clip_gradients(&mut grads, &trainable.vars, 1.0)?;
             decay.step(&grads)?;
             no_decay.step(&grads)?;
+            if let Some(ema) = &mut ema {
+                ema.update(&trainable.vars)?;
+            }
             step += 1;
             let loss_value = loss.to_scalar::<f32>()? as f64;
             loss_sum += loss_value * chunk.len() as f64;
@@ -458,7 +468,10 @@ fn fit(
         }
         bar.finish_and_clear();
         let seconds = epoch_start.elapsed().as_secs_f64();
-        let dev = evaluate_in_memory(&trainable, labels, dev_examples, opts)?;
+        // With `--ema` the epoch is judged, and saved, with the averaged weights.
+        let dev = average::judged(ema.as_ref(), &trainable.vars, || {
+            evaluate_in_memory(&trainable, labels, dev_examples, opts)
+        })?;
         let log = EpochLog {
             epoch,
             train_loss: loss_sum / train_examples.len() as f64,
@@ -480,7 +493,7 @@ fn fit(
         let keep = if dev_examples.is_empty() { epoch == last } else { best.is_none_or(|(_, f1)| dev.macro_f1 > f1) };
         if keep {
             best = Some((epoch, dev.macro_f1));
-            save(&trainable, labels, &opts.out)?;
+            average::judged(ema.as_ref(), &trainable.vars, || save(&trainable, labels, &opts.out))?;
         }
         epochs.push(log);
     }
@@ -599,6 +612,9 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if opts.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
         return bad("--dropout must be in [0, 1)");
     }
+    if !(0.0..1.0).contains(&opts.ema) {
+        return bad("--ema must be in [0, 1)");
+    }
     if !(0.0..=1.0).contains(&opts.distill_weight) {
         return bad("--distill-weight must be in [0, 1]");
     }
@@ -626,7 +642,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "dropout": opts.dropout,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
-        "teacher_scores": opts.teacher_scores, "refit": opts.refit,
+        "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema,
     })
 }
 
@@ -822,6 +838,7 @@ mod tests {
             distill_temperature: 2.0,
             teacher_scores: None,
             refit: false,
+            ema: 0.0,
         }
     }
 
@@ -887,6 +904,43 @@ mod tests {
             assert!(err.contains("--dropout must be in [0, 1)"), "{p}: {err}");
         }
         assert!(check_options(&TrainOptions { dropout: Some(0.0), ..tiny_options() }).is_ok());
+    }
+
+    /// `--ema`: what is saved is the moving average, not the last step's weights. The training
+    /// itself does not change (the average draws nothing from the generator), so a decay of almost
+    /// 0 saves the same weights as no average, and 0.9 saves others; outside [0, 1) is one sentence.
+    #[test]
+    fn with_ema_the_average_is_saved_and_the_training_is_the_same() {
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let saved = |ema: f64| {
+            let out = tempfile::tempdir().unwrap();
+            let opts = TrainOptions { epochs: 2, ema, out: out.path().to_path_buf(), ..tiny_options() };
+            let mut rng = StdRng::seed_from_u64(1);
+            fit(&opts, &labels, &examples(), &[], &Teachers::default(), None, &mut rng).unwrap();
+            let tensors = candle_core::safetensors::load(out.path().join(model::WEIGHTS_FILE), &Device::Cpu).unwrap();
+            let mut flat: Vec<(String, Vec<f32>)> = tensors
+                .into_iter()
+                .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect();
+            flat.sort_by(|a, b| a.0.cmp(&b.0));
+            flat
+        };
+        let (plain, almost_none, averaged) = (saved(0.0), saved(1e-9), saved(0.9));
+        let largest_gap = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| {
+            a.iter()
+                .zip(b)
+                .flat_map(|((na, va), (nb, vb))| {
+                    assert_eq!(na, nb);
+                    va.iter().zip(vb).map(|(x, y)| (x - y).abs())
+                })
+                .fold(0.0f32, f32::max)
+        };
+        assert!(largest_gap(&plain, &almost_none) < 1e-6);
+        assert!(largest_gap(&plain, &averaged) > 1e-5, "{}", largest_gap(&plain, &averaged));
+        for p in [1.0, -0.1, f64::NAN] {
+            let err = check_options(&TrainOptions { ema: p, ..tiny_options() }).unwrap_err().to_string();
+            assert!(err.contains("--ema must be in [0, 1)"), "{p}: {err}");
+        }
     }
 
     /// `--dev-fraction 0`: nothing to choose an epoch on, so the last one is

@@ -298,6 +298,10 @@ pub struct PretrainArgs {
     /// Words seen fewer times than this do not shape the vocabulary's merges.
     #[arg(long, default_value_t = PretrainOptions::default().min_word_count)]
     pub min_word_count: u64,
+    /// Stop the tokenizer's merges at Portuguese inflectional endings: stems and `##`-endings
+    /// (`compr ##ei`, `compr ##ar`) instead of whole inflected forms.
+    #[arg(long)]
+    pub morphology: bool,
     /// Hidden size of the BERT.
     #[arg(long, default_value_t = PretrainOptions::default().hidden)]
     pub hidden: usize,
@@ -349,6 +353,7 @@ impl PretrainArgs {
             out: self.out,
             vocab_size: self.vocab_size,
             min_word_count: self.min_word_count,
+            morphology: self.morphology,
             hidden: self.hidden,
             layers: self.layers,
             max_len: self.max_len,

@@ -44,6 +44,8 @@ pub struct PretrainOptions {
     pub vocab_size: usize,
     /// Words seen fewer times than this do not shape the vocabulary's merges.
     pub min_word_count: u64,
+    /// The tokenizer's merges stop at Portuguese inflectional endings (stems and `##`-endings).
+    pub morphology: bool,
     pub hidden: usize,
     pub layers: usize,
     /// Longest sequence in tokens; the model's position table is at least 128.
@@ -72,6 +74,7 @@ impl Default for PretrainOptions {
             out: "models/base/triagem-ptbr".into(),
             vocab_size: 8000,
             min_word_count: 3,
+            morphology: false,
             hidden: 128,
             layers: 2,
             max_len: 64,
@@ -124,8 +127,8 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainSummary, TrainError> {
     let started = Instant::now();
     let (passages, sources) = read_passages(opts)?;
     eprintln!("{} passages from {} files; training the tokenizer", passages.len(), sources.len());
-    let tokenizer =
-        scratch::train_tokenizer_on(&passages, opts.vocab_size, opts.min_word_count).map_err(TrainError::Tokenizer)?;
+    let tokenizer = scratch::train_tokenizer_on(&passages, opts.vocab_size, opts.min_word_count, opts.morphology)
+        .map_err(TrainError::Tokenizer)?;
     let special = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| TrainError::Tokenizer(format!("no {t} token")));
     let ids = Ids { cls: special("[CLS]")?, sep: special("[SEP]")?, mask: special("[MASK]")?, pad: 0 };
     let vocab = tokenizer.get_vocab_size(true);
@@ -233,6 +236,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainSummary, TrainError> {
         parameters,
         options: serde_json::json!({
             "texts_repeat": opts.texts_repeat, "vocab_size": opts.vocab_size, "min_word_count": opts.min_word_count,
+            "morphology": opts.morphology,
             "hidden": opts.hidden, "layers": opts.layers, "max_len": opts.max_len, "batch_size": opts.batch_size,
             "steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "weight_decay": opts.weight_decay,
             "mask_prob": opts.mask_prob, "augment": opts.augment, "seed": opts.seed,
@@ -460,6 +464,7 @@ mod tests {
             out: dir.join("base"),
             vocab_size: 200,
             min_word_count: 2,
+            morphology: false,
             hidden: 32,
             max_len: 24,
             batch_size: 8,

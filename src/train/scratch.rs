@@ -30,18 +30,32 @@ const MIN_FREQUENCY: u64 = 2;
 
 /// Trains an uncased, accent-stripping WordPiece tokenizer of at most `vocab_size` entries.
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer, String> {
-    train_tokenizer_on(texts, vocab_size, 1)
+    train_tokenizer_on(texts, vocab_size, 1, false)
 }
 
 /// [`train_tokenizer`] learning its merges from the words seen at least
 /// `min_count` times only (every character still gets a piece): on a large
 /// corpus the rare words, most of them, only slow the merges down.
-pub fn train_tokenizer_on(texts: &[String], vocab_size: usize, min_count: u64) -> Result<Tokenizer, String> {
+///
+/// With `morphology`, a word that ends in one of Portuguese's inflectional
+/// endings ([`SUFFIXES`]: verb endings, plurals, diminutives, `-mente`,
+/// `-ção`) is cut before it, and no merge crosses the cut: the vocabulary
+/// gets stems and `##`-endings (`compr`, `##ei`, `##aram`) instead of whole
+/// inflected forms, so `comprei` and `comprar` share a piece and differ by
+/// another. The result is still a plain WordPiece model (greedy longest
+/// match), which `transformers` loads as it is.
+pub fn train_tokenizer_on(
+    texts: &[String],
+    vocab_size: usize,
+    min_count: u64,
+    morphology: bool,
+) -> Result<Tokenizer, String> {
     let normalizer = BertNormalizer::new(true, true, Some(true), true);
     let all = count_words(texts, &normalizer)?;
     let frequent: BTreeMap<String, u64> =
         all.iter().filter(|(_, &n)| n >= min_count).map(|(w, &n)| (w.clone(), n)).collect();
-    let vocab = build_vocab(&frequent, &alphabet(&all), vocab_size);
+    let segments = if morphology { segment(&frequent) } else { whole(&frequent) };
+    let vocab = build_vocab(&segments, &alphabet(&all), vocab_size);
     let cls = vocab["[CLS]"];
     let sep = vocab["[SEP]"];
     let model = WordPiece::builder()
@@ -75,6 +89,59 @@ fn count_words(texts: &[String], normalizer: &BertNormalizer) -> Result<BTreeMap
     Ok(counts)
 }
 
+/// Inflectional endings of Brazilian Portuguese as the normaliser leaves them
+/// (lower case, accents stripped), longest first where one ends another.
+pub const SUFFIXES: [&str; 52] = [
+    "ariamos", "eriamos", "iriamos", "assemos", "essemos", "issemos", "aremos", "eremos", "iremos", "avamos", "zinhos",
+    "zinhas", "ariam", "eriam", "iriam", "assem", "essem", "issem", "mente", "zinho", "zinha", "inhos", "inhas",
+    "aram", "eram", "iram", "avam", "ando", "endo", "indo", "ados", "adas", "idos", "idas", "amos", "emos", "imos",
+    "aria", "eria", "iria", "inho", "inha", "coes", "cao", "ava", "ado", "ada", "ido", "ida", "ar", "ei", "ou",
+];
+/// A word is cut only when at least this many characters stay before the ending.
+const MIN_STEM: usize = 3;
+
+/// Each word one segment of symbols (its characters, the first word-initial, the rest `##`).
+fn whole(words: &BTreeMap<String, u64>) -> Vec<(Vec<String>, u64)> {
+    words.iter().map(|(w, &n)| (symbols(w, true), n)).collect()
+}
+
+/// Each word cut before its longest ending of [`SUFFIXES`] (a stem of at least
+/// [`MIN_STEM`] characters left), stem and ending two segments: merges stay inside each.
+fn segment(words: &BTreeMap<String, u64>) -> Vec<(Vec<String>, u64)> {
+    let mut out = Vec::new();
+    for (w, &n) in words {
+        match split_ending(w) {
+            Some((stem, ending)) => {
+                out.push((symbols(stem, true), n));
+                out.push((symbols(ending, false), n));
+            }
+            None => out.push((symbols(w, true), n)),
+        }
+    }
+    out
+}
+
+/// `word` as stem and ending, when it ends in one of [`SUFFIXES`] after a stem of at least
+/// [`MIN_STEM`] letters (the longest such ending).
+pub fn split_ending(word: &str) -> Option<(&str, &str)> {
+    if !word.chars().all(char::is_alphabetic) {
+        return None;
+    }
+    SUFFIXES
+        .iter()
+        .filter(|s| word.ends_with(*s) && word[..word.len() - s.len()].chars().count() >= MIN_STEM)
+        .max_by_key(|s| s.len())
+        .map(|s| word.split_at(word.len() - s.len()))
+}
+
+/// The characters of `text` as pieces: the first word-initial when `initial`, every other `##`-continuing.
+fn symbols(text: &str, initial: bool) -> Vec<String> {
+    text.chars()
+        .enumerate()
+        .map(|(i, c)| if i == 0 && initial { c.to_string() } else { format!("{CONTINUE}{c}") })
+        .collect()
+}
+
 /// Every character of `words`, word-initial and `##`-continuing, sorted.
 fn alphabet(words: &BTreeMap<String, u64>) -> Vec<String> {
     let mut alphabet: Vec<String> = words
@@ -86,20 +153,10 @@ fn alphabet(words: &BTreeMap<String, u64>) -> Vec<String> {
     alphabet
 }
 
-/// Special tokens, the `alphabet`, then pieces merged over `words` in merge
-/// order until `vocab_size`: token → id.
-fn build_vocab(words: &BTreeMap<String, u64>, alphabet: &[String], vocab_size: usize) -> BTreeMap<String, u32> {
-    let mut pieces: Vec<(Vec<String>, u64)> = words
-        .iter()
-        .map(|(w, &n)| {
-            let symbols = w
-                .chars()
-                .enumerate()
-                .map(|(i, c)| if i == 0 { c.to_string() } else { format!("{CONTINUE}{c}") })
-                .collect();
-            (symbols, n)
-        })
-        .collect();
+/// Special tokens, the `alphabet`, then pieces merged inside the `segments`
+/// (symbols with counts) in merge order until `vocab_size`: token → id.
+fn build_vocab(segments: &[(Vec<String>, u64)], alphabet: &[String], vocab_size: usize) -> BTreeMap<String, u32> {
+    let mut pieces = segments.to_vec();
     let mut ordered: Vec<String> = SPECIAL.iter().map(|s| s.to_string()).collect();
     ordered.extend(alphabet.iter().cloned());
     while ordered.len() < vocab_size {
@@ -164,6 +221,31 @@ mod tests {
         assert_eq!(enc.get_tokens().first().map(String::as_str), Some("[CLS]"));
         assert_eq!(enc.get_tokens().last().map(String::as_str), Some("[SEP]"));
         assert!(enc.get_tokens().contains(&"nao".to_string()), "{:?}", enc.get_tokens());
+    }
+
+    /// With `morphology` the endings are pieces of their own and no inflected form is learnt whole:
+    /// `comprei` and `comprar` share their stem.
+    #[test]
+    fn with_morphology_stems_and_endings_are_separate_pieces() {
+        let texts: Vec<String> = ["Comprei ontem", "quero comprar", "compraram juntos", "comprando agora", "ontem"]
+            .iter()
+            .cycle()
+            .take(50)
+            .map(|s| s.to_string())
+            .collect();
+        let pieces = |tok: &Tokenizer, text: &str| tok.encode(text, false).unwrap().get_tokens().to_vec();
+        let plain = train_tokenizer_on(&texts, 200, 1, false).unwrap();
+        assert_eq!(pieces(&plain, "comprei"), ["comprei"]);
+        let morph = train_tokenizer_on(&texts, 200, 1, true).unwrap();
+        assert_eq!(pieces(&morph, "comprei"), ["compr", "##ei"]);
+        assert_eq!(pieces(&morph, "comprar"), ["compr", "##ar"]);
+        assert_eq!(pieces(&morph, "compraram"), ["compr", "##aram"]);
+        assert_eq!(pieces(&morph, "ontem"), ["ontem"], "no ending, not cut");
+        assert_eq!(split_ending("comprando"), Some(("compr", "ando")));
+        assert_eq!(split_ending("mar"), None, "a stem of 3 letters at least");
+        assert_eq!(split_ending("ar"), None);
+        assert_eq!(split_ending("3ar"), None, "words only");
+        assert_eq!(split_ending("rapidamente"), Some(("rapida", "mente")));
     }
 
     #[test]

@@ -16,9 +16,13 @@ use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{
-    NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+    NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
+    SplitDelimiterBehavior, Tokenizer,
 };
 
 /// Special tokens, in id order: `[PAD]` is 0, as `pad_token_id` says.
@@ -37,13 +41,15 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer,
 /// `min_count` times only (every character still gets a piece): on a large
 /// corpus the rare words, most of them, only slow the merges down.
 ///
-/// With `morphology`, a word that ends in one of Portuguese's inflectional
-/// endings ([`SUFFIXES`]: verb endings, plurals, diminutives, `-mente`,
-/// `-ção`) is cut before it, and no merge crosses the cut: the vocabulary
-/// gets stems and `##`-endings (`compr`, `##ei`, `##aram`) instead of whole
-/// inflected forms, so `comprei` and `comprar` share a piece and differ by
-/// another. The result is still a plain WordPiece model (greedy longest
-/// match), which `transformers` loads as it is.
+/// With `morphology`, the pre-tokenizer also cuts a word before one of
+/// Brazilian Portuguese's inflectional endings ([`SUFFIXES`]: verb endings,
+/// plurals of participles, diminutives, `-mente`, `-ção`) when at least three
+/// letters come before it: `comprei` → `compr` `ei`, `comprar` → `compr` `ar`,
+/// `compraram` → `compr` `aram`. The cut is a `Split` pre-tokenizer (a
+/// regular expression) in `tokenizer.json`, so it happens when a text is
+/// encoded, in triagem and in `transformers` alike, not only when the
+/// vocabulary is learnt; the ending is a piece of its own (shared with a word
+/// spelt the same, such as `ou`, "or").
 pub fn train_tokenizer_on(
     texts: &[String],
     vocab_size: usize,
@@ -51,11 +57,11 @@ pub fn train_tokenizer_on(
     morphology: bool,
 ) -> Result<Tokenizer, String> {
     let normalizer = BertNormalizer::new(true, true, Some(true), true);
-    let all = count_words(texts, &normalizer)?;
+    let pre_tokenizer = pre_tokenizer(morphology)?;
+    let all = count_words(texts, &normalizer, &pre_tokenizer)?;
     let frequent: BTreeMap<String, u64> =
         all.iter().filter(|(_, &n)| n >= min_count).map(|(w, &n)| (w.clone(), n)).collect();
-    let segments = if morphology { segment(&frequent) } else { whole(&frequent) };
-    let vocab = build_vocab(&segments, &alphabet(&all), vocab_size);
+    let vocab = build_vocab(&frequent, &alphabet(&all), vocab_size);
     let cls = vocab["[CLS]"];
     let sep = vocab["[SEP]"];
     let model = WordPiece::builder()
@@ -68,20 +74,24 @@ pub fn train_tokenizer_on(
     tokenizer
         .with_normalizer(Some(normalizer))
         .map_err(|e| e.to_string())?
-        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_pre_tokenizer(Some(pre_tokenizer))
         .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))))
         .with_decoder(Some(WordPieceDecoder::default()));
     Ok(tokenizer)
 }
 
 /// Words as the tokenizer will see them (normalised, split), with their counts.
-fn count_words(texts: &[String], normalizer: &BertNormalizer) -> Result<BTreeMap<String, u64>, String> {
+fn count_words(
+    texts: &[String],
+    normalizer: &BertNormalizer,
+    pre_tokenizer: &PreTokenizerWrapper,
+) -> Result<BTreeMap<String, u64>, String> {
     let mut counts = BTreeMap::new();
     for text in texts {
         let mut normalized = NormalizedString::from(text.as_str());
         normalizer.normalize(&mut normalized).map_err(|e| e.to_string())?;
         let mut pre = PreTokenizedString::from(normalized);
-        BertPreTokenizer.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+        pre_tokenizer.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
         for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
             *counts.entry(word.to_string()).or_insert(0) += 1;
         }
@@ -97,49 +107,17 @@ pub const SUFFIXES: [&str; 52] = [
     "aram", "eram", "iram", "avam", "ando", "endo", "indo", "ados", "adas", "idos", "idas", "amos", "emos", "imos",
     "aria", "eria", "iria", "inho", "inha", "coes", "cao", "ava", "ado", "ada", "ido", "ida", "ar", "ei", "ou",
 ];
-/// A word is cut only when at least this many characters stay before the ending.
-const MIN_STEM: usize = 3;
-
-/// Each word one segment of symbols (its characters, the first word-initial, the rest `##`).
-fn whole(words: &BTreeMap<String, u64>) -> Vec<(Vec<String>, u64)> {
-    words.iter().map(|(w, &n)| (symbols(w, true), n)).collect()
-}
-
-/// Each word cut before its longest ending of [`SUFFIXES`] (a stem of at least
-/// [`MIN_STEM`] characters left), stem and ending two segments: merges stay inside each.
-fn segment(words: &BTreeMap<String, u64>) -> Vec<(Vec<String>, u64)> {
-    let mut out = Vec::new();
-    for (w, &n) in words {
-        match split_ending(w) {
-            Some((stem, ending)) => {
-                out.push((symbols(stem, true), n));
-                out.push((symbols(ending, false), n));
-            }
-            None => out.push((symbols(w, true), n)),
-        }
+/// BERT's pre-tokenizer (whitespace and punctuation), then with `morphology`
+/// each word's ending of [`SUFFIXES`] cut off when three letters precede it.
+fn pre_tokenizer(morphology: bool) -> Result<PreTokenizerWrapper, String> {
+    if !morphology {
+        return Ok(BertPreTokenizer.into());
     }
-    out
-}
-
-/// `word` as stem and ending, when it ends in one of [`SUFFIXES`] after a stem of at least
-/// [`MIN_STEM`] letters (the longest such ending).
-pub fn split_ending(word: &str) -> Option<(&str, &str)> {
-    if !word.chars().all(char::is_alphabetic) {
-        return None;
-    }
-    SUFFIXES
-        .iter()
-        .filter(|s| word.ends_with(*s) && word[..word.len() - s.len()].chars().count() >= MIN_STEM)
-        .max_by_key(|s| s.len())
-        .map(|s| word.split_at(word.len() - s.len()))
-}
-
-/// The characters of `text` as pieces: the first word-initial when `initial`, every other `##`-continuing.
-fn symbols(text: &str, initial: bool) -> Vec<String> {
-    text.chars()
-        .enumerate()
-        .map(|(i, c)| if i == 0 && initial { c.to_string() } else { format!("{CONTINUE}{c}") })
-        .collect()
+    // Split runs on each word alone: `\z` is the word's end; the leftmost match is the longest ending.
+    let pattern = format!("(?<=[a-z]{{3}})(?:{})\\z", SUFFIXES.join("|"));
+    let split =
+        Split::new(SplitPattern::Regex(pattern), SplitDelimiterBehavior::Isolated, false).map_err(|e| e.to_string())?;
+    Ok(Sequence::new(vec![BertPreTokenizer.into(), split.into()]).into())
 }
 
 /// Every character of `words`, word-initial and `##`-continuing, sorted.
@@ -153,10 +131,20 @@ fn alphabet(words: &BTreeMap<String, u64>) -> Vec<String> {
     alphabet
 }
 
-/// Special tokens, the `alphabet`, then pieces merged inside the `segments`
-/// (symbols with counts) in merge order until `vocab_size`: token → id.
-fn build_vocab(segments: &[(Vec<String>, u64)], alphabet: &[String], vocab_size: usize) -> BTreeMap<String, u32> {
-    let mut pieces = segments.to_vec();
+/// Special tokens, the `alphabet`, then pieces merged over `words` in merge
+/// order until `vocab_size`: token → id.
+fn build_vocab(words: &BTreeMap<String, u64>, alphabet: &[String], vocab_size: usize) -> BTreeMap<String, u32> {
+    let mut pieces: Vec<(Vec<String>, u64)> = words
+        .iter()
+        .map(|(w, &n)| {
+            let symbols = w
+                .chars()
+                .enumerate()
+                .map(|(i, c)| if i == 0 { c.to_string() } else { format!("{CONTINUE}{c}") })
+                .collect();
+            (symbols, n)
+        })
+        .collect();
     let mut ordered: Vec<String> = SPECIAL.iter().map(|s| s.to_string()).collect();
     ordered.extend(alphabet.iter().cloned());
     while ordered.len() < vocab_size {
@@ -205,6 +193,8 @@ fn merged(a: &str, b: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
 
     #[test]
@@ -223,29 +213,37 @@ mod tests {
         assert!(enc.get_tokens().contains(&"nao".to_string()), "{:?}", enc.get_tokens());
     }
 
-    /// With `morphology` the endings are pieces of their own and no inflected form is learnt whole:
-    /// `comprei` and `comprar` share their stem.
+    /// With `morphology` a word is cut before its ending when encoded (not only when the
+    /// vocabulary is learnt): `comprei` and `comprar` share their stem; the saved
+    /// `tokenizer.json` reads back to the same cuts.
     #[test]
     fn with_morphology_stems_and_endings_are_separate_pieces() {
-        let texts: Vec<String> = ["Comprei ontem", "quero comprar", "compraram juntos", "comprando agora", "ontem"]
-            .iter()
-            .cycle()
-            .take(50)
-            .map(|s| s.to_string())
-            .collect();
+        let texts: Vec<String> = [
+            "Comprei ontem",
+            "quero comprar",
+            "compraram juntos",
+            "comprando agora",
+            "a compra",
+            "rapidamente",
+            "o mar e o ar",
+        ]
+        .iter()
+        .cycle()
+        .take(50)
+        .map(|s| s.to_string())
+        .collect();
         let pieces = |tok: &Tokenizer, text: &str| tok.encode(text, false).unwrap().get_tokens().to_vec();
         let plain = train_tokenizer_on(&texts, 200, 1, false).unwrap();
         assert_eq!(pieces(&plain, "comprei"), ["comprei"]);
         let morph = train_tokenizer_on(&texts, 200, 1, true).unwrap();
-        assert_eq!(pieces(&morph, "comprei"), ["compr", "##ei"]);
-        assert_eq!(pieces(&morph, "comprar"), ["compr", "##ar"]);
-        assert_eq!(pieces(&morph, "compraram"), ["compr", "##aram"]);
-        assert_eq!(pieces(&morph, "ontem"), ["ontem"], "no ending, not cut");
-        assert_eq!(split_ending("comprando"), Some(("compr", "ando")));
-        assert_eq!(split_ending("mar"), None, "a stem of 3 letters at least");
-        assert_eq!(split_ending("ar"), None);
-        assert_eq!(split_ending("3ar"), None, "words only");
-        assert_eq!(split_ending("rapidamente"), Some(("rapida", "mente")));
+        assert_eq!(pieces(&morph, "Comprei"), ["compr", "ei"]);
+        assert_eq!(pieces(&morph, "comprar"), ["compr", "ar"]);
+        assert_eq!(pieces(&morph, "compraram"), ["compr", "aram"], "the longest ending");
+        assert_eq!(pieces(&morph, "compra"), ["compra"], "no ending, not cut");
+        assert_eq!(pieces(&morph, "rapidamente"), ["rapida", "mente"]);
+        assert_eq!(pieces(&morph, "mar ar"), ["mar", "ar"], "three letters before an ending at least");
+        let reloaded = Tokenizer::from_str(&morph.to_string(false).unwrap()).unwrap();
+        assert_eq!(pieces(&reloaded, "comprei compraram"), ["compr", "ei", "compr", "aram"]);
     }
 
     #[test]

@@ -298,8 +298,8 @@ pub struct PretrainArgs {
     /// Words seen fewer times than this do not shape the vocabulary's merges.
     #[arg(long, default_value_t = PretrainOptions::default().min_word_count)]
     pub min_word_count: u64,
-    /// Stop the tokenizer's merges at Portuguese inflectional endings: stems and `##`-endings
-    /// (`compr ##ei`, `compr ##ar`) instead of whole inflected forms.
+    /// Cut each word before a Portuguese inflectional ending when encoding (`comprei` → `compr` `ei`,
+    /// `comprar` → `compr` `ar`) instead of keeping inflected forms whole.
     #[arg(long)]
     pub morphology: bool,
     /// Hidden size of the BERT.

@@ -44,7 +44,7 @@ pub struct PretrainOptions {
     pub vocab_size: usize,
     /// Words seen fewer times than this do not shape the vocabulary's merges.
     pub min_word_count: u64,
-    /// The tokenizer's merges stop at Portuguese inflectional endings (stems and `##`-endings).
+    /// The tokenizer cuts each word before a Portuguese inflectional ending (`compr` `ei`).
     pub morphology: bool,
     pub hidden: usize,
     pub layers: usize,

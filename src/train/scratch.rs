@@ -100,7 +100,8 @@ fn count_words(
 }
 
 /// Inflectional endings of Brazilian Portuguese as the normaliser leaves them
-/// (lower case, accents stripped), longest first where one ends another.
+/// (lower case, accents stripped). Order does not matter: the cut is the
+/// leftmost match that runs to the word's end, which is the longest ending.
 pub const SUFFIXES: [&str; 52] = [
     "ariamos", "eriamos", "iriamos", "assemos", "essemos", "issemos", "aremos", "eremos", "iremos", "avamos", "zinhos",
     "zinhas", "ariam", "eriam", "iriam", "assem", "essem", "issem", "mente", "zinho", "zinha", "inhos", "inhas",

@@ -275,6 +275,11 @@ pub struct TrainArgs {
     /// (e.g. 0.99); the epochs are judged on the dev split, and saved, with the averaged weights. 0: off.
     #[arg(long, default_value_t = TrainOptions::default().ema)]
     pub ema: f64,
+    /// Fine-tune N models from the same initial weights on the same split, each with its own order of
+    /// examples, dropout and augmentation, and save the mean of their weights (a uniform model soup): one
+    /// model of the same size and speed. Multiplies the training time by N. 0 or 1: one model.
+    #[arg(long, default_value_t = TrainOptions::default().soup)]
+    pub soup: usize,
 }
 
 #[derive(Debug, Args)]
@@ -450,6 +455,7 @@ impl TrainArgs {
             teacher_scores: self.teacher_scores.clone(),
             refit: self.refit,
             ema: self.ema,
+            soup: self.soup,
         })
     }
 }

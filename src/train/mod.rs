@@ -15,6 +15,7 @@
 //! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
 //! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
 //! spelling; `average.rs` keeps the weights' moving average of `--ema`;
+//! `soup.rs` averages the weights of `--soup`'s models;
 //! `calibrate.rs` fits the temperature; `pretrain.rs` is
 //! `triagem pretrain`, the masked-language-model base that `--base` takes.
 
@@ -25,6 +26,7 @@ pub mod calibrate;
 mod checkpoint;
 pub mod pretrain;
 pub mod scratch;
+mod soup;
 
 use base::{build, sorted_vars, Trainable};
 pub use base::{Base, DEFAULT_BASE};
@@ -122,6 +124,10 @@ pub struct TrainOptions {
     /// Exponential moving average of the weights over the steps (`--ema`): the epochs are judged on
     /// the dev split, and saved, with the averaged weights. 0: off (the trained weights are kept).
     pub ema: f64,
+    /// Models fine-tuned from the same initial weights on the same split, each with its own order of
+    /// examples, dropout and augmentation (seeds `seed` … `seed+N−1`), whose weights are averaged into
+    /// the one saved (a uniform model soup); 0 or 1: one model.
+    pub soup: usize,
 }
 
 impl Default for TrainOptions {
@@ -156,6 +162,7 @@ impl Default for TrainOptions {
             teacher_scores: None,
             refit: false,
             ema: 0.0,
+            soup: 0,
         }
     }
 }
@@ -191,6 +198,27 @@ pub struct TrainSummary {
     pub calibration: CalibrationLog,
     /// `--refit`: the model kept was trained again on the whole training file (None without it).
     pub refit: Option<RefitLog>,
+    /// `--soup`: the models averaged into the one saved (None without it).
+    pub soup: Option<SoupLog>,
+}
+
+/// What `--soup` did: `epochs` and `best_epoch` are the first ingredient's; the model saved is the mean.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoupLog {
+    pub ingredients: Vec<Ingredient>,
+    /// The averaged model on the dev split (None without one).
+    pub dev_accuracy: Option<f64>,
+    pub dev_macro_f1: Option<f64>,
+    pub seconds: f64,
+}
+
+/// One model of a soup.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ingredient {
+    /// The seed of its order of examples, dropout and augmentation (the initial weights are the first's).
+    pub seed: u64,
+    pub best_epoch: usize,
+    pub dev_macro_f1: f64,
 }
 
 /// What `--refit` did: the model in the directory is this run's, not the dev-selected one
@@ -251,10 +279,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let scored = if opts.refit { &train_set.examples } else { &train_examples };
     let scores = opts.teacher_scores.as_deref().map(|p| read_teacher_scores(p, &labels, scored)).transpose()?;
     let teachers = Teachers { models: train_teachers(opts, &labels, &train_examples, &dev_examples)?, scores };
+    // The generator as it stands before the model is built: a soup's ingredients start from it, so that
+    // they share the initial weights.
+    let init = rng.clone();
     let Fitted { epochs, best, parameters } =
-        fit(opts, &labels, &train_examples, &dev_examples, &teachers, None, &mut rng)?;
+        fit(opts, &labels, &train_examples, &dev_examples, &teachers, Run::default(), &mut rng)?;
 
     let best_epoch = best.map_or(0, |(e, _)| e);
+    let soup = if opts.soup > 1 {
+        Some(cook_soup(opts, &labels, &train_examples, &dev_examples, &teachers, &init, best)?)
+    } else {
+        None
+    };
     // Computed with the tensor path, as the epochs were: a run gives the same temperature and report
     // whichever way the model is later served.
     let mut classifier = Classifier::load_tensor_path(&opts.out, &opts.device)?;
@@ -270,7 +306,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
             train_set.examples.len()
         );
         let started = Instant::now();
-        let fitted = fit(opts, &labels, &train_set.examples, &[], &teachers, Some(best_epoch), &mut rng)?;
+        let run = Run { stop_after: Some(best_epoch), ..Run::default() };
+        let fitted = fit(opts, &labels, &train_set.examples, &[], &teachers, run, &mut rng)?;
         set_temperature(&opts.out, calibration.temperature)?;
         classifier = Classifier::load_tensor_path(&opts.out, &opts.device)?;
         Some(RefitLog {
@@ -310,6 +347,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         triagem_version: env!("CARGO_PKG_VERSION").to_string(),
         calibration,
         refit,
+        soup,
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises") + "\n";
     replace_file(&opts.out.join("metrics.json"), |p| std::fs::write(p, json).map_err(|e| e.to_string()))?;
@@ -393,10 +431,75 @@ fn train_teachers(
         let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, teacher_scores: None, ..opts.clone() };
         eprintln!("teacher {k}/{} (seed {seed})", opts.ensemble);
         let mut rng = StdRng::seed_from_u64(seed);
-        fit(&teacher_opts, labels, train, dev, &Teachers::default(), None, &mut rng)?;
+        fit(&teacher_opts, labels, train, dev, &Teachers::default(), Run::default(), &mut rng)?;
         teachers.push(Classifier::load_tensor_path(&out, &opts.device)?);
     }
     Ok(teachers)
+}
+
+/// `--soup N`: fine-tunes ingredients 2 to N as the first was (`opts.out`, whose best epoch and dev
+/// macro-F1 are `first`), from the generator `init` as it stood before the first was built — so from
+/// the same initial weights — each with its own seed for the rest; then writes the mean of the N
+/// models' weights over the first's.
+fn cook_soup(
+    opts: &TrainOptions,
+    labels: &[String],
+    train: &[Example],
+    dev: &[Example],
+    teachers: &Teachers,
+    init: &StdRng,
+    first: Option<(usize, f64)>,
+) -> Result<SoupLog, TrainError> {
+    let started = Instant::now();
+    let (best_epoch, dev_macro_f1) = first.unwrap_or((0, 0.0));
+    let mut ingredients = vec![Ingredient { seed: opts.seed, best_epoch, dev_macro_f1 }];
+    let mut dirs = vec![opts.out.clone()];
+    let root = soup::ingredients_dir(&opts.out);
+    for k in 1..opts.soup {
+        let seed = opts.seed.wrapping_add(k as u64);
+        let out = root.join(format!("seed-{seed}"));
+        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
+        eprintln!("soup: model {}/{} (initial weights as the first's; seed {seed} for the rest)", k + 1, opts.soup);
+        let run = Run { reseed: Some(seed), ..Run::default() };
+        let fitted = fit(
+            &TrainOptions { out: out.clone(), ..opts.clone() },
+            labels,
+            train,
+            dev,
+            teachers,
+            run,
+            &mut init.clone(),
+        )?;
+        let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
+        ingredients.push(Ingredient { seed, best_epoch, dev_macro_f1 });
+        dirs.push(out);
+    }
+    soup::mean_weights(&dirs, &opts.out)?;
+    let _ = std::fs::remove_dir_all(&root);
+    let (dev_accuracy, dev_macro_f1) = if dev.is_empty() {
+        (None, None)
+    } else {
+        let report = eval::evaluate(&Classifier::load_tensor_path(&opts.out, &opts.device)?, dev, 64)?;
+        eprintln!(
+            "soup of {}: dev accuracy {:.4}  dev macro-F1 {:.4} (the models alone: {})",
+            opts.soup,
+            report.accuracy,
+            report.macro_f1,
+            ingredients.iter().map(|i| format!("{:.4}", i.dev_macro_f1)).collect::<Vec<_>>().join(", ")
+        );
+        (Some(report.accuracy), Some(report.macro_f1))
+    };
+    Ok(SoupLog { ingredients, dev_accuracy, dev_macro_f1, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// How [`fit`] runs beyond the options.
+#[derive(Debug, Default, Clone, Copy)]
+struct Run {
+    /// End after this many epochs of the `opts.epochs`-epoch schedule.
+    stop_after: Option<usize>,
+    /// Once the model is built, draw the rest (order of examples, dropout, augmentation) from a
+    /// generator seeded with this instead of going on with the one given.
+    reseed: Option<u64>,
 }
 
 /// What [`fit`] did.
@@ -412,17 +515,20 @@ struct Fitted {
 /// Trains a model on `train` (learning from `teachers` too, when there are
 /// any) and keeps the epoch with the best dev macro-F1 in `opts.out` (without
 /// dev examples: the last epoch). The learning rate follows the schedule of
-/// `opts.epochs` epochs; `stop_after` ends the run after that many.
+/// `opts.epochs` epochs; `run.stop_after` ends the run after that many.
 fn fit(
     opts: &TrainOptions,
     labels: &[String],
     train_examples: &[Example],
     dev_examples: &[Example],
     teachers: &Teachers,
-    stop_after: Option<usize>,
+    run: Run,
     rng: &mut StdRng,
 ) -> Result<Fitted, TrainError> {
     let trainable = build(opts, labels, train_examples, rng)?;
+    if let Some(seed) = run.reseed {
+        *rng = StdRng::seed_from_u64(seed);
+    }
     let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
     tracing::info!(parameters, base = ?opts.base, "model built");
 
@@ -437,7 +543,7 @@ fn fit(
     let mut best: Option<(usize, f64)> = None;
     let mut step = 0usize;
     let mut order: Vec<usize> = (0..train_examples.len()).collect();
-    let last = stop_after.map_or(opts.epochs, |n| n.min(opts.epochs));
+    let last = run.stop_after.map_or(opts.epochs, |n| n.min(opts.epochs));
     for epoch in 1..=last {
         let epoch_start = Instant::now();
         order.shuffle(rng);
@@ -621,6 +727,9 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if !(opts.distill_temperature > 0.0 && opts.distill_temperature.is_finite()) {
         return bad("--distill-temperature must be a positive number");
     }
+    if opts.soup > 1 && opts.refit {
+        return bad("--soup and --refit do not combine: the refit would train one model, not the soup");
+    }
     Ok(())
 }
 
@@ -642,7 +751,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "dropout": opts.dropout,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
-        "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema,
+        "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema, "soup": opts.soup,
     })
 }
 
@@ -839,6 +948,7 @@ mod tests {
             teacher_scores: None,
             refit: false,
             ema: 0.0,
+            soup: 0,
         }
     }
 
@@ -896,7 +1006,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let opts = TrainOptions { dropout: Some(0.3), out: out.path().to_path_buf(), ..tiny_options() };
         let mut rng = StdRng::seed_from_u64(1);
-        fit(&opts, &labels, &examples(), &[], &Teachers::default(), None, &mut rng).unwrap();
+        fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
         let config = model::read_config(out.path()).unwrap();
         assert_eq!((config.hidden_dropout_prob, config.attention_probs_dropout_prob), (0.3, 0.3));
         for p in [1.0, -0.1, f64::NAN] {
@@ -916,31 +1026,99 @@ mod tests {
             let out = tempfile::tempdir().unwrap();
             let opts = TrainOptions { epochs: 2, ema, out: out.path().to_path_buf(), ..tiny_options() };
             let mut rng = StdRng::seed_from_u64(1);
-            fit(&opts, &labels, &examples(), &[], &Teachers::default(), None, &mut rng).unwrap();
-            let tensors = candle_core::safetensors::load(out.path().join(model::WEIGHTS_FILE), &Device::Cpu).unwrap();
-            let mut flat: Vec<(String, Vec<f32>)> = tensors
-                .into_iter()
-                .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-                .collect();
-            flat.sort_by(|a, b| a.0.cmp(&b.0));
-            flat
+            fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
+            saved_weights(out.path())
         };
         let (plain, almost_none, averaged) = (saved(0.0), saved(1e-9), saved(0.9));
-        let largest_gap = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| {
-            a.iter()
-                .zip(b)
-                .flat_map(|((na, va), (nb, vb))| {
-                    assert_eq!(na, nb);
-                    va.iter().zip(vb).map(|(x, y)| (x - y).abs())
-                })
-                .fold(0.0f32, f32::max)
-        };
         assert!(largest_gap(&plain, &almost_none) < 1e-6);
         assert!(largest_gap(&plain, &averaged) > 1e-5, "{}", largest_gap(&plain, &averaged));
         for p in [1.0, -0.1, f64::NAN] {
             let err = check_options(&TrainOptions { ema: p, ..tiny_options() }).unwrap_err().to_string();
             assert!(err.contains("--ema must be in [0, 1)"), "{p}: {err}");
         }
+    }
+
+    /// A model directory's weights, tensor by tensor in name order, flattened.
+    fn saved_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+        let tensors = candle_core::safetensors::load(dir.join(model::WEIGHTS_FILE), &Device::Cpu).unwrap();
+        let mut flat: Vec<(String, Vec<f32>)> =
+            tensors.into_iter().map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
+        flat.sort_by(|a, b| a.0.cmp(&b.0));
+        flat
+    }
+
+    /// The largest difference between two models' weights, tensor by tensor.
+    fn largest_gap(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .flat_map(|((na, va), (nb, vb))| {
+                assert_eq!(na, nb);
+                va.iter().zip(vb).map(|(x, y)| (x - y).abs())
+            })
+            .fold(0.0f32, f32::max)
+    }
+
+    /// Training files for `train`: the four examples in five wordings (20 lines), tested on the four.
+    fn training_files(dir: &Path) -> (PathBuf, PathBuf) {
+        let line = |e: &Example| format!(r#"{{"prompt": "{}", "completion": "{}"}}"#, e.text, e.label);
+        let mut train_lines = Vec::new();
+        for round in ["", " agora", " hoje", " por favor", " amanhã"] {
+            train_lines.extend(examples().iter().map(|e| line(&Example { text: e.text.clone() + round, ..e.clone() })));
+        }
+        let (train_file, test_file) = (dir.join("treino.jsonl"), dir.join("teste.jsonl"));
+        std::fs::write(&train_file, train_lines.join("\n")).unwrap();
+        std::fs::write(&test_file, examples().iter().map(line).collect::<Vec<_>>().join("\n")).unwrap();
+        (train_file, test_file)
+    }
+
+    /// `--soup N`: the first model is the run without a soup, the others start from its initial
+    /// weights (at a learning rate too small to move them, the soup is those weights) and train on
+    /// their own seeds (at a real one, the soup is another model); the ingredients' directory goes.
+    #[test]
+    fn a_soup_averages_models_that_start_from_the_first_ones_initial_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let (train_file, test_file) = training_files(dir.path());
+        let run = |soup: usize, lr: f64, out: &str| {
+            let opts = TrainOptions {
+                train: train_file.clone(),
+                test: test_file.clone(),
+                out: dir.path().join(out),
+                epochs: 2,
+                dev_fraction: 0.4,
+                lr,
+                soup,
+                ..tiny_options()
+            };
+            let summary = train(&opts).unwrap();
+            (summary, saved_weights(&dir.path().join(out)))
+        };
+        let (plain, plain_weights) = run(0, 1e-3, "plain");
+        let (one, one_weights) = run(1, 1e-3, "one");
+        assert!(plain.soup.is_none() && one.soup.is_none(), "a soup of one is the plain run");
+        assert_eq!(largest_gap(&plain_weights, &one_weights), 0.0);
+
+        let (soup, soup_weights) = run(3, 1e-3, "soup");
+        let log = soup.soup.as_ref().expect("a soup log");
+        let seeds: Vec<u64> = log.ingredients.iter().map(|i| i.seed).collect();
+        assert_eq!(seeds, [3, 4, 5]);
+        let first = &log.ingredients[0];
+        assert_eq!(
+            (first.best_epoch, first.dev_macro_f1),
+            (plain.best_epoch, plain.epochs[plain.best_epoch - 1].dev_macro_f1)
+        );
+        assert!(log.dev_macro_f1.is_some());
+        assert!(largest_gap(&plain_weights, &soup_weights) > 1e-4, "{}", largest_gap(&plain_weights, &soup_weights));
+        assert_eq!(soup.hyperparameters["soup"], 3);
+        assert!(!dir.path().join("soup.soup").exists(), "the ingredients are removed");
+
+        // Nothing trained: every ingredient is its initial weights, so their mean is the first's.
+        let (_, still) = run(0, 1e-12, "still");
+        let (_, still_soup) = run(3, 1e-12, "still-soup");
+        assert!(largest_gap(&still, &still_soup) < 1e-6, "{}", largest_gap(&still, &still_soup));
+
+        let err = check_options(&TrainOptions { soup: 2, refit: true, ..tiny_options() }).unwrap_err().to_string();
+        assert!(err.contains("--soup and --refit do not combine"), "{err}");
     }
 
     /// `--dev-fraction 0`: nothing to choose an epoch on, so the last one is
@@ -952,7 +1130,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let opts = TrainOptions { epochs: 3, out: out.path().to_path_buf(), ..tiny_options() };
         let mut rng = StdRng::seed_from_u64(1);
-        let fitted = fit(&opts, &labels, &examples(), &[], &Teachers::default(), None, &mut rng).unwrap();
+        let fitted = fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
         assert_eq!(fitted.epochs.len(), 3);
         assert_eq!(fitted.best.map(|(epoch, _)| epoch), Some(3));
         assert!(out.path().join(model::WEIGHTS_FILE).exists());
@@ -964,14 +1142,7 @@ mod tests {
     #[test]
     fn refit_trains_the_chosen_epochs_on_every_example_and_keeps_the_temperature() {
         let dir = tempfile::tempdir().unwrap();
-        let line = |e: &Example| format!(r#"{{"prompt": "{}", "completion": "{}"}}"#, e.text, e.label);
-        let mut train_lines = Vec::new();
-        for round in ["", " agora", " hoje", " por favor", " amanhã"] {
-            train_lines.extend(examples().iter().map(|e| line(&Example { text: e.text.clone() + round, ..e.clone() })));
-        }
-        let (train_file, test_file) = (dir.path().join("treino.jsonl"), dir.path().join("teste.jsonl"));
-        std::fs::write(&train_file, train_lines.join("\n")).unwrap();
-        std::fs::write(&test_file, examples().iter().map(line).collect::<Vec<_>>().join("\n")).unwrap();
+        let (train_file, test_file) = training_files(dir.path());
         let run = |refit: bool, out: &str| {
             let opts = TrainOptions {
                 train: train_file.clone(),

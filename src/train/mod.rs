@@ -1059,8 +1059,9 @@ mod tests {
             .fold(0.0f32, f32::max)
     }
 
-    /// Training files for `train`: the four examples in five wordings (20 lines), tested on the four.
-    fn training_files(dir: &Path) -> (PathBuf, PathBuf) {
+    /// Options for `train` on files written into `dir`: the four examples in five wordings (20 lines),
+    /// 40 % of them the dev split, tested on the four.
+    fn file_options(dir: &Path) -> TrainOptions {
         let line = |e: &Example| format!(r#"{{"prompt": "{}", "completion": "{}"}}"#, e.text, e.label);
         let mut train_lines = Vec::new();
         for round in ["", " agora", " hoje", " por favor", " amanhã"] {
@@ -1069,7 +1070,7 @@ mod tests {
         let (train_file, test_file) = (dir.join("treino.jsonl"), dir.join("teste.jsonl"));
         std::fs::write(&train_file, train_lines.join("\n")).unwrap();
         std::fs::write(&test_file, examples().iter().map(line).collect::<Vec<_>>().join("\n")).unwrap();
-        (train_file, test_file)
+        TrainOptions { train: train_file, test: test_file, dev_fraction: 0.4, ..tiny_options() }
     }
 
     /// `--soup N`: the first model is the run without a soup, the others start from its initial
@@ -1078,18 +1079,9 @@ mod tests {
     #[test]
     fn a_soup_averages_models_that_start_from_the_first_ones_initial_weights() {
         let dir = tempfile::tempdir().unwrap();
-        let (train_file, test_file) = training_files(dir.path());
+        let files = file_options(dir.path());
         let run = |soup: usize, lr: f64, out: &str| {
-            let opts = TrainOptions {
-                train: train_file.clone(),
-                test: test_file.clone(),
-                out: dir.path().join(out),
-                epochs: 2,
-                dev_fraction: 0.4,
-                lr,
-                soup,
-                ..tiny_options()
-            };
+            let opts = TrainOptions { out: dir.path().join(out), epochs: 2, lr, soup, ..files.clone() };
             let summary = train(&opts).unwrap();
             (summary, saved_weights(&dir.path().join(out)))
         };
@@ -1142,17 +1134,9 @@ mod tests {
     #[test]
     fn refit_trains_the_chosen_epochs_on_every_example_and_keeps_the_temperature() {
         let dir = tempfile::tempdir().unwrap();
-        let (train_file, test_file) = training_files(dir.path());
+        let files = file_options(dir.path());
         let run = |refit: bool, out: &str| {
-            let opts = TrainOptions {
-                train: train_file.clone(),
-                test: test_file.clone(),
-                out: dir.path().join(out),
-                epochs: 3,
-                dev_fraction: 0.4,
-                refit,
-                ..tiny_options()
-            };
+            let opts = TrainOptions { out: dir.path().join(out), epochs: 3, refit, ..files.clone() };
             train(&opts).unwrap()
         };
         let (chosen, refitted) = (run(false, "chosen"), run(true, "refit"));

@@ -470,6 +470,15 @@ fn cook_soup(
             run,
             &mut init.clone(),
         )?;
+        // Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model).
+        let tokenizer = |dir: &Path| std::fs::read(dir.join(model::TOKENIZER_FILE)).map_err(|e| write_error(dir, e));
+        if tokenizer(&out)? != tokenizer(&opts.out)? {
+            return Err(TrainError::Tokenizer(format!(
+                "--soup: model {} has another tokenizer than the first ({}); their weights cannot be averaged",
+                k + 1,
+                out.join(model::TOKENIZER_FILE).display()
+            )));
+        }
         let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
         ingredients.push(Ingredient { seed, best_epoch, dev_macro_f1 });
         dirs.push(out);

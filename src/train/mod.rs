@@ -409,11 +409,17 @@ fn set_temperature(out: &Path, temperature: f64) -> Result<(), TrainError> {
     replace_file(&out.join(model::CONFIG_FILE), |p| std::fs::write(p, json).map_err(|e| e.to_string()))
 }
 
-/// Where the teachers of an ensemble are written while the model trains (removed afterwards).
-fn teachers_dir(out: &Path) -> PathBuf {
+/// A directory beside `out` named after it (`OUT.teachers`, `OUT.soup`), for models trained on the
+/// way to the one in `out` (removed afterwards).
+fn beside(out: &Path, suffix: &str) -> PathBuf {
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".teachers");
+    name.push(suffix);
     out.with_file_name(name)
+}
+
+/// Where the teachers of an ensemble are written while the model trains.
+fn teachers_dir(out: &Path) -> PathBuf {
+    beside(out, ".teachers")
 }
 
 /// Trains `opts.ensemble` teachers on the same split, each with its own seed, and loads them.
@@ -454,7 +460,13 @@ fn cook_soup(
     let (best_epoch, dev_macro_f1) = first.unwrap_or((0, 0.0));
     let mut ingredients = vec![Ingredient { seed: opts.seed, best_epoch, dev_macro_f1 }];
     let mut dirs = vec![opts.out.clone()];
-    let root = soup::ingredients_dir(&opts.out);
+    let root = beside(&opts.out, ".soup");
+    // Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model).
+    let tokenizer = |dir: &Path| {
+        let path = dir.join(model::TOKENIZER_FILE);
+        std::fs::read(&path).map_err(|e| ModelError::BadTokenizer { path, reason: e.to_string() })
+    };
+    let first_tokenizer = tokenizer(&opts.out)?;
     for k in 1..opts.soup {
         let seed = opts.seed.wrapping_add(k as u64);
         let out = root.join(format!("seed-{seed}"));
@@ -470,9 +482,7 @@ fn cook_soup(
             run,
             &mut init.clone(),
         )?;
-        // Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model).
-        let tokenizer = |dir: &Path| std::fs::read(dir.join(model::TOKENIZER_FILE)).map_err(|e| write_error(dir, e));
-        if tokenizer(&out)? != tokenizer(&opts.out)? {
+        if tokenizer(&out)? != first_tokenizer {
             return Err(TrainError::Tokenizer(format!(
                 "--soup: model {} has another tokenizer than the first ({}); their weights cannot be averaged",
                 k + 1,
@@ -1048,7 +1058,7 @@ mod tests {
     }
 
     /// A model directory's weights, tensor by tensor in name order, flattened.
-    fn saved_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    pub(super) fn saved_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
         let tensors = candle_core::safetensors::load(dir.join(model::WEIGHTS_FILE), &Device::Cpu).unwrap();
         let mut flat: Vec<(String, Vec<f32>)> =
             tensors.into_iter().map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();

@@ -12,50 +12,40 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::replace_file;
 use super::TrainError;
-use crate::model;
-
-/// Where the ingredients other than the first are written while the soup is made (removed afterwards).
-pub(super) fn ingredients_dir(out: &Path) -> PathBuf {
-    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".soup");
-    out.with_file_name(name)
-}
+use crate::model::{self, ModelError};
 
 /// Writes to `out/model.safetensors` the element-wise mean of the weights in the
 /// `model.safetensors` of each of `ingredients` (model directories of one architecture:
 /// the same tensor names and shapes, or an error naming the file and the tensor).
 pub(super) fn mean_weights(ingredients: &[PathBuf], out: &Path) -> Result<(), TrainError> {
-    let bad = |path: &Path, reason: String| TrainError::Write { path: path.to_path_buf(), reason };
-    let mut sums: Option<HashMap<String, Tensor>> = None;
-    for dir in ingredients {
+    let Some((first, rest)) = ingredients.split_first() else { return Ok(()) };
+    let bad = |path: &Path, reason: String| ModelError::BadWeights { path: path.to_path_buf(), reason };
+    let load = |dir: &Path| {
         let path = dir.join(model::WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-            .map_err(|e| bad(&path, format!("cannot read an ingredient of the soup: {e}")))?;
-        let Some(sums) = sums.as_mut() else {
-            let first = tensors
-                .into_iter()
-                .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
-                .collect::<Result<_, TrainError>>()?;
-            sums = Some(first);
-            continue;
-        };
+        candle_core::safetensors::load(&path, &Device::Cpu)
+            .map(|tensors| (tensors, path.clone()))
+            .map_err(|e| bad(&path, format!("cannot read an ingredient of the soup: {e}")))
+    };
+    let mut sums: HashMap<String, Tensor> =
+        load(first)?.0.into_iter().map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?))).collect::<Result<_, TrainError>>()?;
+    for dir in rest {
+        let (tensors, path) = load(dir)?;
         if tensors.len() != sums.len() {
-            return Err(bad(&path, format!("{} tensors where the first ingredient has {}", tensors.len(), sums.len())));
+            return Err(
+                bad(&path, format!("{} tensors where the first ingredient has {}", tensors.len(), sums.len())).into()
+            );
         }
         for (name, tensor) in tensors {
             let Some(sum) = sums.get_mut(&name) else {
-                return Err(bad(&path, format!("tensor {name:?} is not in the first ingredient")));
+                return Err(bad(&path, format!("tensor {name:?} is not in the first ingredient")).into());
             };
             if sum.dims() != tensor.dims() {
-                return Err(bad(
-                    &path,
-                    format!("tensor {name:?} is {:?}, the first ingredient's {:?}", tensor.dims(), sum.dims()),
-                ));
+                let reason = format!("tensor {name:?} is {:?}, the first ingredient's {:?}", tensor.dims(), sum.dims());
+                return Err(bad(&path, reason).into());
             }
             *sum = (&*sum + tensor.to_dtype(DType::F32)?)?;
         }
     }
-    let Some(sums) = sums else { return Ok(()) };
     let scale = 1.0 / ingredients.len() as f64;
     let mean = sums.into_iter().map(|(n, t)| Ok((n, (t * scale)?))).collect::<Result<HashMap<_, _>, TrainError>>()?;
     replace_file(&out.join(model::WEIGHTS_FILE), |p| {
@@ -77,11 +67,7 @@ mod tests {
     }
 
     fn read(dir: &Path) -> HashMap<String, Vec<f32>> {
-        candle_core::safetensors::load(dir.join(model::WEIGHTS_FILE), &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-            .collect()
+        crate::train::tests::saved_weights(dir).into_iter().collect()
     }
 
     #[test]

@@ -16,8 +16,8 @@ use triagem::{bench, demo, eval, loadgen, train, worker};
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => logged(cli.log_format, || run_train(args)),
-        Command::Pretrain(args) => logged(cli.log_format, || run_pretrain(args)),
+        Command::Train(args) => logged(cli.log_format, || training(|| run_train(args))),
+        Command::Pretrain(args) => logged(cli.log_format, || training(|| run_pretrain(args))),
         Command::Eval(args) => logged(cli.log_format, || run_eval(args)),
         Command::Classify(args) => logged(cli.log_format, || run_classify(args)),
         Command::Worker(args) => run_worker(args, cli.log_format),
@@ -29,6 +29,24 @@ fn main() {
         eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// Runs a training command with glibc's allocator told to keep freed memory.
+/// Every training step allocates and frees tensors of a few MiB (activations,
+/// gradients, optimiser updates); by default glibc serves each from a fresh
+/// `mmap` and unmaps it when freed, so the next step faults the same pages in
+/// again, zeroed by the kernel: a quarter of a fine-tuning epoch's time on this
+/// project's machine (22 s → 16 s, the same weights). Serving is unaffected:
+/// its buffers are reused, and it keeps the default (memory goes back).
+fn training(job: impl FnOnce() -> Result<()>) -> Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt sets two of the allocator's parameters under its own lock; no memory is touched.
+    unsafe {
+        // glibc's largest mmap threshold (half of a 64 MiB heap): larger blocks still come from mmap.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    job()
 }
 
 /// Sets up logging in `format` (text when none is given), then runs `job`.

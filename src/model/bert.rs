@@ -62,7 +62,8 @@ impl LayerNorm {
         let centered = xs.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let scaled = normed.mul(&over_rows(&self.weight, &normed, mode)?)?;
+        scaled.add(&over_rows(&self.bias, &scaled, mode)?)
     }
 }
 
@@ -70,6 +71,102 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
     Ok(Linear::new(weight, Some(bias)))
+}
+
+/// A linear layer: candle's in evaluation; in training the same matrix
+/// product, the bias added through [`over_rows`].
+fn dense(layer: &Linear, xs: &Tensor, mode: &Mode) -> Result<Tensor> {
+    let (true, Some(bias)) = (mode.training(), layer.bias()) else { return layer.forward(xs) };
+    let w = layer.weight().t()?;
+    let ys = match *xs.dims() {
+        [b, s, k] if xs.is_contiguous() => xs.reshape((b * s, k))?.matmul(&w)?.reshape((b, s, ()))?,
+        [_, _] => xs.matmul(&w)?,
+        _ => return layer.forward(xs),
+    };
+    ys.add(&over_rows(bias, &ys, mode)?)
+}
+
+/// `param`, whose shape is the trailing dimensions of `like`'s, repeated over
+/// `like`'s leading ones: the other operand of an element-wise op with `like`
+/// (`broadcast_as`, a view, in evaluation).
+///
+/// In training `broadcast_as` would do too, but the backward pass of a broadcast sums
+/// the gradient over the broadcast dimensions with a division per element
+/// (its fast sum is over trailing dimensions only): over every bias and layer
+/// norm that was a fifth of a training step. On the CPU in f32 the repetition
+/// is [`RepeatRows`], whose backward pass sums the gradient's rows in the same
+/// order — the same bits — without the divisions.
+fn over_rows(param: &Tensor, like: &Tensor, mode: &Mode) -> Result<Tensor> {
+    let cpu_f32 = param.device().is_cpu() && param.dtype() == DType::F32;
+    if mode.training() && cpu_f32 && param.elem_count() > 0 && like.dims().ends_with(param.dims()) {
+        param.contiguous()?.apply_op1(RepeatRows { shape: like.shape().clone() })
+    } else {
+        param.broadcast_as(like.shape())
+    }
+}
+
+/// A CPU f32 tensor copied `shape.elem_count() / len` times into `shape`; differentiable.
+struct RepeatRows {
+    shape: candle_core::Shape,
+}
+
+impl candle_core::CustomOp1 for RepeatRows {
+    fn name(&self) -> &'static str {
+        "repeat-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let row = contiguous_f32(storage, layout, "repeat-rows")?;
+        let rows = self.shape.elem_count() / row.len();
+        Ok((candle_core::CpuStorage::F32(row.repeat(rows)), self.shape.clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        grad.contiguous()?.apply_op1_no_bwd(&SumRows { shape: arg.shape().clone() }).map(Some)
+    }
+}
+
+/// The rows of a CPU f32 tensor (rows of `shape.elem_count()` elements)
+/// summed, each column in row order, as candle's sum over leading dimensions
+/// adds them.
+struct SumRows {
+    shape: candle_core::Shape,
+}
+
+impl candle_core::CustomOp1 for SumRows {
+    fn name(&self) -> &'static str {
+        "sum-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = contiguous_f32(storage, layout, "sum-rows")?;
+        let mut sum = vec![0f32; self.shape.elem_count()];
+        for row in data.chunks_exact(sum.len()) {
+            for (s, x) in sum.iter_mut().zip(row) {
+                *s += x;
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(sum), self.shape.clone()))
+    }
+}
+
+/// The elements of a contiguous CPU f32 tensor; `op` names the op that refuses anything else.
+fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: not contiguous") };
+    Ok(&data[start..end])
 }
 
 /// The activation on the tensor path: the fast CPU kernel in inference, candle's ops in training.
@@ -97,12 +194,9 @@ impl candle_core::CustomOp1 for GeluErfCpu {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("gelu-erf-cpu: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-erf-cpu: not contiguous")
-        };
-        let mut out = vec![0f32; end - start];
-        cpu::gelu_erf_into(&data[start..end], &mut out);
+        let data = contiguous_f32(storage, layout, "gelu-erf-cpu")?;
+        let mut out = vec![0f32; data.len()];
+        cpu::gelu_erf_into(data, &mut out);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -134,11 +228,9 @@ impl Embeddings {
         let (_, seq_len) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
         let types = input_ids.zeros_like()?;
-        let xs = self
-            .word
-            .forward(input_ids)?
-            .broadcast_add(&self.position.forward(&positions)?)?
-            .add(&self.token_type.forward(&types)?)?;
+        let words = self.word.forward(input_ids)?;
+        let positions = over_rows(&self.position.forward(&positions)?, &words, mode)?;
+        let xs = words.add(&positions)?.add(&self.token_type.forward(&types)?)?;
         let xs = self.norm.forward(&xs, mode)?;
         mode.dropout(&xs, self.dropout)
     }
@@ -207,9 +299,9 @@ impl Attention {
                 (scores_of(&all.get(0)?, &all.get(1)?)?, all.get(2)?)
             }
             _ => {
-                let q = split(self.query.forward(xs)?)?;
-                let k = split(self.key.forward(xs)?)?;
-                ((scores_of(&q, &k)? / (self.head_dim as f64).sqrt())?, split(self.value.forward(xs)?)?)
+                let q = split(dense(&self.query, xs, mode)?)?;
+                let k = split(dense(&self.key, xs, mode)?)?;
+                ((scores_of(&q, &k)? / (self.head_dim as f64).sqrt())?, split(dense(&self.value, xs, mode)?)?)
             }
         };
         let scores = scores.broadcast_add(mask)?;
@@ -220,7 +312,7 @@ impl Attention {
         };
         let probs = mode.dropout(&probs, self.attention_dropout)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
-        let out = mode.dropout(&self.output.forward(&context)?, self.hidden_dropout)?;
+        let out = mode.dropout(&dense(&self.output, &context, mode)?, self.hidden_dropout)?;
         self.norm.forward(&(out + xs)?, mode)
     }
 }
@@ -249,8 +341,8 @@ impl Layer {
 
     fn forward(&self, xs: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let attended = self.attention.forward(xs, mask, mode)?;
-        let inner = activate(self.activation, &self.intermediate.forward(&attended)?, mode)?;
-        let out = mode.dropout(&self.output.forward(&inner)?, self.dropout)?;
+        let inner = activate(self.activation, &dense(&self.intermediate, &attended, mode)?, mode)?;
+        let out = mode.dropout(&dense(&self.output, &inner, mode)?, self.dropout)?;
         self.norm.forward(&(out + attended)?, mode)
     }
 }
@@ -366,9 +458,9 @@ impl BertClassifier {
         let xs = self.hidden_states(input_ids, attention_mask, mode)?;
         // Contiguous: CUDA's matrix product takes no row stride other than the row's length.
         let cls = xs.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-        let pooled = self.pooler.forward(&cls)?.tanh()?;
+        let pooled = dense(&self.pooler, &cls, mode)?.tanh()?;
         let pooled = mode.dropout(&pooled, self.dropout)?;
-        self.classifier.forward(&pooled)
+        dense(&self.classifier, &pooled, mode)
     }
 }
 
@@ -397,8 +489,9 @@ impl MaskedLmHead {
 
     /// Vocabulary logits, (rows, vocab), for hidden states shaped (rows, hidden).
     pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor, mode: &Mode) -> Result<Tensor> {
-        let xs = self.norm.forward(&activate(self.activation, &self.dense.forward(hidden)?, mode)?, mode)?;
-        xs.matmul(&word_embeddings.t()?)?.broadcast_add(&self.bias)
+        let xs = self.norm.forward(&activate(self.activation, &dense(&self.dense, hidden, mode)?, mode)?, mode)?;
+        let scores = xs.matmul(&word_embeddings.t()?)?;
+        scores.add(&over_rows(&self.bias, &scores, mode)?)
     }
 }
 
@@ -424,6 +517,46 @@ mod tests {
 
     use super::*;
     use crate::model::{read_config, TextEncoder};
+
+    /// The training path's repeated parameters ([`over_rows`]) give the
+    /// values and, bit for bit, the gradients candle's broadcast gives: the
+    /// same model trains to the same weights either way. Rows of 21 × 7 and
+    /// 7, added and multiplied, in several orders of magnitude so that a sum
+    /// in another order would round differently.
+    #[test]
+    fn a_repeated_parameter_gets_a_broadcast_ones_gradient_bit_for_bit() {
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut draw = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| rng.random::<f32>() * 10f32.powi((i % 7) as i32 - 3)).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let (x, upstream) = (draw(&[3, 7, 7]), draw(&[3, 7, 7]));
+        for param_shape in [vec![7], vec![7, 7]] {
+            let param = candle_core::Var::from_tensor(&draw(&param_shape)).unwrap();
+            type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
+            for (name, op) in [("add", Tensor::add as Op), ("mul", Tensor::mul as Op)] {
+                let run = |other: Tensor| {
+                    let out = op(&x, &other).unwrap();
+                    let grads = (&out * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grad = grads.get(param.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    (out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), grad)
+                };
+                let mut train_rng = StdRng::seed_from_u64(0);
+                let repeated = run(over_rows(param.as_tensor(), &x, &Mode::Train(&mut train_rng)).unwrap());
+                let broadcast = run(param.as_tensor().broadcast_as(x.shape()).unwrap());
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&repeated.0), bits(&broadcast.0), "{name} {param_shape:?}: values");
+                assert_eq!(bits(&repeated.1), bits(&broadcast.1), "{name} {param_shape:?}: gradient");
+            }
+        }
+        // In evaluation nothing is copied: the parameter is broadcast as a view.
+        let param = draw(&[7]);
+        let view = over_rows(&param, &x, &Mode::Eval).unwrap();
+        assert_eq!(view.dims(), x.dims());
+        assert!(!view.is_contiguous());
+    }
 
     /// The inference GELU (vectorised A&S erf, own exp) against candle's
     /// (libm's erf) on 20,001 points of [-10, 10], odd lengths included so

@@ -277,7 +277,9 @@ pub struct TrainArgs {
     pub ema: f64,
     /// Fine-tune N models from the same initial weights on the same split, each with its own order of
     /// examples, dropout and augmentation, and save the mean of their weights (a uniform model soup): one
-    /// model of the same size and speed. Multiplies the training time by N. 0 or 1: one model.
+    /// model of the same size and speed. Multiplies the training time by N. 0 or 1: one model. With
+    /// --refit, each of the N models is trained again on the whole file for its own best epoch, and the
+    /// mean of those is saved.
     #[arg(long, default_value_t = TrainOptions::default().soup)]
     pub soup: usize,
 }

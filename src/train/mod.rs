@@ -222,7 +222,9 @@ pub struct Ingredient {
 }
 
 /// What `--refit` did: the model in the directory is this run's, not the dev-selected one
-/// (whose epochs, temperature and dev figures the rest of the summary reports).
+/// (whose epochs, temperature and dev figures the rest of the summary reports). With `--soup`
+/// each model of the soup is refitted for its own best epoch (in `soup.ingredients`) and the
+/// directory holds their mean; `epochs` and `train_loss` are then the first model's.
 #[derive(Debug, Clone, Serialize)]
 pub struct RefitLog {
     /// Epochs trained: the dev-selected model's best epoch.
@@ -306,8 +308,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
             train_set.examples.len()
         );
         let started = Instant::now();
-        let run = Run { stop_after: Some(best_epoch), ..Run::default() };
-        let fitted = fit(opts, &labels, &train_set.examples, &[], &teachers, run, &mut rng)?;
+        let fitted = match &soup {
+            None => {
+                let run = Run { stop_after: Some(best_epoch), ..Run::default() };
+                fit(opts, &labels, &train_set.examples, &[], &teachers, run, &mut rng)?
+            }
+            Some(soup) => refit_soup(opts, &labels, &train_set.examples, &teachers, &init, soup)?,
+        };
         set_temperature(&opts.out, calibration.temperature)?;
         classifier = Classifier::load_tensor_path(&opts.out, &opts.device)?;
         Some(RefitLog {
@@ -461,12 +468,7 @@ fn cook_soup(
     let mut ingredients = vec![Ingredient { seed: opts.seed, best_epoch, dev_macro_f1 }];
     let mut dirs = vec![opts.out.clone()];
     let root = beside(&opts.out, ".soup");
-    // Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model).
-    let tokenizer = |dir: &Path| {
-        let path = dir.join(model::TOKENIZER_FILE);
-        std::fs::read(&path).map_err(|e| ModelError::BadTokenizer { path, reason: e.to_string() })
-    };
-    let first_tokenizer = tokenizer(&opts.out)?;
+    let first_tokenizer = tokenizer_bytes(&opts.out)?;
     for k in 1..opts.soup {
         let seed = opts.seed.wrapping_add(k as u64);
         let out = root.join(format!("seed-{seed}"));
@@ -482,13 +484,7 @@ fn cook_soup(
             run,
             &mut init.clone(),
         )?;
-        if tokenizer(&out)? != first_tokenizer {
-            return Err(TrainError::Tokenizer(format!(
-                "--soup: model {} has another tokenizer than the first ({}); their weights cannot be averaged",
-                k + 1,
-                out.join(model::TOKENIZER_FILE).display()
-            )));
-        }
+        same_tokenizer(&first_tokenizer, &out, k)?;
         let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
         ingredients.push(Ingredient { seed, best_epoch, dev_macro_f1 });
         dirs.push(out);
@@ -509,6 +505,69 @@ fn cook_soup(
         (Some(report.accuracy), Some(report.macro_f1))
     };
     Ok(SoupLog { ingredients, dev_accuracy, dev_macro_f1, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// The bytes of `dir`'s `tokenizer.json`.
+fn tokenizer_bytes(dir: &Path) -> Result<Vec<u8>, TrainError> {
+    let path = dir.join(model::TOKENIZER_FILE);
+    std::fs::read(&path).map_err(|e| ModelError::BadTokenizer { path, reason: e.to_string() }.into())
+}
+
+/// Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model):
+/// the soup's model `k` (from 0) in `dir` must have the first's tokenizer.
+fn same_tokenizer(first: &[u8], dir: &Path, k: usize) -> Result<(), TrainError> {
+    if tokenizer_bytes(dir)? == first {
+        return Ok(());
+    }
+    Err(TrainError::Tokenizer(format!(
+        "--soup: model {} has another tokenizer than the first ({}); their weights cannot be averaged",
+        k + 1,
+        dir.join(model::TOKENIZER_FILE).display()
+    )))
+}
+
+/// `--soup N --refit`: each model of `soup` trained again on all of `examples`, from the same
+/// initial weights and with the same seed as in the soup, for its own best epoch; `opts.out` gets
+/// the mean of their weights. Returns the first refitted model's run.
+fn refit_soup(
+    opts: &TrainOptions,
+    labels: &[String],
+    examples: &[Example],
+    teachers: &Teachers,
+    init: &StdRng,
+    soup: &SoupLog,
+) -> Result<Fitted, TrainError> {
+    let root = beside(&opts.out, ".soup");
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut first = None;
+    for (k, ingredient) in soup.ingredients.iter().enumerate() {
+        let out = root.join(format!("refit-seed-{}", ingredient.seed));
+        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
+        eprintln!("soup refit: model {}/{}, {} epochs", k + 1, soup.ingredients.len(), ingredient.best_epoch);
+        // The first model draws on from the generator as in the soup; the others are reseeded as there.
+        let run = Run { stop_after: Some(ingredient.best_epoch), reseed: (k > 0).then_some(ingredient.seed) };
+        let options = TrainOptions { out: out.clone(), ..opts.clone() };
+        let fitted = fit(&options, labels, examples, &[], teachers, run, &mut init.clone())?;
+        if let Some(first_dir) = dirs.first() {
+            same_tokenizer(&tokenizer_bytes(first_dir)?, &out, k)?;
+        } else {
+            first = Some(fitted);
+        }
+        dirs.push(out);
+    }
+    // The first refitted model's directory with the mean weights becomes the model: with `--base none`
+    // its tokenizer (trained on every example) is not the dev-split soup's.
+    let Some((model_dir, first)) = dirs.first().zip(first) else {
+        return Err(TrainError::Options("--soup --refit: a soup without models".into()));
+    };
+    soup::mean_weights(&dirs, model_dir)?;
+    for entry in std::fs::read_dir(model_dir).map_err(|e| write_error(model_dir, e))? {
+        let from = entry.map_err(|e| write_error(model_dir, e))?.path();
+        let to = opts.out.join(from.file_name().unwrap_or_default());
+        std::fs::copy(&from, &to).map_err(|e| write_error(&to, e))?;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(first)
 }
 
 /// How [`fit`] runs beyond the options.
@@ -745,9 +804,6 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     }
     if !(opts.distill_temperature > 0.0 && opts.distill_temperature.is_finite()) {
         return bad("--distill-temperature must be a positive number");
-    }
-    if opts.soup > 1 && opts.refit {
-        return bad("--soup and --refit do not combine: the refit would train one model, not the soup");
     }
     Ok(())
 }
@@ -1127,9 +1183,42 @@ mod tests {
         let (_, still) = run(0, 1e-12, "still");
         let (_, still_soup) = run(3, 1e-12, "still-soup");
         assert!(largest_gap(&still, &still_soup) < 1e-6, "{}", largest_gap(&still, &still_soup));
+    }
 
-        let err = check_options(&TrainOptions { soup: 2, refit: true, ..tiny_options() }).unwrap_err().to_string();
-        assert!(err.contains("--soup and --refit do not combine"), "{err}");
+    /// `--soup N --refit`: the soup is chosen and calibrated on the dev split as without `--refit`,
+    /// then each of its models is trained again on every example, from shared initial weights, for
+    /// its own best epoch; the directory holds their mean with the soup's temperature.
+    #[test]
+    fn a_refitted_soup_is_the_mean_of_its_models_trained_again_on_every_example() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = file_options(dir.path());
+        let run = |refit: bool, lr: f64, out: &str| {
+            let opts = TrainOptions { out: dir.path().join(out), epochs: 2, lr, soup: 3, refit, ..files.clone() };
+            (train(&opts).unwrap(), saved_weights(&dir.path().join(out)))
+        };
+        let (soup, soup_weights) = run(false, 1e-3, "soup");
+        let (refitted, refitted_weights) = run(true, 1e-3, "refit");
+        let (dev_soup, refitted_soup) = (soup.soup.as_ref().unwrap(), refitted.soup.as_ref().unwrap());
+        let chosen = |log: &SoupLog| log.ingredients.iter().map(|i| (i.seed, i.best_epoch)).collect::<Vec<_>>();
+        assert_eq!(chosen(dev_soup), chosen(refitted_soup), "the same soup is chosen on the dev split");
+        assert_eq!(refitted.calibration.temperature, soup.calibration.temperature);
+        let config = model::read_config(&dir.path().join("refit")).unwrap();
+        assert_eq!(config.triagem_temperature, Some(soup.calibration.temperature));
+        let log = refitted.refit.as_ref().expect("a refit log");
+        assert_eq!((log.epochs, log.examples), (refitted_soup.ingredients[0].best_epoch, 20));
+        let gap = largest_gap(&soup_weights, &refitted_weights);
+        assert!(gap > 1e-4, "the kept model is the refitted soup: {gap}");
+        assert!(!dir.path().join("refit.soup").exists(), "the models' directory is removed");
+
+        // The models trained again share their initial weights: at a learning rate too small to move
+        // them, a refitted soup of two and one of three are the same weights.
+        let still = |soup: usize, out: &str| {
+            let opts = TrainOptions { out: dir.path().join(out), lr: 1e-12, soup, refit: true, ..files.clone() };
+            train(&opts).unwrap();
+            saved_weights(&dir.path().join(out))
+        };
+        let (two, three) = (still(2, "still-2"), still(3, "still-3"));
+        assert!(largest_gap(&two, &three) < 1e-6, "{}", largest_gap(&two, &three));
     }
 
     /// `--dev-fraction 0`: nothing to choose an epoch on, so the last one is

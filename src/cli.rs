@@ -282,6 +282,10 @@ pub struct TrainArgs {
     /// mean of those is saved.
     #[arg(long, default_value_t = TrainOptions::default().soup)]
     pub soup: usize,
+    /// CPU threads of training; 0 = automatic: RAYON_NUM_THREADS when set, else the CPUs this process may
+    /// use (its affinity mask and its container's CPU quota).
+    #[arg(long, env = "TRIAGEM_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +351,10 @@ pub struct PretrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// CPU threads of training; 0 = automatic: RAYON_NUM_THREADS when set, else the CPUs this process may
+    /// use (its affinity mask and its container's CPU quota).
+    #[arg(long, env = "TRIAGEM_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
 impl PretrainArgs {

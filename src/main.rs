@@ -16,8 +16,8 @@ use triagem::{bench, demo, eval, loadgen, train, worker};
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => logged(cli.log_format, || training(|| run_train(args))),
-        Command::Pretrain(args) => logged(cli.log_format, || training(|| run_pretrain(args))),
+        Command::Train(args) => logged(cli.log_format, || training(args.threads, || run_train(args))),
+        Command::Pretrain(args) => logged(cli.log_format, || training(args.threads, || run_pretrain(args))),
         Command::Eval(args) => logged(cli.log_format, || run_eval(args)),
         Command::Classify(args) => logged(cli.log_format, || run_classify(args)),
         Command::Worker(args) => run_worker(args, cli.log_format),
@@ -31,14 +31,24 @@ fn main() {
     }
 }
 
-/// Runs a training command with glibc's allocator told to keep freed memory.
-/// Every training step allocates and frees tensors of a few MiB (activations,
-/// gradients, optimiser updates); by default glibc serves each from a fresh
-/// `mmap` and unmaps it when freed, so the next step faults the same pages in
-/// again, zeroed by the kernel: a quarter of a fine-tuning epoch's time on this
-/// project's machine (22 s → 16 s, the same weights). Serving is unaffected:
-/// its buffers are reused, and it keeps the default (memory goes back).
-fn training(job: impl FnOnce() -> Result<()>) -> Result<()> {
+/// Runs a training command on the model's threads (`threads`, 0 = automatic: see
+/// [`triagem::model::threads`]), with glibc's allocator told to keep freed memory.
+///
+/// Threads: the steps run inside the model's own pool, so that the matrix
+/// products split over it from one of its threads, and candle's element-wise
+/// pool is off (`CANDLE_NUM_THREADS=1`, as for serving). That pool's caller
+/// spins until its helpers are done: alone on the cores it saved 15 % of an
+/// epoch, but beside another busy process a helper that lost its core kept
+/// the caller spinning — two trainings on two cores ran 10× slower each.
+///
+/// Memory: every training step allocates and frees tensors of a few MiB
+/// (activations, gradients, optimiser updates); by default glibc serves each
+/// from a fresh `mmap` and unmaps it when freed, so the next step faults the
+/// same pages in again, zeroed by the kernel: a quarter of a fine-tuning
+/// epoch's time on this project's machine (22 s → 16 s, the same weights).
+/// Serving is unaffected: its buffers are reused, and it keeps the default
+/// (memory goes back).
+fn training(threads: usize, job: impl FnOnce() -> Result<()> + Send) -> Result<()> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt sets two of the allocator's parameters under its own lock; no memory is touched.
     unsafe {
@@ -46,7 +56,8 @@ fn training(job: impl FnOnce() -> Result<()>) -> Result<()> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
-    job()
+    triagem::model::threads::init(threads);
+    triagem::model::threads::install(job)
 }
 
 /// Sets up logging in `format` (text when none is given), then runs `job`.

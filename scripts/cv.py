@@ -32,7 +32,7 @@ fold is reused when its recipe and data are unchanged, so an interrupted run
 picks up where it stopped.
 
 Usage:
-  scripts/cv.py [--folds 3] [--seed 7] [--out target/cv] [--baseline] NAME='TRAIN ARGS' ...
+  scripts/cv.py [--folds 3] [--seed 7] [--out target/cv] [--jobs 1] [--baseline] NAME='TRAIN ARGS' ...
   scripts/cv.py --baseline default='' ens2='--ensemble 2' scratch='--base none'
   scripts/cv.py lr-teacher='--teacher-scores {baseline_teacher}'
 
@@ -45,6 +45,7 @@ Prints a markdown table and writes OUT/cv.json. Needs a built triagem
 (TRIAGEM_BIN, else target/release/triagem).
 """
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ import random
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,11 +68,16 @@ def main():
     ap.add_argument("--out", default="target/cv")
     ap.add_argument("--baseline", action="store_true", help="also score scripts/baseline.py on the same folds")
     ap.add_argument("--incumbent", default="default", help="the recipe that stays unless beaten beyond noise")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="folds trained at once (a training uses one core: on N cores, up to N; "
+                         "the seconds per fold are then measured on shared cores)")
     ap.add_argument("recipes", nargs="*", metavar="NAME=ARGS")
     a = ap.parse_args()
     os.chdir(ROOT)
     if a.folds < 2:
         sys.exit("cv.py: --folds must be at least 2")
+    if a.jobs < 1:
+        sys.exit("cv.py: --jobs must be at least 1")
     recipes = []
     for spec in a.recipes:
         name, sep, args = spec.partition("=")
@@ -84,11 +91,8 @@ def main():
         sys.exit(f"cv.py: {binary} is not built (cargo build --release)")
 
     folds = write_folds(a.train, a.folds, a.seed, a.out)
-    results = []
-    if a.baseline:
-        results.append(run_recipe("baseline", None, folds, a.out, binary))
-    for name, args in recipes:
-        results.append(run_recipe(name, args, folds, a.out, binary))
+    runs = ([("baseline", None)] if a.baseline else []) + recipes
+    results = run_recipes(runs, folds, a.out, binary, a.jobs)
 
     print_table(results, a, fold_paths=folds)
     with open(os.path.join(a.out, "cv.json"), "w") as f:
@@ -137,55 +141,69 @@ def sha256(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def run_recipe(name, args, folds, out, binary):
-    """Trains (or reuses) one model per fold and pools the held-out reports."""
-    reports, seconds = [], []
-    for f, (tr, ho) in enumerate(folds, 1):
-        d = os.path.join(out, name, f"fold-{f}")
-        os.makedirs(d, exist_ok=True)
-        stamp = {"args": args, "train": sha256(tr), "heldout": sha256(ho)}
-        stamp_path = os.path.join(d, "recipe.json")
-        report_path = os.path.join(d, "heldout.json")
-        if os.path.exists(report_path) and os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
-            saved = json.load(open(report_path))
-            print(f"{name} fold {f}: reused ({d})", file=sys.stderr)
-            reports.append(saved["report"])
-            seconds.append(saved["seconds"])
-            continue
-        print(f"{name} fold {f}/{len(folds)}: training …", file=sys.stderr, flush=True)
-        if os.path.exists(os.path.join(d, "predictions.json")):
-            os.remove(os.path.join(d, "predictions.json"))
-        started = time.monotonic()
-        if args is None:
-            cmd = [sys.executable, "scripts/baseline.py", "--train", tr, "--data", ho, "--json",
-                   "--predictions", os.path.join(d, "predictions.json")]
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            report = json.loads(res.stdout.splitlines()[-1])
-        else:
-            model = os.path.join(d, "model")
-            fold_args = args
-            if any("{baseline_teacher}" in x for x in args):
-                scores = os.path.join(os.path.dirname(tr), "baseline-teacher.jsonl")
+def run_recipes(recipes, folds, out, binary, jobs):
+    """Trains (or reuses) one model per recipe and fold, `jobs` at a time, and pools each recipe's
+    held-out reports. A training is one core's work (see the README, "Training speed"), so on a
+    machine with N cores N folds train at once in about the time of one."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as executor:
+        runs = {(name, f): executor.submit(run_fold, name, args, f, tr, ho, len(folds), out, binary)
+                for name, args in recipes for f, (tr, ho) in enumerate(folds, 1)}
+        done = {key: run.result() for key, run in runs.items()}
+    results = []
+    for name, args in recipes:
+        reports = [done[(name, f)][0] for f in range(1, len(folds) + 1)]
+        seconds = [done[(name, f)][1] for f in range(1, len(folds) + 1)]
+        result = pool(name, args, reports, seconds)
+        result["predictions"] = [predictions(os.path.join(out, name, f"fold-{f}"), args, tr, ho, binary)
+                                 for f, (tr, ho) in enumerate(folds, 1)]
+        results.append(result)
+    return results
+
+
+TEACHER_LOCK = threading.Lock()
+
+
+def run_fold(name, args, f, tr, ho, nfolds, out, binary):
+    """Trains (or reuses) recipe `name`'s model of fold `f`; returns its held-out report and seconds."""
+    d = os.path.join(out, name, f"fold-{f}")
+    os.makedirs(d, exist_ok=True)
+    stamp = {"args": args, "train": sha256(tr), "heldout": sha256(ho)}
+    stamp_path = os.path.join(d, "recipe.json")
+    report_path = os.path.join(d, "heldout.json")
+    if os.path.exists(report_path) and os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
+        saved = json.load(open(report_path))
+        print(f"{name} fold {f}: reused ({d})", file=sys.stderr)
+        return saved["report"], saved["seconds"]
+    print(f"{name} fold {f}/{nfolds}: training …", file=sys.stderr, flush=True)
+    if os.path.exists(os.path.join(d, "predictions.json")):
+        os.remove(os.path.join(d, "predictions.json"))
+    started = time.monotonic()
+    if args is None:
+        cmd = [sys.executable, "scripts/baseline.py", "--train", tr, "--data", ho, "--json",
+               "--predictions", os.path.join(d, "predictions.json")]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        report = json.loads(res.stdout.splitlines()[-1])
+    else:
+        model = os.path.join(d, "model")
+        fold_args = args
+        if any("{baseline_teacher}" in x for x in args):
+            scores = os.path.join(os.path.dirname(tr), "baseline-teacher.jsonl")
+            with TEACHER_LOCK:  # one fold's scores, shared by its recipes: written once
                 if not os.path.exists(scores) or os.path.getmtime(scores) < os.path.getmtime(tr):
                     subprocess.run([sys.executable, "scripts/baseline.py", "--train", tr, "--teacher-scores", scores],
                                    check=True)
-                fold_args = [x.replace("{baseline_teacher}", scores) for x in args]
-            cmd = [binary, "train", "--quiet", "--train", tr, "--test", ho, "--out", model, *fold_args]
-            with open(os.path.join(d, "train.log"), "w") as log:
-                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-            report = json.load(open(os.path.join(model, "metrics.json")))["test"]
-        elapsed = time.monotonic() - started
-        print(f"{name} fold {f}: macro-F1 {report['macro_f1']:.4f} in {elapsed:.0f} s", file=sys.stderr, flush=True)
-        with open(report_path, "w") as fh:
-            json.dump({"report": report, "seconds": elapsed}, fh, ensure_ascii=False)
-        with open(stamp_path, "w") as fh:
-            json.dump(stamp, fh)
-        reports.append(report)
-        seconds.append(elapsed)
-    result = pool(name, args, reports, seconds)
-    result["predictions"] = [predictions(os.path.join(out, name, f"fold-{f}"), args, tr, ho, binary)
-                             for f, (tr, ho) in enumerate(folds, 1)]
-    return result
+            fold_args = [x.replace("{baseline_teacher}", scores) for x in args]
+        cmd = [binary, "train", "--quiet", "--train", tr, "--test", ho, "--out", model, *fold_args]
+        with open(os.path.join(d, "train.log"), "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        report = json.load(open(os.path.join(model, "metrics.json")))["test"]
+    elapsed = time.monotonic() - started
+    print(f"{name} fold {f}: macro-F1 {report['macro_f1']:.4f} in {elapsed:.0f} s", file=sys.stderr, flush=True)
+    with open(report_path, "w") as fh:
+        json.dump({"report": report, "seconds": elapsed}, fh, ensure_ascii=False)
+    with open(stamp_path, "w") as fh:
+        json.dump(stamp, fh)
+    return report, elapsed
 
 
 def predictions(d, args, train, heldout, binary):

@@ -7,7 +7,7 @@
 //! and dropout is active, drawing its masks from the caller's seeded RNG so
 //! that a run is reproducible; in evaluation mode the fused kernels are used.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use rand::{rngs::StdRng, Rng};
 
@@ -107,22 +107,18 @@ fn over_rows(param: &Tensor, like: &Tensor, mode: &Mode) -> Result<Tensor> {
 
 /// A CPU f32 tensor copied `shape.elem_count() / len` times into `shape`; differentiable.
 struct RepeatRows {
-    shape: candle_core::Shape,
+    shape: Shape,
 }
 
-impl candle_core::CustomOp1 for RepeatRows {
+impl CustomOp1 for RepeatRows {
     fn name(&self) -> &'static str {
         "repeat-rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let row = contiguous_f32(storage, layout, "repeat-rows")?;
         let rows = self.shape.elem_count() / row.len();
-        Ok((candle_core::CpuStorage::F32(row.repeat(rows)), self.shape.clone()))
+        Ok((CpuStorage::F32(row.repeat(rows)), self.shape.clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -134,19 +130,15 @@ impl candle_core::CustomOp1 for RepeatRows {
 /// summed, each column in row order, as candle's sum over leading dimensions
 /// adds them.
 struct SumRows {
-    shape: candle_core::Shape,
+    shape: Shape,
 }
 
-impl candle_core::CustomOp1 for SumRows {
+impl CustomOp1 for SumRows {
     fn name(&self) -> &'static str {
         "sum-rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let data = contiguous_f32(storage, layout, "sum-rows")?;
         let mut sum = vec![0f32; self.shape.elem_count()];
         for row in data.chunks_exact(sum.len()) {
@@ -154,17 +146,13 @@ impl candle_core::CustomOp1 for SumRows {
                 *s += x;
             }
         }
-        Ok((candle_core::CpuStorage::F32(sum), self.shape.clone()))
+        Ok((CpuStorage::F32(sum), self.shape.clone()))
     }
 }
 
 /// The elements of a contiguous CPU f32 tensor; `op` names the op that refuses anything else.
-fn contiguous_f32<'a>(
-    storage: &'a candle_core::CpuStorage,
-    layout: &candle_core::Layout,
-    op: &str,
-) -> Result<&'a [f32]> {
-    let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
     let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: not contiguous") };
     Ok(&data[start..end])
 }
@@ -184,20 +172,16 @@ fn activate(activation: Activation, xs: &Tensor, mode: &Mode) -> Result<Tensor> 
 /// [`cpu::gelu_erf_into`] as a candle op, for the tensor path's inference on the CPU.
 struct GeluErfCpu;
 
-impl candle_core::CustomOp1 for GeluErfCpu {
+impl CustomOp1 for GeluErfCpu {
     fn name(&self) -> &'static str {
         "gelu-erf-cpu"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let data = contiguous_f32(storage, layout, "gelu-erf-cpu")?;
         let mut out = vec![0f32; data.len()];
         cpu::gelu_erf_into(data, &mut out);
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 

@@ -34,12 +34,14 @@ fn main() {
 /// Runs a training command on the model's threads (`threads`, 0 = automatic: see
 /// [`triagem::model::threads`]), with glibc's allocator told to keep freed memory.
 ///
-/// Threads: the steps run inside the model's own pool, so that the matrix
-/// products split over it from one of its threads, and candle's element-wise
-/// pool is off (`CANDLE_NUM_THREADS=1`, as for serving). That pool's caller
-/// spins until its helpers are done: alone on the cores it saved 15 % of an
-/// epoch, but beside another busy process a helper that lost its core kept
-/// the caller spinning — two trainings on two cores ran 10× slower each.
+/// Threads: the steps run inside the model's own pool, so that a parallel
+/// section (a large model's matrix products, the tokenizer) starts on one of
+/// its threads, and candle's element-wise pool is off (`CANDLE_NUM_THREADS=1`,
+/// as for serving). That pool's caller spins until its helpers are done:
+/// alone on the cores it saved about 7 % of an epoch, but beside another busy
+/// process a helper that lost its core kept the caller spinning — two
+/// trainings at once on two cores took 55–58 s an epoch each with it, 13–14 s
+/// without.
 ///
 /// Memory: every training step allocates and frees tensors of a few MiB
 /// (activations, gradients, optimiser updates); by default glibc serves each

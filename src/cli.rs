@@ -282,9 +282,10 @@ pub struct TrainArgs {
     /// mean of those is saved.
     #[arg(long, default_value_t = TrainOptions::default().soup)]
     pub soup: usize,
-    /// CPU threads of training; 0 = automatic: RAYON_NUM_THREADS when set, else the CPUs this process may
-    /// use (its affinity mask and its container's CPU quota).
-    #[arg(long, env = "TRIAGEM_THREADS", default_value_t = 0)]
+    /// CPU threads of training. 1 by default: the small model's products do not gain from a second
+    /// thread (its wake-ups cost more), and two trainings can run side by side; more for a large base.
+    /// 0 = automatic: RAYON_NUM_THREADS when set, else the CPUs this process may use.
+    #[arg(long, env = "TRIAGEM_THREADS", default_value_t = 1)]
     pub threads: usize,
 }
 

@@ -31,7 +31,7 @@ fn main() {
     }
 }
 
-/// Runs a training command on the model's threads (`threads`, 0 = automatic: see
+/// Runs a training command on the model's threads (`threads`; 0 = automatic, see
 /// [`triagem::model::threads`]), with glibc's allocator told to keep freed memory.
 ///
 /// Threads: the steps run inside the model's own pool, so that a parallel

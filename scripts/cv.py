@@ -144,7 +144,8 @@ def sha256(path):
 def run_recipes(recipes, folds, out, binary, jobs):
     """Trains (or reuses) one model per recipe and fold, `jobs` at a time, and pools each recipe's
     held-out reports. A training is one core's work (see the README, "Training speed"), so on a
-    machine with N cores N folds train at once in about the time of one."""
+    machine with N cores N folds train at once in little more than the time of one (three 1-epoch
+    folds on 2 cores: 10 s each two at a time against 8 s alone; 22 s in all against 26 s)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as executor:
         runs = {(name, f): executor.submit(run_fold, name, args, f, tr, ho, len(folds), out, binary)
                 for name, args in recipes for f, (tr, ho) in enumerate(folds, 1)}

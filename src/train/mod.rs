@@ -538,31 +538,31 @@ fn refit_soup(
     soup: &SoupLog,
 ) -> Result<Fitted, TrainError> {
     let root = beside(&opts.out, ".soup");
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    let mut first = None;
-    for (k, ingredient) in soup.ingredients.iter().enumerate() {
+    let refit = |k: usize, ingredient: &Ingredient| -> Result<(Fitted, PathBuf), TrainError> {
         let out = root.join(format!("refit-seed-{}", ingredient.seed));
         std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
         eprintln!("soup refit: model {}/{}, {} epochs", k + 1, soup.ingredients.len(), ingredient.best_epoch);
         // The first model draws on from the generator as in the soup; the others are reseeded as there.
         let run = Run { stop_after: Some(ingredient.best_epoch), reseed: (k > 0).then_some(ingredient.seed) };
         let options = TrainOptions { out: out.clone(), ..opts.clone() };
-        let fitted = fit(&options, labels, examples, &[], teachers, run, &mut init.clone())?;
-        if let Some(first_dir) = dirs.first() {
-            same_tokenizer(&tokenizer_bytes(first_dir)?, &out, k)?;
-        } else {
-            first = Some(fitted);
-        }
+        Ok((fit(&options, labels, examples, &[], teachers, run, &mut init.clone())?, out))
+    };
+    let Some((head, rest)) = soup.ingredients.split_first() else {
+        return Err(TrainError::Options("--soup --refit: a soup without models".into()));
+    };
+    let (first, model_dir) = refit(0, head)?;
+    let first_tokenizer = tokenizer_bytes(&model_dir)?;
+    let mut dirs = vec![model_dir.clone()];
+    for (k, ingredient) in rest.iter().enumerate().map(|(i, g)| (i + 1, g)) {
+        let (_, out) = refit(k, ingredient)?;
+        same_tokenizer(&first_tokenizer, &out, k)?;
         dirs.push(out);
     }
     // The first refitted model's directory with the mean weights becomes the model: with `--base none`
     // its tokenizer (trained on every example) is not the dev-split soup's.
-    let Some((model_dir, first)) = dirs.first().zip(first) else {
-        return Err(TrainError::Options("--soup --refit: a soup without models".into()));
-    };
-    soup::mean_weights(&dirs, model_dir)?;
-    for entry in std::fs::read_dir(model_dir).map_err(|e| write_error(model_dir, e))? {
-        let from = entry.map_err(|e| write_error(model_dir, e))?.path();
+    soup::mean_weights(&dirs, &model_dir)?;
+    for entry in std::fs::read_dir(&model_dir).map_err(|e| write_error(&model_dir, e))? {
+        let from = entry.map_err(|e| write_error(&model_dir, e))?.path();
         let to = opts.out.join(from.file_name().unwrap_or_default());
         std::fs::copy(&from, &to).map_err(|e| write_error(&to, e))?;
     }

@@ -28,8 +28,12 @@ on 30 Nov after a recipe led by 3 of 4,504 messages at z = 0.28 and the
 pooled count alone chose it; see the README, "Choosing by cross-validation".)
 
 Not run by CI (3 folds × a recipe is 6-20 minutes on 2 cores). A finished
-fold is reused when its recipe and data are unchanged, so an interrupted run
-picks up where it stopped.
+fold is reused when its recipe, its data and `triagem train`'s defaults
+(read from its --help) are unchanged, so an interrupted run picks up where it
+stopped; a recipe's arguments are relative to the defaults, so `default=''`
+after the defaults changed is another recipe, trained again. With --jobs
+above 1 each training's own models (a soup's) train one at a time
+(TRIAGEM_JOBS=1), the folds sharing the cores.
 
 Usage:
   scripts/cv.py [--folds 3] [--seed 7] [--out target/cv] [--jobs 1] [--baseline] NAME='TRAIN ARGS' ...
@@ -50,6 +54,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -92,7 +97,7 @@ def main():
 
     folds = write_folds(a.train, a.folds, a.seed, a.out)
     runs = ([("baseline", None)] if a.baseline else []) + recipes
-    results = run_recipes(runs, folds, a.out, binary, a.jobs)
+    results = run_recipes(runs, folds, a.out, binary, a.jobs, train_defaults(binary) if recipes else None)
 
     print_table(results, a, fold_paths=folds)
     with open(os.path.join(a.out, "cv.json"), "w") as f:
@@ -141,13 +146,29 @@ def sha256(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def run_recipes(recipes, folds, out, binary, jobs):
+def train_defaults(binary):
+    """`triagem train`'s defaults as its --help prints them, option by option (those that cannot
+    change the model left out). A recipe's arguments are relative to them, so a fold is reused only
+    when they are unchanged too: after the defaults change, `default=''` is another recipe."""
+    text = subprocess.run([binary, "train", "--help"], check=True, capture_output=True, text=True).stdout
+    defaults, option = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s+(?:-\w, )?--([a-z0-9-]+)", line)
+        if m:
+            option = m.group(1)
+        m = re.search(r"\[default: (.*)\]", line)
+        if m and option and option not in ("jobs", "threads", "quiet"):
+            defaults[option] = m.group(1)
+    return defaults
+
+
+def run_recipes(recipes, folds, out, binary, jobs, defaults):
     """Trains (or reuses) one model per recipe and fold, `jobs` at a time, and pools each recipe's
     held-out reports. A training is one core's work (see the README, "Training speed"), so on a
     machine with N cores N folds train at once in little more than the time of one (three 1-epoch
     folds on 2 cores: 10 s each two at a time against 8 s alone; 22 s in all against 26 s)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as executor:
-        runs = {(name, f): executor.submit(run_fold, name, args, f, tr, ho, len(folds), out, binary)
+        runs = {(name, f): executor.submit(run_fold, name, args, f, tr, ho, len(folds), out, binary, defaults, jobs)
                 for name, args in recipes for f, (tr, ho) in enumerate(folds, 1)}
         done = {key: run.result() for key, run in runs.items()}
     results = []
@@ -164,11 +185,15 @@ def run_recipes(recipes, folds, out, binary, jobs):
 TEACHER_LOCK = threading.Lock()
 
 
-def run_fold(name, args, f, tr, ho, nfolds, out, binary):
-    """Trains (or reuses) recipe `name`'s model of fold `f`; returns its held-out report and seconds."""
+def run_fold(name, args, f, tr, ho, nfolds, out, binary, defaults, jobs):
+    """Trains (or reuses) recipe `name`'s model of fold `f`; returns its held-out report and seconds.
+    With folds `jobs` > 1 at a time, each training's own independent models (a soup's) train one
+    at a time (TRIAGEM_JOBS=1), so that the cores are shared by the folds."""
     d = os.path.join(out, name, f"fold-{f}")
     os.makedirs(d, exist_ok=True)
     stamp = {"args": args, "train": sha256(tr), "heldout": sha256(ho)}
+    if args is not None:
+        stamp["defaults"] = defaults
     stamp_path = os.path.join(d, "recipe.json")
     report_path = os.path.join(d, "heldout.json")
     if os.path.exists(report_path) and os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
@@ -195,8 +220,9 @@ def run_fold(name, args, f, tr, ho, nfolds, out, binary):
                                    check=True)
             fold_args = [x.replace("{baseline_teacher}", scores) for x in args]
         cmd = [binary, "train", "--quiet", "--train", tr, "--test", ho, "--out", model, *fold_args]
+        env = dict(os.environ, TRIAGEM_JOBS="1") if jobs > 1 else None
         with open(os.path.join(d, "train.log"), "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
         report = json.load(open(os.path.join(model, "metrics.json")))["test"]
     elapsed = time.monotonic() - started
     print(f"{name} fold {f}: macro-F1 {report['macro_f1']:.4f} in {elapsed:.0f} s", file=sys.stderr, flush=True)

@@ -268,8 +268,9 @@ pub struct TrainArgs {
     pub teacher_scores: Option<PathBuf>,
     /// After the dev split has chosen the epoch and fitted the temperature, train again on the whole
     /// training file (dev split included) for that many epochs and keep that model, with the temperature.
-    /// Doubles the training time.
-    #[arg(long)]
+    /// Doubles the training time. Off by default (`--refit` alone: on).
+    #[arg(long, num_args = 0..=1, default_value_t = TrainOptions::default().refit, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
     pub refit: bool,
     /// Keep an exponential moving average of the weights, updated after every step with this decay
     /// (e.g. 0.99); the epochs are judged on the dev split, and saved, with the averaged weights. 0: off.
@@ -277,9 +278,9 @@ pub struct TrainArgs {
     pub ema: f64,
     /// Fine-tune N models from the same initial weights on the same split, each with its own order of
     /// examples, dropout and augmentation, and save the mean of their weights (a uniform model soup): one
-    /// model of the same size and speed. Multiplies the training time by N. 0 or 1: one model. With
-    /// --refit, each of the N models is trained again on the whole file for its own best epoch, and the
-    /// mean of those is saved.
+    /// model of the same size and speed. Multiplies the training time by N (divided by --jobs). 0 or 1:
+    /// one model. With --refit, each of the N models is trained again on the whole file for its own best
+    /// epoch, and the mean of those is saved.
     #[arg(long, default_value_t = TrainOptions::default().soup)]
     pub soup: usize,
     /// CPU threads of training. 1 by default: the small model's products do not gain from a second
@@ -287,6 +288,11 @@ pub struct TrainArgs {
     /// 0 = automatic: RAYON_NUM_THREADS when set, else the CPUs this process may use.
     #[arg(long, env = "TRIAGEM_THREADS", default_value_t = 1)]
     pub threads: usize,
+    /// Independent models trained at once, one thread each: --soup's models and their refits,
+    /// --ensemble's teachers (up to one a core makes N models take about the time of N / jobs; each
+    /// comes out the same bits). 1: one after another. 0 = automatic: the CPUs this process may use.
+    #[arg(long, env = "TRIAGEM_JOBS", default_value_t = TrainOptions::default().jobs)]
+    pub jobs: usize,
 }
 
 #[derive(Debug, Args)]
@@ -467,6 +473,7 @@ impl TrainArgs {
             refit: self.refit,
             ema: self.ema,
             soup: self.soup,
+            jobs: self.jobs,
         })
     }
 }

@@ -186,9 +186,14 @@ fn read_lines(path: &Path) -> Result<Vec<String>, DemoError> {
     Ok(lines)
 }
 
+/// Whether `dir` holds a model (else the demo trains one there first).
+pub fn has_model(dir: &Path) -> bool {
+    dir.join(model::CONFIG_FILE).is_file() && dir.join(model::WEIGHTS_FILE).is_file()
+}
+
 /// Trains `dir` with the `triagem train` defaults when it holds no model.
 fn ensure_model(dir: &Path) -> Result<(), DemoError> {
-    if dir.join(model::CONFIG_FILE).is_file() && dir.join(model::WEIGHTS_FILE).is_file() {
+    if has_model(dir) {
         return Ok(());
     }
     println!(

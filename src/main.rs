@@ -21,7 +21,16 @@ fn main() {
         Command::Eval(args) => logged(cli.log_format, || run_eval(args)),
         Command::Classify(args) => logged(cli.log_format, || run_classify(args)),
         Command::Worker(args) => run_worker(args, cli.log_format),
-        Command::Demo(args) => logged(cli.log_format, || run_demo(args)),
+        Command::Demo(args) => logged(cli.log_format, || {
+            // The demo trains the default model first when there is none: with the training commands'
+            // allocator settings; and its threads are set up as the worker's (automatic count, candle's
+            // spinning element-wise pool off, which would also stall the soup's models training at once).
+            if !demo::has_model(&args.model) {
+                keep_freed_memory();
+            }
+            triagem::model::threads::init(0);
+            run_demo(args)
+        }),
         Command::Loadgen(args) => logged(cli.log_format, || run_loadgen(args)),
         Command::Bench(args) => logged(cli.log_format, || run_bench(args)),
     };
@@ -51,15 +60,25 @@ fn main() {
 /// Serving is unaffected: its buffers are reused, and it keeps the default
 /// (memory goes back).
 fn training(threads: usize, job: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+    keep_freed_memory();
+    triagem::model::threads::init(threads);
+    triagem::model::threads::install(job)
+}
+
+/// Tells glibc's allocator to keep freed memory for the next training step (see [`training`]).
+fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt sets two of the allocator's parameters under its own lock; no memory is touched.
     unsafe {
         // glibc's largest mmap threshold (half of a 64 MiB heap): larger blocks still come from mmap.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // One arena for every thread: a thread's own arena grows in heaps of at most 64 MiB, which
+        // glibc unmaps as soon as they are empty whatever the trim threshold, so models trained at
+        // once (`--jobs`) faulted their pages in again at every step (two at once, one epoch: 1.1 M
+        // page faults and 6 s of system time with their own arenas, 44,000 and 0.4 s with one).
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    triagem::model::threads::init(threads);
-    triagem::model::threads::install(job)
 }
 
 /// Sets up logging in `format` (text when none is given), then runs `job`.

@@ -67,10 +67,13 @@ pub fn count() -> usize {
 }
 
 /// Runs `f` on the model's pool, so that the parallel sections inside it start
-/// on a pool thread instead of waking rayon's global pool each time.
+/// on a pool thread instead of waking rayon's global pool each time. Called on a
+/// thread of any rayon pool (the model's, or a training job's own), `f` runs
+/// where it is: a job must not hand work to the model's pool, whose threads may
+/// all be waiting for the jobs (a deadlock).
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match pool_with(resolve(0)) {
-        Some(pool) if pool.current_thread_index().is_none() => pool.install(f),
+        Some(pool) if rayon::current_thread_index().is_none() => pool.install(f),
         _ => f(),
     }
 }

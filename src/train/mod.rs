@@ -15,7 +15,8 @@
 //! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
 //! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
 //! spelling; `average.rs` keeps the weights' moving average of `--ema`;
-//! `soup.rs` averages the weights of `--soup`'s models;
+//! `soup.rs` averages the weights of `--soup`'s models; `jobs.rs` trains
+//! independent models (a soup's, an ensemble's teachers) `--jobs` at a time;
 //! `calibrate.rs` fits the temperature; `pretrain.rs` is
 //! `triagem pretrain`, the masked-language-model base that `--base` takes.
 
@@ -24,6 +25,7 @@ mod average;
 mod base;
 pub mod calibrate;
 mod checkpoint;
+mod jobs;
 pub mod pretrain;
 pub mod scratch;
 mod soup;
@@ -128,6 +130,9 @@ pub struct TrainOptions {
     /// examples, dropout and augmentation (seeds `seed` … `seed+N−1`), whose weights are averaged into
     /// the one saved (a uniform model soup); 0 or 1: one model.
     pub soup: usize,
+    /// Independent models (a soup's models and their refits, an ensemble's teachers) trained this
+    /// many at a time, one thread each; 1: one after another; 0: one a CPU this process may use.
+    pub jobs: usize,
 }
 
 impl Default for TrainOptions {
@@ -163,6 +168,7 @@ impl Default for TrainOptions {
             refit: false,
             ema: 0.0,
             soup: 0,
+            jobs: 0,
         }
     }
 }
@@ -209,6 +215,8 @@ pub struct SoupLog {
     /// The averaged model on the dev split (None without one).
     pub dev_accuracy: Option<f64>,
     pub dev_macro_f1: Option<f64>,
+    /// Training the N models (the first included; with `--refit` their refits too, which run in the
+    /// same queue) and scoring their mean on the dev split.
     pub seconds: f64,
 }
 
@@ -233,6 +241,8 @@ pub struct RefitLog {
     pub examples: usize,
     /// The last epoch's mean training loss.
     pub train_loss: f64,
+    /// From the refit's start (with `--soup`, its first model's, which may overlap the soup's last
+    /// models) to the model written.
     pub seconds: f64,
 }
 
@@ -284,15 +294,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     // The generator as it stands before the model is built: a soup's ingredients start from it, so that
     // they share the initial weights.
     let init = rng.clone();
-    let Fitted { epochs, best, parameters } =
-        fit(opts, &labels, &train_examples, &dev_examples, &teachers, Run::default(), &mut rng)?;
-
-    let best_epoch = best.map_or(0, |(e, _)| e);
-    let soup = if opts.soup > 1 {
-        Some(cook_soup(opts, &labels, &train_examples, &dev_examples, &teachers, &init, best)?)
+    let (Fitted { epochs, best, parameters }, soup, refitted) = if opts.soup > 1 {
+        let refit_on = (opts.refit && opts.epochs > 0).then_some(train_set.examples.as_slice());
+        let (first, soup, refitted) =
+            cook_soup(opts, &labels, &train_examples, &dev_examples, &teachers, &init, refit_on)?;
+        (first, Some(soup), refitted)
     } else {
-        None
+        (fit(opts, &labels, &train_examples, &dev_examples, &teachers, Run::default(), &mut rng)?, None, None)
     };
+    let best_epoch = best.map_or(0, |(e, _)| e);
     // Computed with the tensor path, as the epochs were: a run gives the same temperature and report
     // whichever way the model is later served.
     let mut classifier = Classifier::load_tensor_path(&opts.out, &opts.device)?;
@@ -302,18 +312,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         calibration.temperature, calibration.dev_ece_before, calibration.dev_ece_after
     );
     let refit = if opts.refit && best_epoch > 0 {
-        eprintln!(
-            "refit: the first {best_epoch} epochs of the {}-epoch schedule on all {} training examples",
-            opts.epochs,
-            train_set.examples.len()
-        );
-        let started = Instant::now();
-        let fitted = match &soup {
+        let (fitted, started) = match refitted {
             None => {
+                eprintln!(
+                    "refit: the first {best_epoch} epochs of the {}-epoch schedule on all {} training examples",
+                    opts.epochs,
+                    train_set.examples.len()
+                );
+                let started = Instant::now();
                 let run = Run { stop_after: Some(best_epoch), ..Run::default() };
-                fit(opts, &labels, &train_set.examples, &[], &teachers, run, &mut rng)?
+                (fit(opts, &labels, &train_set.examples, &[], &teachers, run, &mut rng)?, started)
             }
-            Some(soup) => refit_soup(opts, &labels, &train_set.examples, &teachers, &init, soup)?,
+            Some(refitted) => {
+                let started = refitted.started;
+                (refit_soup(opts, refitted)?, started)
+            }
         };
         set_temperature(&opts.out, calibration.temperature)?;
         classifier = Classifier::load_tensor_path(&opts.out, &opts.device)?;
@@ -429,31 +442,47 @@ fn teachers_dir(out: &Path) -> PathBuf {
     beside(out, ".teachers")
 }
 
-/// Trains `opts.ensemble` teachers on the same split, each with its own seed, and loads them.
+/// Trains `opts.ensemble` teachers on the same split, each with its own seed (`opts.jobs` at a
+/// time), and loads them.
 fn train_teachers(
     opts: &TrainOptions,
     labels: &[String],
     train: &[Example],
     dev: &[Example],
 ) -> Result<Vec<Classifier>, TrainError> {
-    let mut teachers = Vec::new();
-    for k in 1..=opts.ensemble {
-        let seed = opts.seed.wrapping_add(k as u64);
+    let dirs = jobs::each(opts.jobs, opts.ensemble, |k| {
+        let seed = opts.seed.wrapping_add(k as u64 + 1);
         let out = teachers_dir(&opts.out).join(format!("seed-{seed}"));
         std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
-        let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, teacher_scores: None, ..opts.clone() };
-        eprintln!("teacher {k}/{} (seed {seed})", opts.ensemble);
+        let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, teacher_scores: None, ..one_of(opts) };
+        eprintln!("teacher {}/{} (seed {seed})", k + 1, opts.ensemble);
+        let run = Run {
+            name: (jobs::resolve(opts.jobs) > 1).then(|| format!("teacher {}/{}", k + 1, opts.ensemble)),
+            ..Run::default()
+        };
         let mut rng = StdRng::seed_from_u64(seed);
-        fit(&teacher_opts, labels, train, dev, &Teachers::default(), Run::default(), &mut rng)?;
-        teachers.push(Classifier::load_tensor_path(&out, &opts.device)?);
-    }
-    Ok(teachers)
+        fit(&teacher_opts, labels, train, dev, &Teachers::default(), run, &mut rng)?;
+        Ok(out)
+    })?;
+    dirs.iter().map(|dir| Ok(Classifier::load_tensor_path(dir, &opts.device)?)).collect()
 }
 
-/// `--soup N`: fine-tunes ingredients 2 to N as the first was (`opts.out`, whose best epoch and dev
-/// macro-F1 are `first`), from the generator `init` as it stood before the first was built — so from
-/// the same initial weights — each with its own seed for the rest; then writes the mean of the N
-/// models' weights over the first's.
+/// `opts` for one of several models trained side by side: no progress bar when they run at once
+/// (their epoch lines carry the model's name instead).
+fn one_of(opts: &TrainOptions) -> TrainOptions {
+    TrainOptions { quiet: opts.quiet || jobs::resolve(opts.jobs) > 1, ..opts.clone() }
+}
+
+/// `--soup N`: fine-tunes N models on the same split (`opts.jobs` at a time) from the generator
+/// `init` as it stands before a model is built — so from the same initial weights —, the first
+/// (into `opts.out`) drawing on from it as a run without a soup does, the others each with its own
+/// seed for the rest; then writes the mean of the N models' weights over the first's. Returns the
+/// first model's run and the soup's log.
+///
+/// With `refit_on` (`--refit`: every training example), each model is also trained again on those
+/// for its own best epoch, from the same initial weights and with the same seed, as soon as it is
+/// done — in the same queue, so that no core waits for the last model of the soup before the refits
+/// start; the refitted models are returned for [`refit_soup`] to average once the soup is calibrated.
 fn cook_soup(
     opts: &TrainOptions,
     labels: &[String],
@@ -461,34 +490,73 @@ fn cook_soup(
     dev: &[Example],
     teachers: &Teachers,
     init: &StdRng,
-    first: Option<(usize, f64)>,
-) -> Result<SoupLog, TrainError> {
+    refit_on: Option<&[Example]>,
+) -> Result<(Fitted, SoupLog, Option<Refitted>), TrainError> {
     let started = Instant::now();
-    let (best_epoch, dev_macro_f1) = first.unwrap_or((0, 0.0));
-    let mut ingredients = vec![Ingredient { seed: opts.seed, best_epoch, dev_macro_f1 }];
-    let mut dirs = vec![opts.out.clone()];
-    let root = beside(&opts.out, ".soup");
-    let first_tokenizer = tokenizer_bytes(&opts.out)?;
-    for k in 1..opts.soup {
-        let seed = opts.seed.wrapping_add(k as u64);
-        let out = root.join(format!("seed-{seed}"));
+    let (root, refit_root) = (beside(&opts.out, ".soup"), beside(&opts.out, ".refit"));
+    let n = opts.soup;
+    let named = jobs::resolve(opts.jobs) > 1;
+    let seed_of = |k: usize| opts.seed.wrapping_add(k as u64);
+    let best_epochs = BestEpochs::new(n);
+    let refits_started = std::sync::OnceLock::new();
+    let done = jobs::each(opts.jobs, if refit_on.is_some() { 2 * n } else { n }, |t| {
+        if t < n {
+            let k = t;
+            let publish = best_epochs.publisher(k);
+            let seed = seed_of(k);
+            let out = if k == 0 { opts.out.clone() } else { root.join(format!("seed-{seed}")) };
+            std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
+            if k > 0 {
+                eprintln!("soup: model {}/{n} (initial weights as the first's; seed {seed} for the rest)", k + 1);
+            }
+            let run = Run {
+                reseed: (k > 0).then_some(seed),
+                name: named.then(|| format!("soup model {}/{n}", k + 1)),
+                ..Run::default()
+            };
+            let options = TrainOptions { out: out.clone(), ..one_of(opts) };
+            let fitted = fit(&options, labels, train, dev, teachers, run, &mut init.clone())?;
+            publish.best_epoch(fitted.best.map_or(0, |(e, _)| e));
+            return Ok((fitted, out));
+        }
+        let (k, examples) = (t - n, refit_on.unwrap_or_default());
+        let Some(best_epoch) = best_epochs.wait(k) else {
+            return Err(TrainError::Options(format!("--soup --refit: soup model {} failed; not refitted", k + 1)));
+        };
+        refits_started.get_or_init(Instant::now);
+        let out = refit_root.join(format!("seed-{}", seed_of(k)));
         std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
-        eprintln!("soup: model {}/{} (initial weights as the first's; seed {seed} for the rest)", k + 1, opts.soup);
-        let run = Run { reseed: Some(seed), ..Run::default() };
-        let fitted = fit(
-            &TrainOptions { out: out.clone(), ..opts.clone() },
-            labels,
-            train,
-            dev,
-            teachers,
-            run,
-            &mut init.clone(),
-        )?;
-        same_tokenizer(&first_tokenizer, &out, k)?;
+        eprintln!("soup refit: model {}/{n}, {best_epoch} epochs on all {} examples", k + 1, examples.len());
+        // The first model draws on from the generator as in the soup; the others are reseeded as there.
+        let run = Run {
+            stop_after: Some(best_epoch),
+            reseed: (k > 0).then_some(seed_of(k)),
+            name: named.then(|| format!("soup refit {}/{n}", k + 1)),
+        };
+        let options = TrainOptions { out: out.clone(), ..one_of(opts) };
+        Ok((fit(&options, labels, examples, &[], teachers, run, &mut init.clone())?, out))
+    })?;
+    let mut done = done.into_iter();
+    let models: Vec<_> = done.by_ref().take(n).collect();
+    let refitted = refit_on.map(|_| Refitted {
+        models: done.collect(),
+        started: refits_started.get().copied().unwrap_or_else(Instant::now),
+    });
+
+    let first_tokenizer = tokenizer_bytes(&opts.out)?;
+    let mut ingredients = Vec::with_capacity(n);
+    let mut dirs = Vec::with_capacity(n);
+    let mut first = None;
+    for (k, (fitted, out)) in models.into_iter().enumerate() {
+        if k > 0 {
+            same_tokenizer(&first_tokenizer, &out, k)?;
+        }
         let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
-        ingredients.push(Ingredient { seed, best_epoch, dev_macro_f1 });
+        ingredients.push(Ingredient { seed: seed_of(k), best_epoch, dev_macro_f1 });
         dirs.push(out);
+        first.get_or_insert(fitted);
     }
+    let first = first.ok_or_else(|| TrainError::Options("--soup: a soup without models".into()))?;
     soup::mean_weights(&dirs, &opts.out)?;
     let _ = std::fs::remove_dir_all(&root);
     let (dev_accuracy, dev_macro_f1) = if dev.is_empty() {
@@ -496,15 +564,75 @@ fn cook_soup(
     } else {
         let report = eval::evaluate(&Classifier::load_tensor_path(&opts.out, &opts.device)?, dev, 64)?;
         eprintln!(
-            "soup of {}: dev accuracy {:.4}  dev macro-F1 {:.4} (the models alone: {})",
-            opts.soup,
+            "soup of {n}: dev accuracy {:.4}  dev macro-F1 {:.4} (the models alone: {})",
             report.accuracy,
             report.macro_f1,
             ingredients.iter().map(|i| format!("{:.4}", i.dev_macro_f1)).collect::<Vec<_>>().join(", ")
         );
         (Some(report.accuracy), Some(report.macro_f1))
     };
-    Ok(SoupLog { ingredients, dev_accuracy, dev_macro_f1, seconds: started.elapsed().as_secs_f64() })
+    let log = SoupLog { ingredients, dev_accuracy, dev_macro_f1, seconds: started.elapsed().as_secs_f64() };
+    Ok((first, log, refitted))
+}
+
+/// A soup's models trained again on every example (`--soup N --refit`), in soup order, in their
+/// directories, and when the first of them started.
+struct Refitted {
+    models: Vec<(Fitted, PathBuf)>,
+    started: Instant,
+}
+
+/// The best epoch of each of a soup's models, for their refits to wait on: `None` while the model
+/// trains, `Some(None)` when it failed.
+struct BestEpochs {
+    slots: std::sync::Mutex<Vec<Option<Option<usize>>>>,
+    ready: std::sync::Condvar,
+}
+
+impl BestEpochs {
+    fn new(n: usize) -> Self {
+        Self { slots: std::sync::Mutex::new(vec![None; n]), ready: std::sync::Condvar::new() }
+    }
+
+    /// Model `k`'s handle: it publishes the best epoch, or on drop without one (an error, a panic)
+    /// the failure — a refit never waits for a model that will not finish.
+    fn publisher(&self, k: usize) -> Publisher<'_> {
+        Publisher { epochs: self, k }
+    }
+
+    fn set(&self, k: usize, value: Option<usize>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots[k].get_or_insert(value);
+        self.ready.notify_all();
+    }
+
+    /// Waits until model `k` is done: its best epoch, or `None` when it failed.
+    fn wait(&self, k: usize) -> Option<usize> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(value) = slots[k] {
+                return value;
+            }
+            slots = self.ready.wait(slots).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+struct Publisher<'a> {
+    epochs: &'a BestEpochs,
+    k: usize,
+}
+
+impl Publisher<'_> {
+    fn best_epoch(self, epoch: usize) {
+        self.epochs.set(self.k, Some(epoch));
+    }
+}
+
+impl Drop for Publisher<'_> {
+    fn drop(&mut self) {
+        self.epochs.set(self.k, None); // a no-op after `best_epoch`
+    }
 }
 
 /// The bytes of `dir`'s `tokenizer.json`.
@@ -526,35 +654,17 @@ fn same_tokenizer(first: &[u8], dir: &Path, k: usize) -> Result<(), TrainError> 
     )))
 }
 
-/// `--soup N --refit`: each model of `soup` trained again on all of `examples`, from the same
-/// initial weights and with the same seed as in the soup, for its own best epoch; `opts.out` gets
-/// the mean of their weights. Returns the first refitted model's run.
-fn refit_soup(
-    opts: &TrainOptions,
-    labels: &[String],
-    examples: &[Example],
-    teachers: &Teachers,
-    init: &StdRng,
-    soup: &SoupLog,
-) -> Result<Fitted, TrainError> {
-    let root = beside(&opts.out, ".soup");
-    let refit = |k: usize, ingredient: &Ingredient| -> Result<(Fitted, PathBuf), TrainError> {
-        let out = root.join(format!("refit-seed-{}", ingredient.seed));
-        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
-        eprintln!("soup refit: model {}/{}, {} epochs", k + 1, soup.ingredients.len(), ingredient.best_epoch);
-        // The first model draws on from the generator as in the soup; the others are reseeded as there.
-        let run = Run { stop_after: Some(ingredient.best_epoch), reseed: (k > 0).then_some(ingredient.seed) };
-        let options = TrainOptions { out: out.clone(), ..opts.clone() };
-        Ok((fit(&options, labels, examples, &[], teachers, run, &mut init.clone())?, out))
-    };
-    let Some((head, rest)) = soup.ingredients.split_first() else {
+/// `--soup N --refit`: `opts.out` gets the mean of the weights of the soup's models trained again
+/// on every example ([`cook_soup`]), with the first refitted model's tokenizer and config. Returns
+/// the first refitted model's run.
+fn refit_soup(opts: &TrainOptions, refitted: Refitted) -> Result<Fitted, TrainError> {
+    let mut models = refitted.models.into_iter();
+    let Some((first, model_dir)) = models.next() else {
         return Err(TrainError::Options("--soup --refit: a soup without models".into()));
     };
-    let (first, model_dir) = refit(0, head)?;
     let first_tokenizer = tokenizer_bytes(&model_dir)?;
     let mut dirs = vec![model_dir.clone()];
-    for (k, ingredient) in rest.iter().enumerate().map(|(i, g)| (i + 1, g)) {
-        let (_, out) = refit(k, ingredient)?;
+    for (k, (_, out)) in models.enumerate().map(|(i, r)| (i + 1, r)) {
         same_tokenizer(&first_tokenizer, &out, k)?;
         dirs.push(out);
     }
@@ -566,18 +676,20 @@ fn refit_soup(
         let to = opts.out.join(from.file_name().unwrap_or_default());
         std::fs::copy(&from, &to).map_err(|e| write_error(&to, e))?;
     }
-    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(beside(&opts.out, ".refit"));
     Ok(first)
 }
 
 /// How [`fit`] runs beyond the options.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Run {
     /// End after this many epochs of the `opts.epochs`-epoch schedule.
     stop_after: Option<usize>,
     /// Once the model is built, draw the rest (order of examples, dropout, augmentation) from a
     /// generator seeded with this instead of going on with the one given.
     reseed: Option<u64>,
+    /// Which model this is, at the start of its epoch lines (when several train at once).
+    name: Option<String>,
 }
 
 /// What [`fit`] did.
@@ -670,8 +782,11 @@ fn fit(
             format!("dev accuracy {:.4}  dev macro-F1 {:.4}", log.dev_accuracy, log.dev_macro_f1)
         };
         eprintln!(
-            "epoch {epoch}/{last}  loss {:.4}  {dev_figures}  ({:.0}s, {:.1} examples/s)",
-            log.train_loss, log.seconds, log.examples_per_second
+            "{}epoch {epoch}/{last}  loss {:.4}  {dev_figures}  ({:.0}s, {:.1} examples/s)",
+            run.name.as_ref().map_or(String::new(), |n| format!("{n}: ")),
+            log.train_loss,
+            log.seconds,
+            log.examples_per_second
         );
         // Without a dev split there is nothing to choose on: the last epoch is the one kept, saved once.
         let keep = if dev_examples.is_empty() { epoch == last } else { best.is_none_or(|(_, f1)| dev.macro_f1 > f1) };
@@ -1024,6 +1139,7 @@ mod tests {
             refit: false,
             ema: 0.0,
             soup: 0,
+            jobs: 1,
         }
     }
 
@@ -1219,6 +1335,39 @@ mod tests {
         };
         let (two, three) = (still(2, "still-2"), still(3, "still-3"));
         assert!(largest_gap(&two, &three) < 1e-6, "{}", largest_gap(&two, &three));
+    }
+
+    /// `--jobs 2`: a soup's models, their refits and an ensemble's teachers trained two at a time
+    /// give the model one at a time gives, to the bit, with the same log.
+    #[test]
+    fn models_trained_side_by_side_are_the_same_bits_as_one_after_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = file_options(dir.path());
+        let run = |jobs: usize, soup: usize, refit: bool, ensemble: usize, out: &str| {
+            let opts =
+                TrainOptions { out: dir.path().join(out), epochs: 2, soup, refit, ensemble, jobs, ..files.clone() };
+            let summary = train(&opts).unwrap();
+            let weights = std::fs::read(dir.path().join(out).join(model::WEIGHTS_FILE)).unwrap();
+            (summary, weights)
+        };
+        let (alone, alone_weights) = run(1, 3, true, 0, "soup-1");
+        let (together, together_weights) = run(2, 3, true, 0, "soup-2");
+        assert!(alone_weights == together_weights, "the refitted soup's weights differ");
+        let chosen = |s: &TrainSummary| {
+            let soup = s.soup.as_ref().unwrap();
+            (
+                soup.ingredients.iter().map(|i| (i.seed, i.best_epoch, i.dev_macro_f1)).collect::<Vec<_>>(),
+                soup.dev_macro_f1,
+            )
+        };
+        assert_eq!(chosen(&alone), chosen(&together));
+        assert_eq!(alone.calibration.temperature, together.calibration.temperature);
+        assert!(!dir.path().join("soup-2.soup").exists(), "the models' directory is removed");
+
+        let (_, alone) = run(1, 0, false, 2, "ens-1");
+        let (_, together) = run(2, 0, false, 2, "ens-2");
+        assert!(alone == together, "the model distilled from teachers trained side by side differs");
+        assert!(!dir.path().join("ens-2.teachers").exists(), "the teachers' directory is removed");
     }
 
     /// `--dev-fraction 0`: nothing to choose an epoch on, so the last one is

@@ -268,7 +268,7 @@ pub struct TrainArgs {
     pub teacher_scores: Option<PathBuf>,
     /// After the dev split has chosen the epoch and fitted the temperature, train again on the whole
     /// training file (dev split included) for that many epochs and keep that model, with the temperature.
-    /// Doubles the training time. Off by default (`--refit` alone: on).
+    /// Doubles the training time. On by default; `--refit false` keeps the dev-selected model.
     #[arg(long, num_args = 0..=1, default_value_t = TrainOptions::default().refit, default_missing_value = "true",
           action = clap::ArgAction::Set)]
     pub refit: bool,

@@ -197,7 +197,7 @@ fn ensure_model(dir: &Path) -> Result<(), DemoError> {
         return Ok(());
     }
     println!(
-        "no model in {}: training one with the `triagem train` defaults (about 3 minutes on 2 cores)",
+        "no model in {}: training one with the `triagem train` defaults (about 10 minutes on 2 cores)",
         dir.display()
     );
     let summary = train::train(&TrainOptions { out: dir.to_path_buf(), ..TrainOptions::default() })?;

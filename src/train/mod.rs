@@ -138,7 +138,9 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     /// The `triagem train` defaults (the CLI takes its defaults from here):
     /// the project's data files, the small BERT pretrained on Brazilian
-    /// Portuguese text ([`DEFAULT_BASE`]), fine-tuned for 8 epochs, on the CPU.
+    /// Portuguese text ([`DEFAULT_BASE`]), fine-tuned for 8 epochs, on the CPU,
+    /// as a soup of 5 models refitted on the whole file (chosen by
+    /// cross-validation, `scripts/cv.py`: see the README), trained one a CPU at once.
     fn default() -> Self {
         Self {
             train: "data/treino.jsonl".into(),
@@ -165,9 +167,9 @@ impl Default for TrainOptions {
             distill_weight: 0.5,
             distill_temperature: 2.0,
             teacher_scores: None,
-            refit: false,
+            refit: true,
             ema: 0.0,
-            soup: 0,
+            soup: 5,
             jobs: 0,
         }
     }

@@ -68,7 +68,7 @@ fn training(threads: usize, job: impl FnOnce() -> Result<()> + Send) -> Result<(
 /// Tells glibc's allocator to keep freed memory for the next training step (see [`training`]).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt sets two of the allocator's parameters under its own lock; no memory is touched.
+    // SAFETY: mallopt sets three of the allocator's parameters under its own lock; no memory is touched.
     unsafe {
         // glibc's largest mmap threshold (half of a 64 MiB heap): larger blocks still come from mmap.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);

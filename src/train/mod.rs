@@ -458,10 +458,8 @@ fn train_teachers(
         std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
         let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, teacher_scores: None, ..one_of(opts) };
         eprintln!("teacher {}/{} (seed {seed})", k + 1, opts.ensemble);
-        let run = Run {
-            name: (jobs::resolve(opts.jobs) > 1).then(|| format!("teacher {}/{}", k + 1, opts.ensemble)),
-            ..Run::default()
-        };
+        let run =
+            Run { name: side_by_side(opts).then(|| format!("teacher {}/{}", k + 1, opts.ensemble)), ..Run::default() };
         let mut rng = StdRng::seed_from_u64(seed);
         fit(&teacher_opts, labels, train, dev, &Teachers::default(), run, &mut rng)?;
         Ok(out)
@@ -472,7 +470,12 @@ fn train_teachers(
 /// `opts` for one of several models trained side by side: no progress bar when they run at once
 /// (their epoch lines carry the model's name instead).
 fn one_of(opts: &TrainOptions) -> TrainOptions {
-    TrainOptions { quiet: opts.quiet || jobs::resolve(opts.jobs) > 1, ..opts.clone() }
+    TrainOptions { quiet: opts.quiet || side_by_side(opts), ..opts.clone() }
+}
+
+/// Whether `opts`' independent models train more than one at a time.
+fn side_by_side(opts: &TrainOptions) -> bool {
+    jobs::resolve(opts.jobs) > 1
 }
 
 /// `--soup N`: fine-tunes N models on the same split (`opts.jobs` at a time) from the generator
@@ -497,27 +500,30 @@ fn cook_soup(
     let started = Instant::now();
     let (root, refit_root) = (beside(&opts.out, ".soup"), beside(&opts.out, ".refit"));
     let n = opts.soup;
-    let named = jobs::resolve(opts.jobs) > 1;
     let seed_of = |k: usize| opts.seed.wrapping_add(k as u64);
+    // Model `k` (or its refit) into `out`: from `init`, the first drawing on from it as a run
+    // without a soup does, the others reseeded with their own seed once built.
+    let member = |k: usize, out: PathBuf, name: String, examples: &[Example], dev: &[Example], stop_after| {
+        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
+        let run = Run { stop_after, reseed: (k > 0).then_some(seed_of(k)), name: side_by_side(opts).then_some(name) };
+        let options = TrainOptions { out: out.clone(), ..one_of(opts) };
+        Ok((fit(&options, labels, examples, dev, teachers, run, &mut init.clone())?, out))
+    };
     let best_epochs = BestEpochs::new(n);
     let refits_started = std::sync::OnceLock::new();
     let done = jobs::each(opts.jobs, if refit_on.is_some() { 2 * n } else { n }, |t| {
         if t < n {
             let k = t;
             let publish = best_epochs.publisher(k);
-            let seed = seed_of(k);
-            let out = if k == 0 { opts.out.clone() } else { root.join(format!("seed-{seed}")) };
-            std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
+            let out = if k == 0 { opts.out.clone() } else { root.join(format!("seed-{}", seed_of(k))) };
             if k > 0 {
-                eprintln!("soup: model {}/{n} (initial weights as the first's; seed {seed} for the rest)", k + 1);
+                eprintln!(
+                    "soup: model {}/{n} (initial weights as the first's; seed {} for the rest)",
+                    k + 1,
+                    seed_of(k)
+                );
             }
-            let run = Run {
-                reseed: (k > 0).then_some(seed),
-                name: named.then(|| format!("soup model {}/{n}", k + 1)),
-                ..Run::default()
-            };
-            let options = TrainOptions { out: out.clone(), ..one_of(opts) };
-            let fitted = fit(&options, labels, train, dev, teachers, run, &mut init.clone())?;
+            let (fitted, out) = member(k, out, format!("soup model {}/{n}", k + 1), train, dev, None)?;
             publish.best_epoch(fitted.best.map_or(0, |(e, _)| e));
             return Ok((fitted, out));
         }
@@ -526,17 +532,9 @@ fn cook_soup(
             return Err(TrainError::Options(format!("--soup --refit: soup model {} failed; not refitted", k + 1)));
         };
         refits_started.get_or_init(Instant::now);
-        let out = refit_root.join(format!("seed-{}", seed_of(k)));
-        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
         eprintln!("soup refit: model {}/{n}, {best_epoch} epochs on all {} examples", k + 1, examples.len());
-        // The first model draws on from the generator as in the soup; the others are reseeded as there.
-        let run = Run {
-            stop_after: Some(best_epoch),
-            reseed: (k > 0).then_some(seed_of(k)),
-            name: named.then(|| format!("soup refit {}/{n}", k + 1)),
-        };
-        let options = TrainOptions { out: out.clone(), ..one_of(opts) };
-        Ok((fit(&options, labels, examples, &[], teachers, run, &mut init.clone())?, out))
+        let out = refit_root.join(format!("seed-{}", seed_of(k)));
+        member(k, out, format!("soup refit {}/{n}", k + 1), examples, &[], Some(best_epoch))
     })?;
     let mut done = done.into_iter();
     let models: Vec<_> = done.by_ref().take(n).collect();
@@ -545,19 +543,17 @@ fn cook_soup(
         started: refits_started.get().copied().unwrap_or_else(Instant::now),
     });
 
-    let first_tokenizer = tokenizer_bytes(&opts.out)?;
-    let mut ingredients = Vec::with_capacity(n);
-    let mut dirs = Vec::with_capacity(n);
-    let mut first = None;
-    for (k, (fitted, out)) in models.into_iter().enumerate() {
-        if k > 0 {
-            same_tokenizer(&first_tokenizer, &out, k)?;
-        }
-        let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
-        ingredients.push(Ingredient { seed: seed_of(k), best_epoch, dev_macro_f1 });
-        dirs.push(out);
-        first.get_or_insert(fitted);
-    }
+    let dirs: Vec<PathBuf> = models.iter().map(|(_, out)| out.clone()).collect();
+    one_vocabulary(&dirs)?;
+    let ingredients: Vec<Ingredient> = models
+        .iter()
+        .enumerate()
+        .map(|(k, (fitted, _))| {
+            let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
+            Ingredient { seed: seed_of(k), best_epoch, dev_macro_f1 }
+        })
+        .collect();
+    let first = models.into_iter().next().map(|(fitted, _)| fitted);
     let first = first.ok_or_else(|| TrainError::Options("--soup: a soup without models".into()))?;
     soup::mean_weights(&dirs, &opts.out)?;
     let _ = std::fs::remove_dir_all(&root);
@@ -644,32 +640,30 @@ fn tokenizer_bytes(dir: &Path) -> Result<Vec<u8>, TrainError> {
 }
 
 /// Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model):
-/// the soup's model `k` (from 0) in `dir` must have the first's tokenizer.
-fn same_tokenizer(first: &[u8], dir: &Path, k: usize) -> Result<(), TrainError> {
-    if tokenizer_bytes(dir)? == first {
-        return Ok(());
+/// every soup model in `dirs` must have the first's tokenizer.
+fn one_vocabulary(dirs: &[PathBuf]) -> Result<(), TrainError> {
+    let Some((first, rest)) = dirs.split_first() else { return Ok(()) };
+    let first = tokenizer_bytes(first)?;
+    for (k, dir) in rest.iter().enumerate().map(|(i, d)| (i + 2, d)) {
+        if tokenizer_bytes(dir)? != first {
+            return Err(TrainError::Tokenizer(format!(
+                "--soup: model {k} has another tokenizer than the first ({}); their weights cannot be averaged",
+                dir.join(model::TOKENIZER_FILE).display()
+            )));
+        }
     }
-    Err(TrainError::Tokenizer(format!(
-        "--soup: model {} has another tokenizer than the first ({}); their weights cannot be averaged",
-        k + 1,
-        dir.join(model::TOKENIZER_FILE).display()
-    )))
+    Ok(())
 }
 
 /// `--soup N --refit`: `opts.out` gets the mean of the weights of the soup's models trained again
 /// on every example ([`cook_soup`]), with the first refitted model's tokenizer and config. Returns
 /// the first refitted model's run.
 fn refit_soup(opts: &TrainOptions, refitted: Refitted) -> Result<Fitted, TrainError> {
-    let mut models = refitted.models.into_iter();
-    let Some((first, model_dir)) = models.next() else {
+    let dirs: Vec<PathBuf> = refitted.models.iter().map(|(_, out)| out.clone()).collect();
+    one_vocabulary(&dirs)?;
+    let Some((first, model_dir)) = refitted.models.into_iter().next() else {
         return Err(TrainError::Options("--soup --refit: a soup without models".into()));
     };
-    let first_tokenizer = tokenizer_bytes(&model_dir)?;
-    let mut dirs = vec![model_dir.clone()];
-    for (k, (_, out)) in models.enumerate().map(|(i, r)| (i + 1, r)) {
-        same_tokenizer(&first_tokenizer, &out, k)?;
-        dirs.push(out);
-    }
     // The first refitted model's directory with the mean weights becomes the model: with `--base none`
     // its tokenizer (trained on every example) is not the dev-split soup's.
     soup::mean_weights(&dirs, &model_dir)?;
@@ -1337,6 +1331,23 @@ mod tests {
         };
         let (two, three) = (still(2, "still-2"), still(3, "still-3"));
         assert!(largest_gap(&two, &three) < 1e-6, "{}", largest_gap(&two, &three));
+    }
+
+    /// A soup's weights are averaged only over one vocabulary: a model whose tokenizer differs from
+    /// the first's is named, with its file.
+    #[test]
+    fn soup_models_with_another_tokenizer_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|d| dir.path().join(d)).collect();
+        for (d, bytes) in dirs.iter().zip(["{}", "{}", "{\"other\": 1}"]) {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join(model::TOKENIZER_FILE), bytes).unwrap();
+        }
+        assert!(one_vocabulary(&dirs[..2]).is_ok());
+        let err = one_vocabulary(&dirs).unwrap_err().to_string();
+        let file = dirs[2].join(model::TOKENIZER_FILE);
+        assert!(err.contains(&format!("model 3 has another tokenizer than the first ({})", file.display())), "{err}");
+        assert!(one_vocabulary(&[]).is_ok());
     }
 
     /// `--jobs 2`: a soup's models, their refits and an ensemble's teachers trained two at a time

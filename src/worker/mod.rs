@@ -619,7 +619,8 @@ async fn readiness_loop(
 /// calling runtime thread waits meanwhile — at most a forward pass and the
 /// tokenising — while the runtime's other threads go on; handing its tasks
 /// over first (`tokio::task::block_in_place`) was measured slower, with the
-/// half-load p99 over its bound (README, "Tokenising on the model's threads").
+/// half-load p99 over its bound (docs/benchmarks-log.md, "Tokenising on the
+/// model's threads").
 fn tokenize_on_model_threads(tokenize: &infer::Tokenize, arrived: &mut [message::Pending]) -> Vec<usize> {
     crate::model::threads::install(|| {
         use rayon::prelude::*;

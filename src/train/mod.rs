@@ -10,21 +10,24 @@
 //! dropout, augmentation) comes from one generator seeded by `--seed`, so the
 //! same seed and data give the same model and metrics.
 //!
-//! Files: this one runs the loop (split, fit, distil, calibrate, report);
+//! Files: this one runs the loop (split, fit, calibrate, refit, report);
 //! `base.rs` resolves `--base` and builds and initialises the model from it;
 //! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
 //! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
 //! spelling; `average.rs` keeps the weights' moving average of `--ema`;
-//! `soup.rs` averages the weights of `--soup`'s models; `jobs.rs` trains
-//! independent models (a soup's, an ensemble's teachers) `--jobs` at a time;
-//! `calibrate.rs` fits the temperature; `pretrain.rs` is
-//! `triagem pretrain`, the masked-language-model base that `--base` takes.
+//! `distill.rs` trains `--ensemble`'s teachers and reads `--teacher-scores`,
+//! the soft targets; `soup.rs` trains `--soup`'s models (and their refits)
+//! and averages their weights; `jobs.rs` trains independent models (a
+//! soup's, an ensemble's teachers) `--jobs` at a time; `calibrate.rs` fits
+//! the temperature; `pretrain.rs` is `triagem pretrain`, the
+//! masked-language-model base that `--base` takes.
 
 pub mod augment;
 mod average;
 mod base;
 pub mod calibrate;
 mod checkpoint;
+mod distill;
 mod jobs;
 pub mod pretrain;
 pub mod scratch;
@@ -33,6 +36,8 @@ mod soup;
 use base::{build, sorted_vars, Trainable};
 pub use base::{Base, DEFAULT_BASE};
 use checkpoint::{replace_file, save};
+use distill::{read_teacher_scores, teachers_dir, train_teachers, Teachers};
+use soup::{cook_soup, refit_soup};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -439,34 +444,6 @@ fn beside(out: &Path, suffix: &str) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Where the teachers of an ensemble are written while the model trains.
-fn teachers_dir(out: &Path) -> PathBuf {
-    beside(out, ".teachers")
-}
-
-/// Trains `opts.ensemble` teachers on the same split, each with its own seed (`opts.jobs` at a
-/// time), and loads them.
-fn train_teachers(
-    opts: &TrainOptions,
-    labels: &[String],
-    train: &[Example],
-    dev: &[Example],
-) -> Result<Vec<Classifier>, TrainError> {
-    let dirs = jobs::each(opts.jobs, opts.ensemble, |k| {
-        let seed = opts.seed.wrapping_add(k as u64 + 1);
-        let out = teachers_dir(&opts.out).join(format!("seed-{seed}"));
-        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
-        let teacher_opts = TrainOptions { seed, out: out.clone(), ensemble: 0, teacher_scores: None, ..one_of(opts) };
-        eprintln!("teacher {}/{} (seed {seed})", k + 1, opts.ensemble);
-        let run =
-            Run { name: side_by_side(opts).then(|| format!("teacher {}/{}", k + 1, opts.ensemble)), ..Run::default() };
-        let mut rng = StdRng::seed_from_u64(seed);
-        fit(&teacher_opts, labels, train, dev, &Teachers::default(), run, &mut rng)?;
-        Ok(out)
-    })?;
-    dirs.iter().map(|dir| Ok(Classifier::load_tensor_path(dir, &opts.device)?)).collect()
-}
-
 /// `opts` for one of several models trained side by side: no progress bar when they run at once
 /// (their epoch lines carry the model's name instead).
 fn one_of(opts: &TrainOptions) -> TrainOptions {
@@ -476,204 +453,6 @@ fn one_of(opts: &TrainOptions) -> TrainOptions {
 /// Whether `opts`' independent models train more than one at a time.
 fn side_by_side(opts: &TrainOptions) -> bool {
     jobs::resolve(opts.jobs) > 1
-}
-
-/// `--soup N`: fine-tunes N models on the same split (`opts.jobs` at a time) from the generator
-/// `init` as it stands before a model is built — so from the same initial weights —, the first
-/// (into `opts.out`) drawing on from it as a run without a soup does, the others each with its own
-/// seed for the rest; then writes the mean of the N models' weights over the first's. Returns the
-/// first model's run and the soup's log.
-///
-/// With `refit_on` (`--refit`: every training example), each model is also trained again on those
-/// for its own best epoch, from the same initial weights and with the same seed, as soon as it is
-/// done — in the same queue, so that no core waits for the last model of the soup before the refits
-/// start; the refitted models are returned for [`refit_soup`] to average once the soup is calibrated.
-fn cook_soup(
-    opts: &TrainOptions,
-    labels: &[String],
-    train: &[Example],
-    dev: &[Example],
-    teachers: &Teachers,
-    init: &StdRng,
-    refit_on: Option<&[Example]>,
-) -> Result<(Fitted, SoupLog, Option<Refitted>), TrainError> {
-    let started = Instant::now();
-    let (root, refit_root) = (beside(&opts.out, ".soup"), beside(&opts.out, ".refit"));
-    let n = opts.soup;
-    let seed_of = |k: usize| opts.seed.wrapping_add(k as u64);
-    // Model `k` (or its refit) into `out`: from `init`, the first drawing on from it as a run
-    // without a soup does, the others reseeded with their own seed once built.
-    let member = |k: usize, out: PathBuf, name: String, examples: &[Example], dev: &[Example], stop_after| {
-        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
-        let run = Run { stop_after, reseed: (k > 0).then_some(seed_of(k)), name: side_by_side(opts).then_some(name) };
-        let options = TrainOptions { out: out.clone(), ..one_of(opts) };
-        Ok((fit(&options, labels, examples, dev, teachers, run, &mut init.clone())?, out))
-    };
-    let best_epochs = BestEpochs::new(n);
-    let refits_started = std::sync::OnceLock::new();
-    let done = jobs::each(opts.jobs, if refit_on.is_some() { 2 * n } else { n }, |t| {
-        if t < n {
-            let k = t;
-            let publish = best_epochs.publisher(k);
-            let out = if k == 0 { opts.out.clone() } else { root.join(format!("seed-{}", seed_of(k))) };
-            if k > 0 {
-                eprintln!(
-                    "soup: model {}/{n} (initial weights as the first's; seed {} for the rest)",
-                    k + 1,
-                    seed_of(k)
-                );
-            }
-            let (fitted, out) = member(k, out, format!("soup model {}/{n}", k + 1), train, dev, None)?;
-            publish.best_epoch(fitted.best.map_or(0, |(e, _)| e));
-            return Ok((fitted, out));
-        }
-        let (k, examples) = (t - n, refit_on.unwrap_or_default());
-        let Some(best_epoch) = best_epochs.wait(k) else {
-            return Err(TrainError::Options(format!("--soup --refit: soup model {} failed; not refitted", k + 1)));
-        };
-        refits_started.get_or_init(Instant::now);
-        eprintln!("soup refit: model {}/{n}, {best_epoch} epochs on all {} examples", k + 1, examples.len());
-        let out = refit_root.join(format!("seed-{}", seed_of(k)));
-        member(k, out, format!("soup refit {}/{n}", k + 1), examples, &[], Some(best_epoch))
-    })?;
-    let mut done = done.into_iter();
-    let models: Vec<_> = done.by_ref().take(n).collect();
-    let refitted = refit_on.map(|_| Refitted {
-        models: done.collect(),
-        started: refits_started.get().copied().unwrap_or_else(Instant::now),
-    });
-
-    let dirs: Vec<PathBuf> = models.iter().map(|(_, out)| out.clone()).collect();
-    one_vocabulary(&dirs)?;
-    let ingredients: Vec<Ingredient> = models
-        .iter()
-        .enumerate()
-        .map(|(k, (fitted, _))| {
-            let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
-            Ingredient { seed: seed_of(k), best_epoch, dev_macro_f1 }
-        })
-        .collect();
-    let first = models.into_iter().next().map(|(fitted, _)| fitted);
-    let first = first.ok_or_else(|| TrainError::Options("--soup: a soup without models".into()))?;
-    soup::mean_weights(&dirs, &opts.out)?;
-    let _ = std::fs::remove_dir_all(&root);
-    let (dev_accuracy, dev_macro_f1) = if dev.is_empty() {
-        (None, None)
-    } else {
-        let report = eval::evaluate(&Classifier::load_tensor_path(&opts.out, &opts.device)?, dev, 64)?;
-        eprintln!(
-            "soup of {n}: dev accuracy {:.4}  dev macro-F1 {:.4} (the models alone: {})",
-            report.accuracy,
-            report.macro_f1,
-            ingredients.iter().map(|i| format!("{:.4}", i.dev_macro_f1)).collect::<Vec<_>>().join(", ")
-        );
-        (Some(report.accuracy), Some(report.macro_f1))
-    };
-    let log = SoupLog { ingredients, dev_accuracy, dev_macro_f1, seconds: started.elapsed().as_secs_f64() };
-    Ok((first, log, refitted))
-}
-
-/// A soup's models trained again on every example (`--soup N --refit`), in soup order, in their
-/// directories, and when the first of them started.
-struct Refitted {
-    models: Vec<(Fitted, PathBuf)>,
-    started: Instant,
-}
-
-/// The best epoch of each of a soup's models, for their refits to wait on: `None` while the model
-/// trains, `Some(None)` when it failed.
-struct BestEpochs {
-    slots: std::sync::Mutex<Vec<Option<Option<usize>>>>,
-    ready: std::sync::Condvar,
-}
-
-impl BestEpochs {
-    fn new(n: usize) -> Self {
-        Self { slots: std::sync::Mutex::new(vec![None; n]), ready: std::sync::Condvar::new() }
-    }
-
-    /// Model `k`'s handle: it publishes the best epoch, or on drop without one (an error, a panic)
-    /// the failure — a refit never waits for a model that will not finish.
-    fn publisher(&self, k: usize) -> Publisher<'_> {
-        Publisher { epochs: self, k }
-    }
-
-    fn set(&self, k: usize, value: Option<usize>) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots[k].get_or_insert(value);
-        self.ready.notify_all();
-    }
-
-    /// Waits until model `k` is done: its best epoch, or `None` when it failed.
-    fn wait(&self, k: usize) -> Option<usize> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(value) = slots[k] {
-                return value;
-            }
-            slots = self.ready.wait(slots).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-}
-
-struct Publisher<'a> {
-    epochs: &'a BestEpochs,
-    k: usize,
-}
-
-impl Publisher<'_> {
-    fn best_epoch(self, epoch: usize) {
-        self.epochs.set(self.k, Some(epoch));
-    }
-}
-
-impl Drop for Publisher<'_> {
-    fn drop(&mut self) {
-        self.epochs.set(self.k, None); // a no-op after `best_epoch`
-    }
-}
-
-/// The bytes of `dir`'s `tokenizer.json`.
-fn tokenizer_bytes(dir: &Path) -> Result<Vec<u8>, TrainError> {
-    let path = dir.join(model::TOKENIZER_FILE);
-    std::fs::read(&path).map_err(|e| ModelError::BadTokenizer { path, reason: e.to_string() }.into())
-}
-
-/// Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model):
-/// every soup model in `dirs` must have the first's tokenizer.
-fn one_vocabulary(dirs: &[PathBuf]) -> Result<(), TrainError> {
-    let Some((first, rest)) = dirs.split_first() else { return Ok(()) };
-    let first = tokenizer_bytes(first)?;
-    for (k, dir) in rest.iter().enumerate().map(|(i, d)| (i + 2, d)) {
-        if tokenizer_bytes(dir)? != first {
-            return Err(TrainError::Tokenizer(format!(
-                "--soup: model {k} has another tokenizer than the first ({}); their weights cannot be averaged",
-                dir.join(model::TOKENIZER_FILE).display()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// `--soup N --refit`: `opts.out` gets the mean of the weights of the soup's models trained again
-/// on every example ([`cook_soup`]), with the first refitted model's tokenizer and config. Returns
-/// the first refitted model's run.
-fn refit_soup(opts: &TrainOptions, refitted: Refitted) -> Result<Fitted, TrainError> {
-    let dirs: Vec<PathBuf> = refitted.models.iter().map(|(_, out)| out.clone()).collect();
-    one_vocabulary(&dirs)?;
-    let Some((first, model_dir)) = refitted.models.into_iter().next() else {
-        return Err(TrainError::Options("--soup --refit: a soup without models".into()));
-    };
-    // The first refitted model's directory with the mean weights becomes the model: with `--base none`
-    // its tokenizer (trained on every example) is not the dev-split soup's.
-    soup::mean_weights(&dirs, &model_dir)?;
-    for entry in std::fs::read_dir(&model_dir).map_err(|e| write_error(&model_dir, e))? {
-        let from = entry.map_err(|e| write_error(&model_dir, e))?.path();
-        let to = opts.out.join(from.file_name().unwrap_or_default());
-        std::fs::copy(&from, &to).map_err(|e| write_error(&to, e))?;
-    }
-    let _ = std::fs::remove_dir_all(beside(&opts.out, ".refit"));
-    Ok(first)
 }
 
 /// How [`fit`] runs beyond the options.
@@ -793,95 +572,6 @@ fn fit(
         epochs.push(log);
     }
     Ok(Fitted { epochs, best, parameters })
-}
-
-/// What the model learns soft targets from, beside the labels.
-#[derive(Default)]
-struct Teachers {
-    /// Models trained first (`--ensemble`), which score each (augmented) text.
-    models: Vec<Classifier>,
-    /// Another model's probabilities of each training text (`--teacher-scores`), in label order.
-    scores: Option<HashMap<String, Vec<f32>>>,
-}
-
-impl Teachers {
-    /// The teachers' mean probabilities at `temperature`, row after row, for
-    /// the augmented `texts` of the training texts `originals`; `None` without teachers.
-    fn soft_targets(
-        &self,
-        texts: &[String],
-        originals: &[&str],
-        temperature: f64,
-    ) -> Result<Option<Vec<f32>>, TrainError> {
-        let count = self.models.len() + usize::from(self.scores.is_some());
-        if count == 0 {
-            return Ok(None);
-        }
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let mut mean: Vec<f32> = Vec::new();
-        let mut add = |flat: Vec<f32>| {
-            if mean.is_empty() {
-                mean = vec![0.0; flat.len()];
-            }
-            for (m, p) in mean.iter_mut().zip(flat) {
-                *m += p / count as f32;
-            }
-        };
-        for teacher in &self.models {
-            let logits = teacher.logits(&refs)?;
-            add(logits.iter().flat_map(|row| softmax(row, temperature)).collect());
-        }
-        if let Some(scores) = &self.scores {
-            // Read as logits (log-probabilities), so that the temperature applies as to a model's.
-            add(originals
-                .iter()
-                .flat_map(|t| {
-                    let logits: Vec<f32> = scores[*t].iter().map(|p| p.max(1e-7).ln()).collect();
-                    softmax(&logits, temperature)
-                })
-                .collect());
-        }
-        Ok(Some(mean))
-    }
-}
-
-/// `--teacher-scores`: one JSON object a line, `{"prompt": text, "scores":
-/// {label: probability, …}}`, with every label and every training text (read
-/// by [`crate::data::read_jsonl`]; texts trimmed, as the training file's are).
-fn read_teacher_scores(
-    path: &Path,
-    labels: &[String],
-    train: &[Example],
-) -> Result<HashMap<String, Vec<f32>>, TrainError> {
-    #[derive(serde::Deserialize)]
-    struct Line {
-        prompt: String,
-        scores: HashMap<String, f64>,
-    }
-    let bad = |reason: String| TrainError::TeacherScores { path: path.to_path_buf(), reason };
-    let lines = crate::data::read_jsonl::<Line>(path).map_err(|e| match e {
-        DataError::Line { line, reason, .. } => bad(format!("line {line}: {reason}")),
-        DataError::Read { source, .. } => bad(source.to_string()),
-        DataError::Empty { .. } => bad("the file is empty".into()),
-        other => bad(other.to_string()),
-    })?;
-    let mut scores = HashMap::new();
-    for (n, line) in lines {
-        let at = |reason: String| bad(format!("line {n}: {reason}"));
-        let row = labels
-            .iter()
-            .map(|l| match line.scores.get(l) {
-                Some(&p) if (0.0..=1.0).contains(&p) => Ok(p as f32),
-                Some(p) => Err(at(format!("the score of {l:?} is {p}; it must be in [0, 1]"))),
-                None => Err(at(format!("no score for the label {l:?}"))),
-            })
-            .collect::<Result<Vec<f32>, _>>()?;
-        scores.insert(line.prompt.trim().to_string(), row);
-    }
-    if let Some(missing) = train.iter().find(|e| !scores.contains_key(&e.text)) {
-        return Err(bad(format!("no scores for the training text {:?}", missing.text)));
-    }
-    Ok(scores)
 }
 
 fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
@@ -1139,7 +829,7 @@ mod tests {
         }
     }
 
-    fn examples() -> Vec<Example> {
+    pub(super) fn examples() -> Vec<Example> {
         let ex = |t: &str, l: &str| Example { text: t.into(), label: l.into() };
         vec![
             ex("quero comprar uma geladeira", "venda"),
@@ -1147,42 +837,6 @@ mod tests {
             ex("tem fogão em promoção", "venda"),
             ex("o fogão veio com defeito", "suporte"),
         ]
-    }
-
-    #[test]
-    fn teacher_scores_are_read_by_label_and_cover_every_training_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let write = |lines: &[&str]| {
-            let path = dir.path().join("scores.jsonl");
-            std::fs::write(&path, lines.join("\n")).unwrap();
-            path
-        };
-        let line = |text: &str, venda: f64| {
-            format!(r#"{{"prompt": "{text}", "scores": {{"venda": {venda}, "suporte": {}}}}}"#, 1.0 - venda)
-        };
-        // The training file's texts are trimmed when read; a scores file's are too.
-        let all: Vec<String> = examples().iter().map(|e| line(&format!(" {} ", e.text), 0.75)).collect();
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        let scores = read_teacher_scores(&write(&refs), &labels, &examples()).unwrap();
-        assert_eq!(scores["quero comprar uma geladeira"], [0.25, 0.75], "in label order");
-
-        let err = |lines: &[&str]| read_teacher_scores(&write(lines), &labels, &examples()).unwrap_err().to_string();
-        assert!(err(&refs[..3]).contains("no scores for the training text \"o fogão veio com defeito\""));
-        let out_of_range = r#"{"prompt": "x", "scores": {"venda": 1.5, "suporte": 0.5}}"#;
-        assert!(err(&[out_of_range]).contains("line 1: the score of \"venda\" is 1.5"), "{}", err(&[out_of_range]));
-        assert!(err(&[r#"{"prompt": "x", "scores": {"venda": 1.0}}"#])
-            .contains("line 1: no score for the label \"suporte\""));
-        assert!(err(&["not json"]).starts_with("--teacher-scores "));
-
-        // As one more teacher: its probabilities at temperature 1, flatter at 2, averaged with the others.
-        let teachers = Teachers { models: Vec::new(), scores: Some(scores) };
-        let texts = vec!["qero comprar uma geladera".to_string()]; // augmented: scored by its original
-        let soft = |t: f64| teachers.soft_targets(&texts, &["quero comprar uma geladeira"], t).unwrap().unwrap();
-        assert!((soft(1.0)[1] - 0.75).abs() < 1e-6);
-        let flat = soft(2.0)[1];
-        assert!(flat > 0.5 && flat < 0.75 && (flat - 3f32.sqrt() / (1.0 + 3f32.sqrt())).abs() < 1e-6, "{flat}");
-        assert!(Teachers::default().soft_targets(&texts, &["x"], 1.0).unwrap().is_none());
     }
 
     /// `--dropout P` is what the model trains with and what its config.json says (both
@@ -1331,23 +985,6 @@ mod tests {
         };
         let (two, three) = (still(2, "still-2"), still(3, "still-3"));
         assert!(largest_gap(&two, &three) < 1e-6, "{}", largest_gap(&two, &three));
-    }
-
-    /// A soup's weights are averaged only over one vocabulary: a model whose tokenizer differs from
-    /// the first's is named, with its file.
-    #[test]
-    fn soup_models_with_another_tokenizer_are_refused_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|d| dir.path().join(d)).collect();
-        for (d, bytes) in dirs.iter().zip(["{}", "{}", "{\"other\": 1}"]) {
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::write(d.join(model::TOKENIZER_FILE), bytes).unwrap();
-        }
-        assert!(one_vocabulary(&dirs[..2]).is_ok());
-        let err = one_vocabulary(&dirs).unwrap_err().to_string();
-        let file = dirs[2].join(model::TOKENIZER_FILE);
-        assert!(err.contains(&format!("model 3 has another tokenizer than the first ({})", file.display())), "{err}");
-        assert!(one_vocabulary(&[]).is_ok());
     }
 
     /// `--jobs 2`: a soup's models, their refits and an ensemble's teachers trained two at a time

@@ -4,15 +4,27 @@
 //! epoch; the model saved is the element-wise mean of their weights — one
 //! `BertForSequenceClassification` of the same size and speed, where an
 //! ensemble would be N of them and distillation a second training.
+//!
+//! Here: [`cook_soup`] trains the models `--jobs` at a time and, with
+//! `--refit`, queues each model's refit on every example as soon as its best
+//! epoch is known; [`refit_soup`] averages the refitted models;
+//! [`mean_weights`] is the average itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
 
 use super::checkpoint::replace_file;
-use super::TrainError;
-use crate::model::{self, ModelError};
+use super::distill::Teachers;
+use super::{
+    beside, fit, jobs, one_of, side_by_side, write_error, Fitted, Ingredient, Run, SoupLog, TrainError, TrainOptions,
+};
+use crate::data::Example;
+use crate::eval;
+use crate::model::{self, Classifier, ModelError};
 
 /// Writes to `out/model.safetensors` the element-wise mean of the weights in the
 /// `model.safetensors` of each of `ingredients` (model directories of one architecture:
@@ -53,9 +65,224 @@ pub(super) fn mean_weights(ingredients: &[PathBuf], out: &Path) -> Result<(), Tr
     })
 }
 
+/// `--soup N`: fine-tunes N models on the same split (`opts.jobs` at a time) from the generator
+/// `init` as it stands before a model is built — so from the same initial weights —, the first
+/// (into `opts.out`) drawing on from it as a run without a soup does, the others each with its own
+/// seed for the rest; then writes the mean of the N models' weights over the first's. Returns the
+/// first model's run and the soup's log.
+///
+/// With `refit_on` (`--refit`: every training example), each model is also trained again on those
+/// for its own best epoch, from the same initial weights and with the same seed, as soon as it is
+/// done — in the same queue, so that no core waits for the last model of the soup before the refits
+/// start; the refitted models are returned for [`refit_soup`] to average once the soup is calibrated.
+pub(super) fn cook_soup(
+    opts: &TrainOptions,
+    labels: &[String],
+    train: &[Example],
+    dev: &[Example],
+    teachers: &Teachers,
+    init: &StdRng,
+    refit_on: Option<&[Example]>,
+) -> Result<(Fitted, SoupLog, Option<Refitted>), TrainError> {
+    let started = Instant::now();
+    let (root, refit_root) = (beside(&opts.out, ".soup"), beside(&opts.out, ".refit"));
+    let n = opts.soup;
+    let seed_of = |k: usize| opts.seed.wrapping_add(k as u64);
+    // Model `k` (or its refit) into `out`: from `init`, the first drawing on from it as a run
+    // without a soup does, the others reseeded with their own seed once built.
+    let member = |k: usize, out: PathBuf, name: String, examples: &[Example], dev: &[Example], stop_after| {
+        std::fs::create_dir_all(&out).map_err(|e| write_error(&out, e))?;
+        let run = Run { stop_after, reseed: (k > 0).then_some(seed_of(k)), name: side_by_side(opts).then_some(name) };
+        let options = TrainOptions { out: out.clone(), ..one_of(opts) };
+        Ok((fit(&options, labels, examples, dev, teachers, run, &mut init.clone())?, out))
+    };
+    let best_epochs = BestEpochs::new(n);
+    let refits_started = std::sync::OnceLock::new();
+    let done = jobs::each(opts.jobs, if refit_on.is_some() { 2 * n } else { n }, |t| {
+        if t < n {
+            let k = t;
+            let publish = best_epochs.publisher(k);
+            let out = if k == 0 { opts.out.clone() } else { root.join(format!("seed-{}", seed_of(k))) };
+            if k > 0 {
+                eprintln!(
+                    "soup: model {}/{n} (initial weights as the first's; seed {} for the rest)",
+                    k + 1,
+                    seed_of(k)
+                );
+            }
+            let (fitted, out) = member(k, out, format!("soup model {}/{n}", k + 1), train, dev, None)?;
+            publish.best_epoch(fitted.best.map_or(0, |(e, _)| e));
+            return Ok((fitted, out));
+        }
+        let (k, examples) = (t - n, refit_on.unwrap_or_default());
+        let Some(best_epoch) = best_epochs.wait(k) else {
+            return Err(TrainError::Options(format!("--soup --refit: soup model {} failed; not refitted", k + 1)));
+        };
+        refits_started.get_or_init(Instant::now);
+        eprintln!("soup refit: model {}/{n}, {best_epoch} epochs on all {} examples", k + 1, examples.len());
+        let out = refit_root.join(format!("seed-{}", seed_of(k)));
+        member(k, out, format!("soup refit {}/{n}", k + 1), examples, &[], Some(best_epoch))
+    })?;
+    let mut done = done.into_iter();
+    let models: Vec<_> = done.by_ref().take(n).collect();
+    let refitted = refit_on.map(|_| Refitted {
+        models: done.collect(),
+        started: refits_started.get().copied().unwrap_or_else(Instant::now),
+    });
+
+    let dirs: Vec<PathBuf> = models.iter().map(|(_, out)| out.clone()).collect();
+    one_vocabulary(&dirs)?;
+    let ingredients: Vec<Ingredient> = models
+        .iter()
+        .enumerate()
+        .map(|(k, (fitted, _))| {
+            let (best_epoch, dev_macro_f1) = fitted.best.unwrap_or((0, 0.0));
+            Ingredient { seed: seed_of(k), best_epoch, dev_macro_f1 }
+        })
+        .collect();
+    let first = models.into_iter().next().map(|(fitted, _)| fitted);
+    let first = first.ok_or_else(|| TrainError::Options("--soup: a soup without models".into()))?;
+    mean_weights(&dirs, &opts.out)?;
+    let _ = std::fs::remove_dir_all(&root);
+    let (dev_accuracy, dev_macro_f1) = if dev.is_empty() {
+        (None, None)
+    } else {
+        let report = eval::evaluate(&Classifier::load_tensor_path(&opts.out, &opts.device)?, dev, 64)?;
+        eprintln!(
+            "soup of {n}: dev accuracy {:.4}  dev macro-F1 {:.4} (the models alone: {})",
+            report.accuracy,
+            report.macro_f1,
+            ingredients.iter().map(|i| format!("{:.4}", i.dev_macro_f1)).collect::<Vec<_>>().join(", ")
+        );
+        (Some(report.accuracy), Some(report.macro_f1))
+    };
+    let log = SoupLog { ingredients, dev_accuracy, dev_macro_f1, seconds: started.elapsed().as_secs_f64() };
+    Ok((first, log, refitted))
+}
+
+/// A soup's models trained again on every example (`--soup N --refit`), in soup order, in their
+/// directories, and when the first of them started.
+pub(super) struct Refitted {
+    models: Vec<(Fitted, PathBuf)>,
+    pub(super) started: Instant,
+}
+
+/// The best epoch of each of a soup's models, for their refits to wait on: `None` while the model
+/// trains, `Some(None)` when it failed.
+struct BestEpochs {
+    slots: std::sync::Mutex<Vec<Option<Option<usize>>>>,
+    ready: std::sync::Condvar,
+}
+
+impl BestEpochs {
+    fn new(n: usize) -> Self {
+        Self { slots: std::sync::Mutex::new(vec![None; n]), ready: std::sync::Condvar::new() }
+    }
+
+    /// Model `k`'s handle: it publishes the best epoch, or on drop without one (an error, a panic)
+    /// the failure — a refit never waits for a model that will not finish.
+    fn publisher(&self, k: usize) -> Publisher<'_> {
+        Publisher { epochs: self, k }
+    }
+
+    fn set(&self, k: usize, value: Option<usize>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots[k].get_or_insert(value);
+        self.ready.notify_all();
+    }
+
+    /// Waits until model `k` is done: its best epoch, or `None` when it failed.
+    fn wait(&self, k: usize) -> Option<usize> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(value) = slots[k] {
+                return value;
+            }
+            slots = self.ready.wait(slots).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+struct Publisher<'a> {
+    epochs: &'a BestEpochs,
+    k: usize,
+}
+
+impl Publisher<'_> {
+    fn best_epoch(self, epoch: usize) {
+        self.epochs.set(self.k, Some(epoch));
+    }
+}
+
+impl Drop for Publisher<'_> {
+    fn drop(&mut self) {
+        self.epochs.set(self.k, None); // a no-op after `best_epoch`
+    }
+}
+
+/// The bytes of `dir`'s `tokenizer.json`.
+fn tokenizer_bytes(dir: &Path) -> Result<Vec<u8>, TrainError> {
+    let path = dir.join(model::TOKENIZER_FILE);
+    std::fs::read(&path).map_err(|e| ModelError::BadTokenizer { path, reason: e.to_string() }.into())
+}
+
+/// Weights line up only over one vocabulary (`--base none` trains a tokenizer for each model):
+/// every soup model in `dirs` must have the first's tokenizer.
+pub(super) fn one_vocabulary(dirs: &[PathBuf]) -> Result<(), TrainError> {
+    let Some((first, rest)) = dirs.split_first() else { return Ok(()) };
+    let first = tokenizer_bytes(first)?;
+    for (k, dir) in rest.iter().enumerate().map(|(i, d)| (i + 2, d)) {
+        if tokenizer_bytes(dir)? != first {
+            return Err(TrainError::Tokenizer(format!(
+                "--soup: model {k} has another tokenizer than the first ({}); their weights cannot be averaged",
+                dir.join(model::TOKENIZER_FILE).display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `--soup N --refit`: `opts.out` gets the mean of the weights of the soup's models trained again
+/// on every example ([`cook_soup`]), with the first refitted model's tokenizer and config. Returns
+/// the first refitted model's run.
+pub(super) fn refit_soup(opts: &TrainOptions, refitted: Refitted) -> Result<Fitted, TrainError> {
+    let dirs: Vec<PathBuf> = refitted.models.iter().map(|(_, out)| out.clone()).collect();
+    one_vocabulary(&dirs)?;
+    let Some((first, model_dir)) = refitted.models.into_iter().next() else {
+        return Err(TrainError::Options("--soup --refit: a soup without models".into()));
+    };
+    // The first refitted model's directory with the mean weights becomes the model: with `--base none`
+    // its tokenizer (trained on every example) is not the dev-split soup's.
+    mean_weights(&dirs, &model_dir)?;
+    for entry in std::fs::read_dir(&model_dir).map_err(|e| write_error(&model_dir, e))? {
+        let from = entry.map_err(|e| write_error(&model_dir, e))?.path();
+        let to = opts.out.join(from.file_name().unwrap_or_default());
+        std::fs::copy(&from, &to).map_err(|e| write_error(&to, e))?;
+    }
+    let _ = std::fs::remove_dir_all(beside(&opts.out, ".refit"));
+    Ok(first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A soup's weights are averaged only over one vocabulary: a model whose tokenizer differs from
+    /// the first's is named, with its file.
+    #[test]
+    fn soup_models_with_another_tokenizer_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|d| dir.path().join(d)).collect();
+        for (d, bytes) in dirs.iter().zip(["{}", "{}", "{\"other\": 1}"]) {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join(model::TOKENIZER_FILE), bytes).unwrap();
+        }
+        assert!(one_vocabulary(&dirs[..2]).is_ok());
+        let err = one_vocabulary(&dirs).unwrap_err().to_string();
+        let file = dirs[2].join(model::TOKENIZER_FILE);
+        assert!(err.contains(&format!("model 3 has another tokenizer than the first ({})", file.display())), "{err}");
+        assert!(one_vocabulary(&[]).is_ok());
+    }
 
     fn write(dir: &Path, tensors: &[(&str, Vec<f32>, &[usize])]) {
         std::fs::create_dir_all(dir).unwrap();

@@ -19,7 +19,10 @@
 #        a fixed rate compares two builds at the same load), BROKER (test | tansu), BENCH_OUT (a directory to
 #        keep the parts in), BENCH_DEVICE (cpu; cuda runs
 #        the worker, `triagem bench` and the peers on the GPU), BENCH_BATCH_SIZES (1,8,32), BENCH_PEAK_GFLOPS
-#        (the device's fp32 peak for the ceiling; measured on the CPU when unset).
+#        (the device's fp32 peak for the ceiling; measured on the CPU when unset), BENCH_REPEATS (3: each
+#        model-path row, triagem's and the peers' alike, is timed that many times, the rows interleaved, and
+#        reports the median — a single timing of batch 1 lasts ~0.1 s, and this VM's speed moves by ±20 %
+#        from one such moment to the next).
 # A base model without a classification head (models/base/all-MiniLM-L6-v2) is given a fresh, untrained
 # two-label head first (needs TRIAGEM_BENCH_PYTHON): the speed is the forward pass's, the labels mean nothing.
 set -euo pipefail
@@ -34,6 +37,7 @@ broker_kind=${BROKER:-test}
 python=${TRIAGEM_BENCH_PYTHON:-}
 device=${BENCH_DEVICE:-cpu}
 sizes=${BENCH_BATCH_SIZES:-1,8,32}
+repeats=${BENCH_REPEATS:-3}
 peak_args=()
 [ -z "${BENCH_PEAK_GFLOPS:-}" ] || peak_args=(--peak-gflops "$BENCH_PEAK_GFLOPS")
 say() { echo "bench: $*" >&2; }
@@ -78,7 +82,7 @@ peer_args=()
 if [ "$have_python" = 1 ]; then
   say "peers: PyTorch and ONNX Runtime on $device, $threads threads"
   "$python" scripts/peer_throughput.py "$model" "$data" --threads "$threads" --n "$messages" \
-    --device "$device" --batch-sizes "$sizes" \
+    --device "$device" --batch-sizes "$sizes" --repeats "$repeats" \
     >"$out/peers.txt" 2>"$out/peers.log" || { say "peer script failed, see $out/peers.log"; tail -5 "$out/peers.log" >&2; exit 1; }
   peer_args=(--peers "$out/peers.txt")
 fi
@@ -162,6 +166,6 @@ fi
 
 say "triagem's model path on $device, $threads threads"
 "$bin" bench --model "$model" --data "$data" --messages "$messages" --threads "$threads" --device "$device" \
-  --batch-sizes "$sizes" "${peak_args[@]}" "${peer_args[@]}" "${e2e_args[@]}"
+  --batch-sizes "$sizes" --repeats "$repeats" "${peak_args[@]}" "${peer_args[@]}" "${e2e_args[@]}"
 [ -s "$out/worker-metrics.txt" ] && { echo; echo "worker batches during the end-to-end runs:"; cat "$out/worker-metrics.txt"; } >&2
 say "parts kept in $out"

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 # Copied from the project brief's /work/shared/bench/peer_throughput.py, so that scripts/bench.sh works from a
 # clean clone; added here: --device (PyTorch on cuda, and ONNX Runtime's CUDA provider when the installed
-# onnxruntime has one, else no ONNX Runtime rows) and --batch-sizes. With neither given it runs as the original.
+# onnxruntime has one, else no ONNX Runtime rows), --batch-sizes and --repeats (each batch size timed N times, the
+# sizes interleaved, the median reported and the runs listed as NAME_bN_runs). With none given it runs as the original.
 """Peer throughput anchors on one HF model directory (e.g. the project's default
 model): PyTorch eager (transformers) and ONNX Runtime (exported from the same
 weights), same texts, batch sizes 1/8/32, tokenisation included, argmax only.
 Also checks that both agree with each other on labels.
 
 Usage: python peer_throughput.py MODEL_DIR EVAL.jsonl [--threads N] [--n 2048] [--device cpu|cuda]
-       [--batch-sizes 1,8,32]
+       [--batch-sizes 1,8,32] [--repeats 1]
 Prints one line per (runtime, batch) and a JSON line at the end."""
 import argparse, json, os, tempfile, time
 
@@ -23,6 +24,7 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--n", type=int, default=2048)
 ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 ap.add_argument("--batch-sizes", default="1,8,32")
+ap.add_argument("--repeats", type=int, default=1)
 a = ap.parse_args()
 sizes = [int(s) for s in a.batch_sizes.split(",")]
 dev = torch.device(a.device)
@@ -38,14 +40,20 @@ if a.device == "cuda":
 
 
 def bench(name, fn):
+    runs = {bs: [] for bs in sizes}
+    for _ in range(max(1, a.repeats)):
+        for bs in sizes:
+            n = min(len(xs), 512) if bs == 1 else len(xs)
+            fn(xs[:bs])  # warm-up
+            t0 = time.perf_counter()
+            for i in range(0, n, bs):
+                fn(xs[i : i + bs])
+            runs[bs].append(n / (time.perf_counter() - t0))
     for bs in sizes:
-        n = min(len(xs), 512) if bs == 1 else len(xs)
-        fn(xs[:bs])  # warm-up
-        t0 = time.perf_counter()
-        for i in range(0, n, bs):
-            fn(xs[i : i + bs])
-        r = n / (time.perf_counter() - t0)
+        r = float(np.median(runs[bs]))
         res[f"{name}_b{bs}"] = round(r)
+        if len(runs[bs]) > 1:
+            res[f"{name}_b{bs}_runs"] = [round(v) for v in runs[bs]]
         print(f"{name:8s} threads={a.threads} batch={bs:2d}: {r:8.0f} msg/s", flush=True)
 
 

@@ -46,6 +46,8 @@ pub struct BenchOptions {
     pub messages: usize,
     /// Fixed batch sizes.
     pub batch_sizes: Vec<usize>,
+    /// How many times each row is timed (rows interleaved); a row reports the median.
+    pub repeats: usize,
     /// The worker's batch limits (its `[batch]` settings).
     pub limits: Limits,
     /// `peer_throughput.py`'s JSON line, when the peers were run.
@@ -89,6 +91,10 @@ pub struct Row {
     /// by length; on the CPU serving path, which does not pad, the message's own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub padded_tokens_per_message: Option<f64>,
+    /// Each timing's messages per second, in order, when the row was timed more than once
+    /// (`messages_per_second` is their median).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<f64>,
 }
 
 /// The whole result, printed as a table and as JSON.
@@ -172,8 +178,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let lengths: Vec<usize> = texts.iter().map(|t| encoder.count_tokens(t)).collect();
     let mean_tokens = lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64;
 
-    let mut rows = Vec::new();
-    for &size in &opts.batch_sizes {
+    // Each row timed `repeats` times, the rows interleaved so that a slow minute of the machine
+    // falls on all of them; a row reports the median.
+    let fixed = |size: usize| -> Result<(f64, f64), BenchError> {
         let n = if size == 1 { texts.len().min(BATCH1_MESSAGES) } else { texts.len() };
         let chunks: Vec<&[&str]> = texts[..n].chunks(size.max(1)).collect();
         let padded: usize = lengths[..n].chunks(size.max(1)).map(|l| padded_tokens(&classifier, l)).sum();
@@ -182,27 +189,52 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         for chunk in &chunks {
             classifier.predict(chunk)?;
         }
-        rows.push(row("triagem", size.to_string(), n, start, Some(padded as f64 / n as f64)));
-    }
+        Ok((n as f64 / start.elapsed().as_secs_f64(), padded as f64 / n as f64))
+    };
     // The worker's batching from a backlog: windows of WINDOW_BATCHES × max_messages in arrival order,
     // each text tokenised once (as the batcher does it, for the batch limits and the model) inside the timing.
-    let window = opts.limits.max_messages.max(1) * WINDOW_BATCHES;
-    let mut padded = 0;
-    let start = Instant::now();
-    for chunk in texts.chunks(window) {
-        let mut tokenized = Vec::with_capacity(chunk.len());
-        for t in chunk {
-            let ids = encoder.tokenize(t)?;
-            let n = ids.len();
-            tokenized.push((ids, n));
+    let worker = || -> Result<(f64, f64), BenchError> {
+        let window = opts.limits.max_messages.max(1) * WINDOW_BATCHES;
+        let mut padded = 0;
+        let start = Instant::now();
+        for chunk in texts.chunks(window) {
+            let mut tokenized = Vec::with_capacity(chunk.len());
+            for t in chunk {
+                let ids = encoder.tokenize(t)?;
+                let n = ids.len();
+                tokenized.push((ids, n));
+            }
+            for batch in batcher::plan(tokenized, &opts.limits) {
+                padded += padded_tokens(&classifier, &batch.items.iter().map(Vec::len).collect::<Vec<_>>());
+                let ids: Vec<&[u32]> = batch.items.iter().map(Vec::as_slice).collect();
+                classifier.predict_ids(&ids)?;
+            }
         }
-        for batch in batcher::plan(tokenized, &opts.limits) {
-            padded += padded_tokens(&classifier, &batch.items.iter().map(Vec::len).collect::<Vec<_>>());
-            let ids: Vec<&[u32]> = batch.items.iter().map(Vec::as_slice).collect();
-            classifier.predict_ids(&ids)?;
+        Ok((texts.len() as f64 / start.elapsed().as_secs_f64(), padded as f64 / texts.len() as f64))
+    };
+    let batchings: Vec<Option<usize>> = opts.batch_sizes.iter().map(|&s| Some(s)).chain([None]).collect();
+    let mut timed: Vec<(Vec<f64>, f64)> = vec![(Vec::new(), 0.0); batchings.len()];
+    for _ in 0..opts.repeats.max(1) {
+        for (batching, (runs, padded)) in batchings.iter().zip(&mut timed) {
+            let (rate, p) = match batching {
+                Some(size) => fixed(*size)?,
+                None => worker()?,
+            };
+            runs.push(rate);
+            *padded = p;
         }
     }
-    rows.push(row("triagem", "worker".into(), texts.len(), start, Some(padded as f64 / texts.len() as f64)));
+    let mut rows: Vec<Row> = batchings
+        .iter()
+        .zip(timed)
+        .map(|(batching, (runs, padded))| Row {
+            runtime: "triagem".into(),
+            batching: batching.map_or("worker".into(), |s| s.to_string()),
+            messages_per_second: median(&runs),
+            padded_tokens_per_message: Some(padded),
+            runs: if runs.len() > 1 { runs } else { Vec::new() },
+        })
+        .collect();
 
     let peers = opts.peers.as_ref().map(read_json).transpose()?;
     let mut ratio_to_onnxruntime = serde_json::Map::new();
@@ -210,11 +242,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         for (key, name) in [("torch", "pytorch"), ("onnxrt", "onnxruntime")] {
             for &size in &opts.batch_sizes {
                 if let Some(v) = p.get(format!("{key}_b{size}")).and_then(Value::as_f64) {
+                    let runs = p.get(format!("{key}_b{size}_runs")).and_then(Value::as_array);
                     rows.push(Row {
                         runtime: name.into(),
                         batching: size.to_string(),
                         messages_per_second: v,
                         padded_tokens_per_message: None,
+                        runs: runs.map_or(Vec::new(), |r| r.iter().filter_map(Value::as_f64).collect()),
                     });
                 }
             }
@@ -255,6 +289,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             batching,
             messages_per_second: throughput,
             padded_tokens_per_message: None,
+            runs: Vec::new(),
         });
         end_to_end.push(report);
     }
@@ -438,12 +473,14 @@ fn padded_tokens(classifier: &Classifier, lengths: &[usize]) -> usize {
     classifier.groups(lengths).iter().map(|g| g.len() * g.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
 }
 
-fn row(runtime: &str, batching: String, n: usize, start: Instant, padded: Option<f64>) -> Row {
-    Row {
-        runtime: runtime.into(),
-        batching,
-        messages_per_second: n as f64 / start.elapsed().as_secs_f64(),
-        padded_tokens_per_message: padded,
+/// The median of `xs` (the mean of the middle two for an even count); NaN when empty.
+fn median(xs: &[f64]) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 
@@ -533,8 +570,14 @@ impl BenchReport {
         s.push_str(&format!("{:<20} {:>8} {:>12} {:>16}\n", "runtime", "batch", "msg/s", "padded tok/msg"));
         for r in &self.rows {
             let padded = r.padded_tokens_per_message.map_or(String::new(), |p| format!("{p:.1}"));
+            let (low, high) = r.runs.iter().fold((f64::INFINITY, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
+            let spread = if r.runs.is_empty() {
+                String::new()
+            } else {
+                format!("   median of {}: {low:.0}–{high:.0}", r.runs.len())
+            };
             s.push_str(&format!(
-                "{:<20} {:>8} {:>12.0} {:>16}\n",
+                "{:<20} {:>8} {:>12.0} {:>16}{spread}\n",
                 r.runtime, r.batching, r.messages_per_second, padded
             ));
         }
@@ -644,6 +687,14 @@ mod tests {
             json!({"accounted": 0.0, "end_to_end_seconds": 0.0, "send_seconds": 0.5, "received_while_sending": 0});
         assert!(drain(&before, &after, &[empty]).unwrap_err().contains("no time between"));
         assert!(drain("up 1\n", &after, &[backlog]).unwrap_err().contains("not a triagem worker"));
+    }
+
+    #[test]
+    fn a_row_timed_several_times_reports_the_median() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// Fixed batch sizes to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub batch_sizes: Vec<usize>,
+    /// Times each row is timed, the rows interleaved; a row reports the median (and its runs in the JSON).
+    #[arg(long, env = "TRIAGEM_BENCH_REPEATS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeats: u32,
     /// The worker's batch.max_messages for the `worker` row.
     #[arg(long, env = "TRIAGEM__BATCH__MAX_MESSAGES", default_value_t = 32)]
     pub max_messages: usize,

@@ -261,6 +261,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         data: a.data,
         messages: a.messages,
         batch_sizes: a.batch_sizes,
+        repeats: a.repeats as usize,
         limits: triagem::worker::batcher::Limits {
             max_messages: a.max_messages,
             max_tokens: a.max_tokens,

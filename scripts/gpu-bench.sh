@@ -90,8 +90,9 @@ for model in models/triagem "$out/minilm-l6-shaped" "$out/bert-base-shaped"; do
   e2e=0
   [ "$model" = models/triagem ] && e2e=$e2e_count
   say "bench $name on $device (end to end: $e2e messages)"
+  # Each row timed once unless BENCH_REPEATS says otherwise: the device's time is lent by the minute.
   TRIAGEM_BIN="$bin" TRIAGEM_BENCH_PYTHON="$python" BENCH_DEVICE="$device" BENCH_BATCH_SIZES=1,8,32,128 \
-    BENCH_MESSAGES="$messages" BENCH_PEAK_GFLOPS="$peak" BENCH_THREADS="$threads" E2E_COUNT="$e2e" \
+    BENCH_REPEATS="${BENCH_REPEATS:-1}" BENCH_MESSAGES="$messages" BENCH_PEAK_GFLOPS="$peak" BENCH_THREADS="$threads" E2E_COUNT="$e2e" \
     BENCH_OUT="$out/parts-$name" scripts/bench.sh "$model" >"$out/bench-$name.txt" 2>"$out/bench-$name.log" ||
     { tail -15 "$out/bench-$name.log" >&2; exit 1; }
   grep -v '^{' "$out/bench-$name.txt"

@@ -15,7 +15,7 @@
 //!     consume → decode → batch → infer (one blocking thread) → route/produce →
 //!     commit offsets.
 //!   - [`demo`]: the worker against an in-process broker, for a first look.
-//!   - [`bench`]: the model path's speed as the worker runs it, beside the
+//!   - [`bench`](mod@bench): the model path's speed as the worker runs it, beside the
 //!     peers' and the end-to-end figures, the FLOP ceiling and peak memory.
 //!   - [`kafka`]: the librdkafka settings every client starts from, shared
 //!     by the worker and loadgen.

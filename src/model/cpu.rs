@@ -87,7 +87,7 @@ impl Activation {
 }
 
 /// A dense layer, `y = x · w + b` with `x` row-major, its weights stored in
-/// panels of [`PANEL`] output columns: panel `p` holds `w[k][16p..16p + 16]`
+/// panels of 16 output columns (`PANEL`): panel `p` holds `w[k][16p..16p + 16]`
 /// for every input `k`, `k` after `k` (the last panel padded with zeros), so
 /// that a product reads each panel start to end, once for every six rows.
 pub struct Dense {

@@ -1,6 +1,6 @@
 //! Committing offsets, in one place: what the [`OffsetTracker`] says is
 //! committable is committed synchronously — periodically by
-//! [`commit_loop`], on a revoke by the consumer's rebalance callback, and
+//! `commit_loop`, on a revoke by the consumer's rebalance callback, and
 //! once more at shutdown (after the periodic loop has stopped) — by the one
 //! [`Committer`]: the snapshot of committable offsets and its commit happen
 //! under one lock, so a stale, lower snapshot can never land after a newer

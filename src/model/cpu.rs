@@ -524,9 +524,9 @@ impl CpuBert {
         })
     }
 
-    /// [`Self::forward_body`] compiled for AVX2 and FMA. (Handed to `pulp`'s dispatch as a closure
-    /// instead, the body was compiled for the baseline CPU: the closure reached the AVX2 function
-    /// through a `call_once` shim that is not inlined, and 4-lane SSE ran every step but the
+    /// [`Self::forward_body`] compiled for AVX2 and FMA. (Handed to the `pulp` crate's dispatch as a
+    /// closure instead, the body was compiled for the baseline CPU: the closure reached the AVX2
+    /// function through a `call_once` shim that is not inlined, and 4-lane SSE ran every step but the
     /// products.)
     ///
     /// # Safety
@@ -724,16 +724,32 @@ fn split_by_tokens(texts: &[&[u32]], parts: usize) -> Vec<std::ops::Range<usize>
     ranges
 }
 
-/// `out[i] = gelu(xs[i])`, vectorised for the CPU it runs on (the tensor path's inference GELU).
+/// `out[i] = gelu(xs[i])`, vectorised for the CPU it runs on (the tensor path's inference GELU),
+/// dispatched as the forward pass is ([`CpuBert::forward_avx2`]).
 pub fn gelu_erf_into(xs: &[f32], out: &mut [f32]) {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || {
-            for (o, &x) in out.iter_mut().zip(xs) {
-                *o = gelu_erf(x);
-            }
-        },
-    )
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_and_fma() {
+        // SAFETY: AVX2 and FMA are present.
+        return unsafe { gelu_erf_into_avx2(xs, out) };
+    }
+    gelu_erf_loop(xs, out)
+}
+
+/// [`gelu_erf_loop`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// AVX2 and FMA are available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_erf_into_avx2(xs: &[f32], out: &mut [f32]) {
+    gelu_erf_loop(xs, out)
+}
+
+#[inline(always)]
+fn gelu_erf_loop(xs: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = gelu_erf(x);
+    }
 }
 
 /// GELU in its erf form, with erf from Abramowitz and Stegun 7.1.26
@@ -862,6 +878,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The inference GELU as this CPU runs it (AVX2 and FMA) and as a CPU without them does: the
+    /// same values (its accuracy against candle's is `bert`'s test).
+    #[test]
+    fn gelu_for_avx2_and_for_the_baseline_cpu_is_the_same() {
+        let xs: Vec<f32> = (0..=2_001).map(|i| -10.0 + i as f32 * 1e-2).collect();
+        let (mut dispatched, mut baseline) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        gelu_erf_into(&xs, &mut dispatched);
+        gelu_erf_loop(&xs, &mut baseline);
+        for ((x, a), b) in xs.iter().zip(&dispatched).zip(&baseline) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + x.abs()), "gelu({x}): {a} against {b}");
+        }
+        assert!(baseline[0].abs() < 1e-6 && (baseline[xs.len() - 1] - xs[xs.len() - 1]).abs() < 1e-3, "{baseline:?}");
     }
 
     /// A small model of made-up weights (hidden 24, 3 heads, 2 layers, feed-forward 40), the

@@ -302,7 +302,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     // they share the initial weights.
     let init = rng.clone();
     let (Fitted { epochs, best, parameters }, soup, refitted) = if opts.soup > 1 {
-        let refit_on = (opts.refit && opts.epochs > 0).then_some(train_set.examples.as_slice());
+        let refit_on = opts.refit.then_some(train_set.examples.as_slice());
         let (first, soup, refitted) =
             cook_soup(opts, &labels, &train_examples, &dev_examples, &teachers, &init, refit_on)?;
         (first, Some(soup), refitted)

@@ -164,6 +164,17 @@ pub struct WorkerLatency {
     pub mean_forward_ms: f64,
     pub max_wait_ms: f64,
     pub bound_ms: f64,
+    /// The same messages' latency by stage (`triagem_worker_stage_seconds`), in the order they pass them.
+    pub stages: Vec<StageLatency>,
+}
+
+/// One stage of the worker's latency over a run: where its p99 comes from.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageLatency {
+    pub stage: String,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 /// Runs the measurements.
@@ -396,9 +407,11 @@ fn samples(text: &str) -> std::collections::HashMap<&str, f64> {
         .collect()
 }
 
-/// The cumulative buckets `(le, count)` of histogram `name`, sorted by `le` (+Inf last).
-fn buckets(samples: &std::collections::HashMap<&str, f64>, name: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{le=\"");
+/// The cumulative buckets `(le, count)` of histogram `name`, sorted by `le`
+/// (+Inf last); `labels` selects a series of a labelled one (`stage="queue",`
+/// as the text format writes them, before `le`), "" for an unlabelled one.
+fn buckets(samples: &std::collections::HashMap<&str, f64>, name: &str, labels: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{{labels}le=\"");
     let mut b: Vec<(f64, f64)> = samples
         .iter()
         .filter_map(|(k, v)| {
@@ -436,15 +449,15 @@ fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
 /// The worker's latency between two scrapes of its `/metrics` (see [`WorkerLatency`]).
 pub fn worker_latency(before: &str, after: &str, max_wait: Duration) -> Result<WorkerLatency, String> {
     let (b, a) = (samples(before), samples(after));
-    let diff = |name: &str| -> Result<Vec<(f64, f64)>, String> {
-        let (old, new) = (buckets(&b, name), buckets(&a, name));
+    let diff = |name: &str, labels: &str| -> Result<Vec<(f64, f64)>, String> {
+        let (old, new) = (buckets(&b, name, labels), buckets(&a, name, labels));
         if new.is_empty() || old.len() != new.len() {
             return Err(format!("no {name} histogram in both scrapes (a triagem worker's /metrics?)"));
         }
         Ok(new.iter().zip(&old).map(|(n, o)| (n.0, n.1 - o.1)).collect())
     };
     let delta = |name: &str| a.get(name).copied().unwrap_or(0.0) - b.get(name).copied().unwrap_or(0.0);
-    let latency = diff("triagem_worker_latency_seconds")?;
+    let latency = diff("triagem_worker_latency_seconds", "")?;
     let messages = latency.last().map_or(0.0, |l| l.1);
     if messages <= 0.0 {
         return Err("the worker acknowledged no output between the two scrapes".into());
@@ -452,6 +465,24 @@ pub fn worker_latency(before: &str, after: &str, max_wait: Duration) -> Result<W
     let batches = delta("triagem_inference_seconds_count");
     let mean_forward_ms = 1000.0 * delta("triagem_inference_seconds_sum") / batches.max(1.0);
     let max_wait_ms = max_wait.as_secs_f64() * 1000.0;
+    // A worker from before the stages were measured has none: the figures then go without them.
+    let stages = crate::metrics::STAGES
+        .iter()
+        .filter_map(|&stage| {
+            let h = diff("triagem_worker_stage_seconds", &format!("stage=\"{stage}\","));
+            let h = h.ok().filter(|h| h.last().is_some_and(|l| l.1 > 0.0))?;
+            let mean_ms = 1000.0
+                * (a.get(format!("triagem_worker_stage_seconds_sum{{stage=\"{stage}\"}}").as_str())?
+                    - b.get(format!("triagem_worker_stage_seconds_sum{{stage=\"{stage}\"}}").as_str())?)
+                / h.last()?.1;
+            Some(StageLatency {
+                stage: stage.to_string(),
+                mean_ms,
+                p50_ms: 1000.0 * histogram_quantile(0.5, &h),
+                p99_ms: 1000.0 * histogram_quantile(0.99, &h),
+            })
+        })
+        .collect();
     Ok(WorkerLatency {
         messages,
         p50_ms: 1000.0 * histogram_quantile(0.5, &latency),
@@ -461,6 +492,7 @@ pub fn worker_latency(before: &str, after: &str, max_wait: Duration) -> Result<W
         mean_forward_ms,
         max_wait_ms,
         bound_ms: max_wait_ms + 3.0 * mean_forward_ms,
+        stages,
     })
 }
 
@@ -660,6 +692,14 @@ impl BenchReport {
                 w.bound_ms,
                 if w.p99_ms <= w.bound_ms { "within" } else { "over" }
             ));
+            if !w.stages.is_empty() {
+                let stages: Vec<String> = w
+                    .stages
+                    .iter()
+                    .map(|st| format!("{} {:.1} / {:.1} / {:.1}", st.stage, st.mean_ms, st.p50_ms, st.p99_ms))
+                    .collect();
+                s.push_str(&format!("  by stage (mean / p50 / p99 ms): {}\n", stages.join(", ")));
+            }
         }
         s.push_str(&format!("peak resident memory {:.1} MiB\n", self.peak_rss_bytes as f64 / 1048576.0));
         s
@@ -727,6 +767,29 @@ mod tests {
         assert!((w.p50_ms - 5.0).abs() < 1e-9, "{w:?}");
         assert!((w.p99_ms - 9.9).abs() < 1e-9, "{w:?}");
         assert!((w.mean_forward_ms - 30.0).abs() < 1e-9 && (w.bound_ms - 110.0).abs() < 1e-9, "{w:?}");
+        assert!(w.stages.is_empty(), "a worker without triagem_worker_stage_seconds: no stages");
+        // With the stages (the text format puts `le` last): the queue stage, 100 messages of the run, 20 in (5, 10] ms.
+        let stage = |le5: u32, inf: u32, sum: f64| {
+            format!(
+                "triagem_worker_stage_seconds_bucket{{stage=\"queue\",le=\"0.005\"}} {le5}\n\
+                 triagem_worker_stage_seconds_bucket{{stage=\"queue\",le=\"0.01\"}} {inf}\n\
+                 triagem_worker_stage_seconds_bucket{{stage=\"queue\",le=\"+Inf\"}} {inf}\n\
+                 triagem_worker_stage_seconds_sum{{stage=\"queue\"}} {sum}\n\
+                 triagem_worker_stage_seconds_count{{stage=\"queue\"}} {inf}\n\
+                 triagem_worker_stage_seconds_bucket{{stage=\"delivery\",le=\"+Inf\"}} 0\n"
+            )
+        };
+        let w = worker_latency(
+            &(before.clone() + &stage(100, 100, 0.1)),
+            &(after.clone() + &stage(180, 200, 0.5)),
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(w.stages.len(), 1, "the delivery stage saw no message: left out; {w:?}");
+        let q = &w.stages[0];
+        assert_eq!(q.stage, "queue");
+        assert!((q.mean_ms - 4.0).abs() < 1e-9 && (q.p50_ms - 3.125).abs() < 1e-9, "{q:?}");
+        assert!((q.p99_ms - 9.75).abs() < 1e-9, "{q:?}");
         assert!(worker_latency(&before, &before, Duration::ZERO).unwrap_err().contains("no output"));
         assert!(worker_latency("", &after, Duration::ZERO).unwrap_err().contains("triagem_worker_latency_seconds"));
     }

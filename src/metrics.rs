@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Prefix of every metric name.
@@ -71,6 +71,8 @@ pub struct Metrics {
     pub end_to_end_latency: Histogram,
     /// `triagem_worker_latency_seconds`
     pub worker_latency: Histogram,
+    /// `triagem_worker_stage_seconds{stage}`: `worker_latency` cut at the forward pass's start and the router's take.
+    pub worker_stage: HistogramVec,
     /// `triagem_queue_depth{queue}`
     pub queue_depth: IntGaugeVec,
     /// `triagem_consumer_lag{topic,partition}`
@@ -115,6 +117,18 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Resu
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Result<Histogram, prometheus::Error> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).namespace(NAMESPACE).buckets(buckets.to_vec()))?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> Result<HistogramVec, prometheus::Error> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).namespace(NAMESPACE).buckets(buckets.to_vec()), labels)?;
     registry.register(Box::new(h.clone()))?;
     Ok(h)
 }
@@ -209,6 +223,14 @@ impl Metrics {
                 "worker_latency_seconds",
                 "From the worker's receipt of the input message to the broker's acknowledgement of its output.",
                 WORKER_LATENCY_BUCKETS,
+            )?,
+            worker_stage: histogram_vec(
+                &r,
+                "worker_stage_seconds",
+                "The worker's latency by stage: queue (receipt to the start of its batch's forward pass), \
+                 inference (to the router's take of its window) and delivery (to the broker's acknowledgement).",
+                WORKER_LATENCY_BUCKETS,
+                &["stage"],
             )?,
             queue_depth: gauge_vec(&r, "queue_depth", "Messages waiting in each internal queue.", &["queue"])?,
             consumer_lag: gauge_vec(
@@ -322,6 +344,9 @@ impl Metrics {
         for q in [QUEUE_BATCHER, QUEUE_INFERENCE, QUEUE_PRODUCER] {
             m.queue_depth.with_label_values(&[q]).set(0);
         }
+        for stage in STAGES {
+            m.worker_stage.with_label_values(&[stage]);
+        }
         Ok(Arc::new(m))
     }
 
@@ -370,6 +395,48 @@ pub const QUEUE_BATCHER: &str = "batcher";
 pub const QUEUE_INFERENCE: &str = "inference";
 /// `triagem_queue_depth{queue="producer"}`: outputs handed to the producer and not yet acknowledged.
 pub const QUEUE_PRODUCER: &str = "producer";
+
+/// `triagem_worker_stage_seconds{stage="queue"}`: from the worker's receipt
+/// of a message to the start of its batch's forward pass (decoding,
+/// tokenising, the batcher's window, the batch in front of the model).
+pub const STAGE_QUEUE: &str = "queue";
+/// `triagem_worker_stage_seconds{stage="inference"}`: from there to the
+/// router's take of its window (its batch's forward pass, the window's later
+/// batches, the hand-over).
+pub const STAGE_INFERENCE: &str = "inference";
+/// `triagem_worker_stage_seconds{stage="delivery"}`: from there to the
+/// broker's acknowledgement of its output (rendering, the producer's queue,
+/// `linger.ms`, the broker's round trip, retries).
+pub const STAGE_DELIVERY: &str = "delivery";
+/// The stages of `triagem_worker_stage_seconds`, in the order a message passes them.
+pub const STAGES: [&str; 3] = [STAGE_QUEUE, STAGE_INFERENCE, STAGE_DELIVERY];
+
+impl Metrics {
+    /// A delivered output's worker latency and its stages: `received` (out of
+    /// the consumer), `forwarded` (its batch's forward pass began) and `routed`
+    /// (the router took its window), up to `now`. The stages are observed only
+    /// when all three instants are known (a dead letter of an undecodable
+    /// message never reaches the model), so they add up to the latency of the
+    /// same messages.
+    pub fn observe_worker_latency(
+        &self,
+        received: std::time::Instant,
+        forwarded: Option<std::time::Instant>,
+        routed: Option<std::time::Instant>,
+        now: std::time::Instant,
+    ) {
+        self.worker_latency.observe(now.saturating_duration_since(received).as_secs_f64());
+        if let (Some(forwarded), Some(routed)) = (forwarded, routed) {
+            for (stage, from, to) in [
+                (STAGE_QUEUE, received, forwarded),
+                (STAGE_INFERENCE, forwarded, routed),
+                (STAGE_DELIVERY, routed, now),
+            ] {
+                self.worker_stage.with_label_values(&[stage]).observe(to.saturating_duration_since(from).as_secs_f64());
+            }
+        }
+    }
+}
 
 /// Serves `/metrics`, `/healthz` (200 unless `triagem_stalled`: the worker
 /// cannot make progress, and should be restarted) and `/readyz` (200 when
@@ -483,6 +550,30 @@ mod tests {
         assert!(names.len() >= 20, "{names:?}");
         for name in names {
             assert!(text.contains(&format!("\n{name}")) || text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn the_stages_cut_the_worker_latency_at_the_forward_pass_and_the_router() {
+        use std::time::{Duration, Instant};
+        let m = Metrics::new().unwrap();
+        let received = Instant::now();
+        let ms = |n: u64| received + Duration::from_millis(n);
+        m.observe_worker_latency(received, Some(ms(12)), Some(ms(15)), ms(19));
+        // An undecodable message's dead letter: latency only.
+        m.observe_worker_latency(received, None, None, ms(2));
+        let stage = |s: &str| m.worker_stage.with_label_values(&[s]);
+        assert_eq!(m.worker_latency.get_sample_count(), 2);
+        let mut sum = 0.0;
+        for (s, want) in [(STAGE_QUEUE, 0.012), (STAGE_INFERENCE, 0.003), (STAGE_DELIVERY, 0.004)] {
+            assert_eq!(stage(s).get_sample_count(), 1, "{s}");
+            assert!((stage(s).get_sample_sum() - want).abs() < 1e-9, "{s}: {}", stage(s).get_sample_sum());
+            sum += stage(s).get_sample_sum();
+        }
+        assert!((sum - 0.019).abs() < 1e-9, "the stages add up to the first message's latency");
+        let text = m.render();
+        for s in STAGES {
+            assert!(text.contains(&format!("triagem_worker_stage_seconds_count{{stage=\"{s}\"}} 1")), "{s}");
         }
     }
 }

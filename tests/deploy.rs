@@ -187,6 +187,7 @@ fn dashboard_shows_every_view_operators_need() {
         "triagem_messages_dead_lettered_total",
         "triagem_end_to_end_latency_seconds_bucket",
         "triagem_worker_latency_seconds_bucket",
+        "triagem_worker_stage_seconds_bucket",
         "triagem_inference_seconds_bucket",
         "triagem_batch_size_bucket",
         "triagem_queue_depth",

@@ -138,6 +138,26 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
         let series = format!("triagem_messages_dead_lettered_total{{reason=\"{kind}\"}}");
         assert_eq!(sample(&page, &series), 1.0, "{series} in\n{page}");
     }
+    // The worker's latency is counted for every output, its stages for
+    // those that went through the model — and they add up to it: the stages'
+    // sums plus the dead letters' latencies are the latency's sum.
+    let u = url.clone();
+    let latency_count = move || sample(&http_get_blocking(&u).1, "triagem_worker_latency_seconds_count");
+    assert!(eventually(Duration::from_secs(15), move || latency_count() == n as f64).await, "latency not counted");
+    let (_, page) = http_get(&url).await;
+    let mut stages_sum = 0.0;
+    for stage in ["queue", "inference", "delivery"] {
+        let count = sample(&page, &format!("triagem_worker_stage_seconds_count{{stage=\"{stage}\"}}"));
+        assert_eq!(count, good as f64, "{stage}: one observation per classified message");
+        let sum = sample(&page, &format!("triagem_worker_stage_seconds_sum{{stage=\"{stage}\"}}"));
+        assert!(sum > 0.0, "{stage}: no time");
+        stages_sum += sum;
+    }
+    let latency_sum = sample(&page, "triagem_worker_latency_seconds_sum");
+    assert!(
+        stages_sum <= latency_sum + 1e-6 && stages_sum > 0.5 * latency_sum,
+        "the stages' {stages_sum} s against the latency's {latency_sum} s"
+    );
     let u = url.clone();
     assert!(
         eventually(Duration::from_secs(15), move || sample(

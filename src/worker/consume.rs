@@ -200,6 +200,7 @@ pub fn envelope<M: Message>(m: &M) -> Envelope {
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         received: Some(std::time::Instant::now()),
+        forwarded: None,
         payload: m.payload().map(<[u8]>::to_vec),
         generation: 0,
     }
@@ -419,7 +420,7 @@ impl ConsumeStage {
                     }
                 }
                 Err(poison) => {
-                    let outcome = Outcome::Poison { envelope, poison, slot };
+                    let outcome = Outcome::Poison { envelope: Box::new(envelope), poison, slot };
                     if self.to_router.send(outcome).await.is_err() {
                         break;
                     }

@@ -84,7 +84,7 @@ pub fn spawn<P: Predict>(
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("triagem-inference".into()).spawn(move || {
         let mut window: Vec<Classified> = Vec::new();
-        while let Some(batch) = rx.blocking_recv() {
+        while let Some(mut batch) = rx.blocking_recv() {
             let closes_window = batch.closes_window;
             let n = batch.items.len();
             metrics.queue(QUEUE_INFERENCE).sub(n as i64);
@@ -109,6 +109,10 @@ pub fn spawn<P: Predict>(
                 Err(panic) => Err(InferError::Panic(panic_message(&panic))),
             };
             let forward = start.elapsed();
+            drop((texts, ids));
+            for p in &mut batch.items {
+                p.envelope.forwarded = Some(start);
+            }
             idle.computed();
             metrics.inference_seconds.observe(forward.as_secs_f64());
             span.record("forward_ms", forward.as_secs_f64() * 1000.0);

@@ -26,6 +26,8 @@ pub struct Envelope {
     pub timestamp_ms: Option<i64>,
     /// When the worker took it from the consumer, start of the worker's own latency.
     pub received: Option<std::time::Instant>,
+    /// When its batch's forward pass began (end of its `queue` stage).
+    pub forwarded: Option<std::time::Instant>,
     /// The raw value.
     pub payload: Option<Vec<u8>>,
     /// The partition's generation in the offset tracker when it was consumed.

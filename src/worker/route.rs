@@ -128,8 +128,8 @@ impl OutputTopics {
 pub enum Outcome {
     /// A batch back from the inference thread.
     Classified(Vec<Classified>),
-    /// A message that could not be decoded.
-    Poison { envelope: Envelope, poison: Poison, slot: Slot },
+    /// A message that could not be decoded (boxed: rare, and larger than a batch's vector).
+    Poison { envelope: Box<Envelope>, poison: Poison, slot: Slot },
 }
 
 /// Why an output is produced: decides which counters its acknowledgement moves.
@@ -159,6 +159,9 @@ pub struct Output {
     pub slot: Slot,
     /// A dead letter already cut down to a stub (nothing left to drop).
     pub stub: bool,
+    /// When the router took the message's window from the inference thread
+    /// (the end of its `inference` stage); None for an undecodable message.
+    pub routed: Option<std::time::Instant>,
 }
 
 /// Turns outcomes into outputs and produces them.
@@ -188,17 +191,19 @@ impl Router {
     /// The outputs of one outcome.
     pub fn outputs(&self, outcome: Outcome) -> Vec<Output> {
         match outcome {
-            Outcome::Poison { envelope, poison, slot } => vec![self.dead_letter(envelope, poison, slot)],
+            Outcome::Poison { envelope, poison, slot } => vec![self.dead_letter(*envelope, poison, slot)],
             Outcome::Classified(batch) => {
+                let taken = std::time::Instant::now();
                 let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
                 batch
                     .into_iter()
                     .map(|c| {
                         let Classified { pending, result } = c;
                         match result {
-                            Err(e) => {
-                                self.dead_letter(pending.envelope, Poison::Inference(e.to_string()), pending.slot)
-                            }
+                            Err(e) => Output {
+                                routed: Some(taken),
+                                ..self.dead_letter(pending.envelope, Poison::Inference(e.to_string()), pending.slot)
+                            },
                             Ok(prediction) => {
                                 let (topic, destination) = self.destination(&prediction.label, prediction.score);
                                 let (payload, replaced) = render_output(
@@ -219,6 +224,7 @@ impl Router {
                                     envelope: pending.envelope,
                                     slot: pending.slot,
                                     stub: false,
+                                    routed: Some(taken),
                                 }
                             }
                         }
@@ -253,6 +259,7 @@ impl Router {
             envelope,
             slot,
             stub: false,
+            routed: None,
         };
         let size = output.envelope.payload.as_ref().map_or(0, Vec::len);
         if size > self.routing.dead_letter_max_bytes {
@@ -472,8 +479,9 @@ impl Router {
             let latency = (Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
             m.end_to_end_latency.observe(latency);
         }
-        if let Some(received) = output.envelope.received {
-            m.worker_latency.observe(received.elapsed().as_secs_f64());
+        let e = &output.envelope;
+        if let Some(received) = e.received {
+            m.observe_worker_latency(received, e.forwarded, output.routed, std::time::Instant::now());
         }
     }
 

@@ -436,7 +436,7 @@ impl Router {
                     "output rejected for good; dead-lettering its input"
                 );
                 let poison = Poison::OutputRejected(format!("{} rejected the output: {error}", output.topic));
-                Some(self.dead_letter(output.envelope, poison, output.slot))
+                Some(Output { routed: output.routed, ..self.dead_letter(output.envelope, poison, output.slot) })
             }
             Destination::DeadLetter(_) if !output.stub => {
                 tracing::warn!(

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub worker_latency: Histogram,
     /// `triagem_worker_stage_seconds{stage}`: `worker_latency` cut at the forward pass's start and the router's take.
     pub worker_stage: HistogramVec,
+    /// Its three series, in [`STAGES`] order (looked up once, not per message).
+    stage_series: [Histogram; 3],
     /// `triagem_queue_depth{queue}`
     pub queue_depth: IntGaugeVec,
     /// `triagem_consumer_lag{topic,partition}`
@@ -154,7 +156,17 @@ impl Metrics {
             std::process::id() as i32,
             NAMESPACE,
         )))?;
+        let worker_stage = histogram_vec(
+            &r,
+            "worker_stage_seconds",
+            "The worker's latency by stage: queue (receipt to the start of its batch's forward pass), \
+             inference (to the router's take of its window) and delivery (to the broker's acknowledgement).",
+            WORKER_LATENCY_BUCKETS,
+            &["stage"],
+        )?;
         let m = Metrics {
+            stage_series: STAGES.map(|stage| worker_stage.with_label_values(&[stage])),
+            worker_stage,
             consumed: counter(
                 &r,
                 "messages_consumed_total",
@@ -223,14 +235,6 @@ impl Metrics {
                 "worker_latency_seconds",
                 "From the worker's receipt of the input message to the broker's acknowledgement of its output.",
                 WORKER_LATENCY_BUCKETS,
-            )?,
-            worker_stage: histogram_vec(
-                &r,
-                "worker_stage_seconds",
-                "The worker's latency by stage: queue (receipt to the start of its batch's forward pass), \
-                 inference (to the router's take of its window) and delivery (to the broker's acknowledgement).",
-                WORKER_LATENCY_BUCKETS,
-                &["stage"],
             )?,
             queue_depth: gauge_vec(&r, "queue_depth", "Messages waiting in each internal queue.", &["queue"])?,
             consumer_lag: gauge_vec(
@@ -344,9 +348,6 @@ impl Metrics {
         for q in [QUEUE_BATCHER, QUEUE_INFERENCE, QUEUE_PRODUCER] {
             m.queue_depth.with_label_values(&[q]).set(0);
         }
-        for stage in STAGES {
-            m.worker_stage.with_label_values(&[stage]);
-        }
         Ok(Arc::new(m))
     }
 
@@ -427,12 +428,10 @@ impl Metrics {
     ) {
         self.worker_latency.observe(now.saturating_duration_since(received).as_secs_f64());
         if let (Some(forwarded), Some(routed)) = (forwarded, routed) {
-            for (stage, from, to) in [
-                (STAGE_QUEUE, received, forwarded),
-                (STAGE_INFERENCE, forwarded, routed),
-                (STAGE_DELIVERY, routed, now),
-            ] {
-                self.worker_stage.with_label_values(&[stage]).observe(to.saturating_duration_since(from).as_secs_f64());
+            for (series, (from, to)) in
+                self.stage_series.iter().zip([(received, forwarded), (forwarded, routed), (routed, now)])
+            {
+                series.observe(to.saturating_duration_since(from).as_secs_f64());
             }
         }
     }

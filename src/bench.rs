@@ -639,17 +639,23 @@ impl BenchReport {
         };
         for e in &self.end_to_end {
             let get = |k: &str| e.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            // Records the broker returned to loadgen twice (tansu does): not the worker's duplicates.
+            let rereads = match e.get("rereads").and_then(Value::as_u64) {
+                Some(n) if n > 0 => format!(" ({n} records read twice)"),
+                _ => String::new(),
+            };
             let lat = |k: &str| e.get("latency").and_then(|l| l.get(k)).and_then(Value::as_f64).unwrap_or(f64::NAN);
             if is_backlog(e) {
                 s.push_str(&format!(
                     "worker end to end, a backlog of {:.0} sent while it did not read: drained at {:.0} msg/s{}, \
-                     first output to last; {} came out while sending, {} missing, {} duplicates\n",
+                     first output to last; {} came out while sending, {} missing, {} duplicates{}\n",
                     get("sent"),
                     get("drain_throughput"),
                     of_worker_row(get("drain_throughput")),
                     get("received_while_sending"),
                     get("missing"),
-                    get("duplicates")
+                    get("duplicates"),
+                    rereads
                 ));
                 if let Some(d) = &self.drain {
                     s.push_str(&format!(
@@ -664,7 +670,7 @@ impl BenchReport {
             }
             s.push_str(&format!(
                 "worker end to end, {:.0} sent at {:.0}/s: {:.0} msg/s{}, latency p50 {:.0} / p99 {:.0} / max {:.0} ms, \
-                 {} missing, {} duplicates\n",
+                 {} missing, {} duplicates{}\n",
                 get("sent"),
                 get("send_rate"),
                 get("throughput"),
@@ -673,7 +679,8 @@ impl BenchReport {
                 lat("p99_ms"),
                 lat("max_ms"),
                 get("missing"),
-                get("duplicates")
+                get("duplicates"),
+                rereads
             ));
         }
         if let Some(w) = &self.worker_latency {

@@ -47,9 +47,17 @@ fn is_valid(value: Option<&[u8]>) -> bool {
     parsed.is_some_and(|v| v.get("text").is_some_and(|t| t.is_string()))
 }
 
-/// Copies every input message to VENDA (valid) or DLQ (poison), skipping the
-/// `drop_nth` (1-based) valid one; runs until `stop` turns true.
-async fn echo_router(brokers: String, drop_nth: Option<usize>, mut stop: watch::Receiver<bool>) -> usize {
+/// What the echo router does wrong, on purpose: to the `n`th (1-based) valid message.
+#[derive(Clone, Copy)]
+enum Fault {
+    None,
+    Drop(usize),
+    Twice(usize),
+}
+
+/// Copies every input message to VENDA (valid) or DLQ (poison), with `fault`;
+/// runs until `stop` turns true; returns the records it produced.
+async fn echo_router(brokers: String, fault: Fault, mut stop: watch::Receiver<bool>) -> usize {
     let consumer: StreamConsumer =
         ClientConfig::new().set("bootstrap.servers", &brokers).set("group.id", "echo-router").create().unwrap();
     // Assigned, not subscribed: reads from the start at once, without waiting for a group to form.
@@ -68,17 +76,22 @@ async fn echo_router(brokers: String, drop_nth: Option<usize>, mut stop: watch::
             m = consumer.recv() => m.unwrap(),
         };
         let valid = is_valid(m.payload());
-        if valid && Some(valid_seen.fetch_add(1, Ordering::SeqCst) + 1) == drop_nth {
-            continue;
-        }
+        let nth = if valid { valid_seen.fetch_add(1, Ordering::SeqCst) + 1 } else { 0 };
+        let copies = match fault {
+            Fault::Drop(n) if n == nth => 0,
+            Fault::Twice(n) if n == nth => 2,
+            _ => 1,
+        };
         let topic = if valid { VENDA } else { DLQ };
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(m.payload().unwrap_or_default());
-        if let Some(key) = m.key() {
-            record = record.key(key);
+        for _ in 0..copies {
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(m.payload().unwrap_or_default());
+            if let Some(key) = m.key() {
+                record = record.key(key);
+            }
+            // Not awaited one by one: the router must not be what the latency measures.
+            deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+            forwarded += 1;
         }
-        // Not awaited one by one: the router must not be what the latency measures.
-        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        forwarded += 1;
     }
     for delivery in deliveries {
         delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
@@ -98,7 +111,7 @@ async fn everything_comes_back_with_poison_on_the_dead_letter_topic() {
     let mock = cluster();
     let data = data_file();
     let (stop, stopped) = watch::channel(false);
-    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), None, stopped));
+    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), Fault::None, stopped));
 
     let mut opts = options(mock.bootstrap_servers(), &data);
     opts.limit = Limit::Count(300);
@@ -128,7 +141,7 @@ async fn a_dropped_message_is_reported_missing() {
     let mock = cluster();
     let data = data_file();
     let (stop, stopped) = watch::channel(false);
-    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), Some(17), stopped));
+    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), Fault::Drop(17), stopped));
 
     let mut opts = options(mock.bootstrap_servers(), &data);
     opts.limit = Limit::Count(50);
@@ -147,6 +160,29 @@ async fn a_dropped_message_is_reported_missing() {
     assert!(report.send_seconds >= 0.09, "sent too fast: {}", report.send_seconds);
 }
 
+/// A message routed twice is one duplicate — two records with its id — and
+/// not a record read twice (a broker returning the same offset again, which
+/// this one never does): the two are told apart by topic, partition and offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_routed_twice_is_a_duplicate_not_a_record_read_twice() {
+    let mock = cluster();
+    let data = data_file();
+    let (stop, stopped) = watch::channel(false);
+    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), Fault::Twice(5), stopped));
+
+    let mut opts = options(mock.bootstrap_servers(), &data);
+    opts.limit = Limit::Count(40);
+    opts.settle_timeout = Duration::from_secs(2);
+    let report = loadgen::run(opts).await.expect("nothing missing");
+
+    stop.send(true).unwrap();
+    assert_eq!(router.await.unwrap(), 41);
+    assert_eq!((report.sent, report.accounted, report.missing), (40, 40, 0));
+    assert_eq!((report.duplicates, report.rereads), (1, 0));
+    assert_eq!(report.received[VENDA], 41, "both records are received");
+    assert!(report.ok(), "a duplicate is at-least-once, not an error");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn earlier_traffic_is_not_counted_and_a_missing_topic_is_an_error() {
     let mock = cluster();
@@ -158,7 +194,7 @@ async fn earlier_traffic_is_not_counted_and_a_missing_topic_is_an_error() {
         producer.send(FutureRecord::to(VENDA).key("old").payload("{}"), Timeout::Never).await.unwrap();
     }
     let (stop, stopped) = watch::channel(false);
-    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), None, stopped));
+    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), Fault::None, stopped));
 
     let mut opts = options(mock.bootstrap_servers(), &data);
     opts.limit = Limit::Duration(Duration::from_millis(300));
@@ -197,7 +233,7 @@ async fn a_backlog_is_sent_before_the_router_starts_and_its_drain_is_timed() {
     }
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "400\n");
     let (stop, stopped) = watch::channel(false);
-    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), None, stopped));
+    let router = tokio::spawn(echo_router(mock.bootstrap_servers(), Fault::None, stopped));
     let report = run.await.unwrap().expect("nothing missing");
     stop.send(true).unwrap();
     assert_eq!(router.await.unwrap(), 400);

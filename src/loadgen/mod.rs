@@ -48,7 +48,7 @@ mod payload;
 mod tracker;
 
 pub use payload::{payload, poison_kind, read_texts, send_offset, PoisonKind};
-pub use tracker::{output_id, LatencySummary, LoadgenReport, Receipt, Tracker};
+pub use tracker::{output_id, LatencySummary, LoadgenReport, Receipt, Record, Tracker};
 
 use kafka::{client_config, consumer_at_end};
 
@@ -251,7 +251,8 @@ async fn receive(
                 Ok(m) => {
                     let at = Instant::now();
                     let id = output_id(m.topic() == dead_letter_topic, m.key(), m.payload());
-                    if lock(&tracker).receive(m.topic(), id.as_deref(), at) == Receipt::First {
+                    let record = Record { topic: m.topic(), partition: m.partition(), offset: m.offset() };
+                    if lock(&tracker).receive(record, id.as_deref(), at) == Receipt::First {
                         bar.inc(1);
                     }
                 }

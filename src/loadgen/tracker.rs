@@ -3,10 +3,13 @@
 //!
 //! An output is matched to its input by id ([`output_id`]); the first receipt
 //! of each message records its latency in an HDR histogram (microseconds, 3
-//! significant digits), later ones count as duplicates.
+//! significant digits), later ones count as duplicates — another record with
+//! the same id, which the worker produced again — or as re-reads: the same
+//! record (topic, partition, offset) returned to loadgen's consumer twice,
+//! which says something about the broker or the client, not the worker.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -69,8 +72,11 @@ pub struct LoadgenReport {
     pub missing: u64,
     /// A few of the missing ids, to look for in the worker's logs.
     pub missing_ids: Vec<String>,
-    /// Receipts beyond the first of a message (at-least-once redelivery).
+    /// Records beyond the first with a message's id (at-least-once redelivery: the worker produced it again).
     pub duplicates: u64,
+    /// Records read more than once (the same topic, partition and offset): the broker or loadgen's
+    /// consumer returned them again; not counted as received or as duplicates.
+    pub rereads: u64,
     /// Messages first received on the wrong kind of topic: poison not on the
     /// dead-letter topic, or a valid message on it.
     pub misrouted: u64,
@@ -124,6 +130,9 @@ impl LoadgenReport {
         line(format!("{:<28} {:>10}", "accounted for", self.accounted));
         line(format!("{:<28} {:>10}", "missing", self.missing));
         line(format!("{:<28} {:>10}", "duplicates", self.duplicates));
+        if self.rereads > 0 {
+            line(format!("{:<28} {:>10}  (the same records returned again by the broker)", "read twice", self.rereads));
+        }
         line(format!("{:<28} {:>10}", "misrouted", self.misrouted));
         line(format!("{:<28} {:>10}", "from other producers", self.foreign));
         line(String::new());
@@ -182,10 +191,20 @@ struct Slot {
 pub enum Receipt {
     /// The first receipt of a message of this run.
     First,
-    /// A message of this run seen before.
+    /// Another record of a message of this run seen before.
     Duplicate,
+    /// A record read before (same topic, partition and offset).
+    Reread,
     /// Not a message of this run.
     Foreign,
+}
+
+/// Where a received record is: what tells a record read twice from a message produced twice.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Matches outputs to sent messages by id. Pure bookkeeping: no Kafka, no clock.
@@ -199,8 +218,14 @@ pub struct Tracker {
     slots: Vec<Slot>,
     /// Receipts per output topic.
     received: BTreeMap<String, u64>,
-    /// Receipts beyond the first.
+    /// Records beyond the first with a message's id.
     duplicates: u64,
+    /// Records of this run read so far: (index in `topics`, partition, offset).
+    seen: HashSet<(usize, i32, i64)>,
+    /// The topics of `seen`'s first field.
+    topics: Vec<String>,
+    /// Records read again.
+    rereads: u64,
     /// First receipts on the wrong kind of topic.
     misrouted: u64,
     /// Receipts of other producers' messages.
@@ -224,6 +249,9 @@ impl Tracker {
             slots: Vec::new(),
             received: topics.iter().map(|t| (t.clone(), 0)).collect(),
             duplicates: 0,
+            seen: HashSet::new(),
+            topics: topics.to_vec(),
+            rereads: 0,
             misrouted: 0,
             foreign: 0,
             outstanding: 0,
@@ -266,12 +294,24 @@ impl Tracker {
         ((n as usize) < self.slots.len()).then_some(n)
     }
 
-    /// Records a message received on `topic` at `at` with `id` (see [`output_id`]).
-    pub fn receive(&mut self, topic: &str, id: Option<&str>, at: Instant) -> Receipt {
+    /// Records a message received as `record` at `at` with `id` (see [`output_id`]).
+    pub fn receive(&mut self, record: Record<'_>, id: Option<&str>, at: Instant) -> Receipt {
+        let topic = record.topic;
         let Some(seq) = id.and_then(|id| self.sequence(id)) else {
             self.foreign += 1;
             return Receipt::Foreign;
         };
+        let t = match self.topics.iter().position(|t| t == topic) {
+            Some(t) => t,
+            None => {
+                self.topics.push(topic.to_string());
+                self.topics.len() - 1
+            }
+        };
+        if !self.seen.insert((t, record.partition, record.offset)) {
+            self.rereads += 1;
+            return Receipt::Reread;
+        }
         *self.received.entry(topic.to_string()).or_default() += 1;
         let slot = &mut self.slots[seq as usize];
         if slot.state == State::Received {
@@ -343,6 +383,7 @@ impl Tracker {
             missing: self.outstanding,
             missing_ids: self.missing_ids(MISSING_SAMPLE),
             duplicates: self.duplicates,
+            rereads: self.rereads,
             misrouted: self.misrouted,
             foreign: self.foreign,
             send_seconds,
@@ -404,6 +445,11 @@ mod tests {
         assert!(close(s.max_ms, 100.0), "{s:?}");
     }
 
+    /// Record `offset` of `topic`'s partition 0: each call site its own record.
+    fn rec(topic: &str, offset: i64) -> Record<'_> {
+        Record { topic, partition: 0, offset }
+    }
+
     fn tracker() -> Tracker {
         let topics = ["a.venda", "a.suporte", "a.dlq"].map(String::from);
         Tracker::new("run1", "a.dlq", &topics)
@@ -419,20 +465,26 @@ mod tests {
         }
         assert_eq!(t.outstanding(), 4);
         let at = t0 + Duration::from_millis(5);
-        assert_eq!(t.receive("a.venda", Some("run1-0"), at), Receipt::First);
-        assert_eq!(t.receive("a.venda", Some("run1-0"), at), Receipt::Duplicate);
-        assert_eq!(t.receive("a.suporte", Some("run1-1"), at), Receipt::First);
-        assert_eq!(t.receive("a.dlq", Some("run1-3"), at), Receipt::First);
-        assert_eq!(t.receive("a.venda", Some("run2-2"), at), Receipt::Foreign);
-        assert_eq!(t.receive("a.venda", Some("run1-99"), at), Receipt::Foreign);
-        assert_eq!(t.receive("a.venda", Some("run1-x"), at), Receipt::Foreign);
-        assert_eq!(t.receive("a.venda", None, at), Receipt::Foreign);
+        assert_eq!(t.receive(rec("a.venda", 1), Some("run1-0"), at), Receipt::First);
+        assert_eq!(t.receive(rec("a.venda", 2), Some("run1-0"), at), Receipt::Duplicate);
+        // The same records again (a broker that returns them twice): neither received nor duplicates.
+        assert_eq!(t.receive(rec("a.venda", 1), Some("run1-0"), at), Receipt::Reread);
+        assert_eq!(t.receive(rec("a.venda", 2), Some("run1-0"), at), Receipt::Reread);
+        // The same offset of another partition or topic is another record.
+        let other_partition = Record { partition: 1, ..rec("a.venda", 1) };
+        assert_eq!(t.receive(other_partition, Some("run1-0"), at), Receipt::Duplicate);
+        assert_eq!(t.receive(rec("a.suporte", 3), Some("run1-1"), at), Receipt::First);
+        assert_eq!(t.receive(rec("a.dlq", 4), Some("run1-3"), at), Receipt::First);
+        assert_eq!(t.receive(rec("a.venda", 5), Some("run2-2"), at), Receipt::Foreign);
+        assert_eq!(t.receive(rec("a.venda", 6), Some("run1-99"), at), Receipt::Foreign);
+        assert_eq!(t.receive(rec("a.venda", 7), Some("run1-x"), at), Receipt::Foreign);
+        assert_eq!(t.receive(rec("a.venda", 8), None, at), Receipt::Foreign);
         assert_eq!(t.outstanding(), 1);
         assert_eq!(t.missing_ids(10), vec!["run1-2"]);
         let r = t.report("run1", "in", t0, t0 + Duration::from_millis(1));
-        assert_eq!((r.sent, r.poison, r.accounted, r.missing, r.duplicates), (4, 1, 3, 1, 1));
+        assert_eq!((r.sent, r.poison, r.accounted, r.missing, r.duplicates, r.rereads), (4, 1, 3, 1, 2, 2));
         assert_eq!((r.misrouted, r.foreign), (0, 4));
-        assert_eq!(r.received["a.venda"], 2);
+        assert_eq!(r.received["a.venda"], 3);
         assert_eq!(r.received["a.suporte"], 1);
         assert_eq!(r.received["a.dlq"], 1);
         let max_ms = r.latency.as_ref().unwrap().max_ms;
@@ -440,7 +492,7 @@ mod tests {
         assert!(!r.ok());
 
         // A valid message on the dead-letter topic is misrouted.
-        assert_eq!(t.receive("a.dlq", Some("run1-2"), at), Receipt::First);
+        assert_eq!(t.receive(rec("a.dlq", 9), Some("run1-2"), at), Receipt::First);
         assert_eq!(t.outstanding(), 0);
         let r = t.report("run1", "in", t0, t0 + Duration::from_millis(1));
         assert_eq!((r.missing, r.misrouted), (0, 1));
@@ -456,7 +508,7 @@ mod tests {
         t.failed(1);
         t.failed(1);
         assert_eq!(t.outstanding(), 1);
-        t.receive("a.venda", Some("run1-0"), t0);
+        t.receive(rec("a.venda", 10), Some("run1-0"), t0);
         let r = t.report("run1", "in", t0, t0 + Duration::from_secs(2));
         assert_eq!((r.sent, r.send_failed, r.missing), (1, 1, 0));
         assert_eq!(r.send_rate, 0.5);
@@ -476,9 +528,9 @@ mod tests {
         // a duplicate after the last first receipt does not stretch the span.
         let at = |ms: u64| t0 + Duration::from_millis(10_000 + ms);
         for (i, ms) in [(1, 500), (0, 0), (3, 2000), (2, 1500), (4, 1000)] {
-            t.receive("a.venda", Some(&format!("run1-{i}")), at(ms));
+            t.receive(rec("a.venda", i), Some(&format!("run1-{i}")), at(ms));
         }
-        t.receive("a.venda", Some("run1-0"), at(9000));
+        t.receive(rec("a.venda", 12), Some("run1-0"), at(9000));
         let r = t.report("run1", "in", t0, t0);
         assert_eq!(r.drain_seconds, 2.0);
         assert_eq!(r.drain_throughput, 2.0, "4 outputs after the first, in 2 s");

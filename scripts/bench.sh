@@ -16,7 +16,8 @@
 #        BENCH_THREADS (2: the model's threads, and the peers'), BENCH_MESSAGES (2048),
 #        BENCH_DATA (data/teste.jsonl), E2E_COUNT (20000; 0 skips the end-to-end runs),
 #        E2E_LATENCY_RATE (the latency run's rate in msg/s; default half the as-fast-as-possible throughput:
-#        a fixed rate compares two builds at the same load), BROKER (test | tansu), BENCH_OUT (a directory to
+#        a fixed rate compares two builds at the same load), BROKER (test | tansu; TANSU_STORAGE memory |
+#        sqlite, the latter for a tansu built with --features libsql), BENCH_OUT (a directory to
 #        keep the parts in), BENCH_DEVICE (cpu; cuda runs
 #        the worker, `triagem bench` and the peers on the GPU), BENCH_BATCH_SIZES (1,8,32), BENCH_PEAK_GFLOPS
 #        (the device's fp32 peak for the ceiling; measured on the CPU when unset), BENCH_REPEATS (3: each
@@ -95,8 +96,13 @@ if [ "$e2e_count" -gt 0 ]; then
   if [ "$broker_kind" = tansu ]; then
     command -v tansu >/dev/null || { say "tansu missing: scripts/install-tansu.sh"; exit 2; }
     port=$(free_port)
-    tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-      --storage-engine memory://tansu/ >"$out/broker.log" 2>&1 &
+    case "${TANSU_STORAGE:-memory}" in
+      memory) storage=memory://tansu/ ;;
+      sqlite) rm -f "$out/tansu.db"; storage=sqlite://tansu.db ;; # a path relative to tansu's directory: $out
+      *) say "TANSU_STORAGE=$TANSU_STORAGE: expected memory or sqlite"; exit 2 ;;
+    esac
+    (cd "$out" && exec tansu broker --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "$storage") >"$out/broker.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
     tansu topic create --broker "tcp://127.0.0.1:$port" --partitions 6 atendimento.mensagens >/dev/null

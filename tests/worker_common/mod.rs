@@ -1,6 +1,7 @@
 //! Shared harness of the worker's integration tests: a Kafka-protocol broker in
 //! its own process ([`Broker`]: `triagem-test-broker`, librdkafka's mock cluster
-//! served over TCP, by default; `TRIAGEM_TEST_BROKER=tansu` for tansu), its
+//! served over TCP, by default; `TRIAGEM_TEST_BROKER=tansu` for tansu, in
+//! memory or, with `TANSU_STORAGE=sqlite`, on SQLite), its
 //! topics, the `triagem worker` binary as a child process,
 //! rdkafka producers and readers, and the expected labels computed by loading
 //! the same model in-process.
@@ -169,7 +170,10 @@ impl Broker {
         broker
     }
 
-    /// A `tansu broker` with in-memory storage on a free port; waits until it accepts connections.
+    /// A `tansu broker` on a free port; waits until it accepts connections.
+    /// Its storage is in memory (`memory://`), or with `TANSU_STORAGE=sqlite`
+    /// an SQLite file of its own in the temporary directory (a tansu built
+    /// with `--features libsql`).
     pub fn tansu() -> Broker {
         let bin = tansu_binary();
         for _attempt in 0..3 {
@@ -177,9 +181,20 @@ impl Broker {
             let url = format!("tcp://127.0.0.1:{port}");
             let log = std::env::temp_dir().join(format!("tansu-{port}-{}.log", std::process::id()));
             let out = std::fs::File::create(&log).unwrap();
+            let storage = match std::env::var("TANSU_STORAGE").as_deref() {
+                Err(_) | Ok("memory") => "memory://tansu/".to_string(),
+                // tansu opens an SQLite URL's path relative to its working directory (set below).
+                Ok("sqlite") => {
+                    let db = format!("tansu-{port}-{}.db", std::process::id());
+                    let _ = std::fs::remove_file(std::env::temp_dir().join(&db));
+                    format!("sqlite://{db}")
+                }
+                Ok(other) => panic!("TANSU_STORAGE={other:?}: expected `memory` or `sqlite`"),
+            };
             let child = Command::new(&bin)
                 .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/", "--cluster-id", &format!("triagem-test-{port}")])
+                .args(["--storage-engine", &storage, "--cluster-id", &format!("triagem-test-{port}")])
+                .current_dir(std::env::temp_dir())
                 .env("RUST_LOG", "warn")
                 .stdout(out.try_clone().unwrap())
                 .stderr(out)

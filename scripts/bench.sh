@@ -157,9 +157,12 @@ if [ "$e2e_count" -gt 0 ]; then
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"
   awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
     -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
+    -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v json="$out/cpu-latency-run.json" \
     'BEGIN { wall = total / n; if (wall <= 0) exit
       printf "during the latency run: the worker used %.2f cores, the broker %.2f, the rest (loadgen, ...) %.2f; the machine'"'"'s %d cores were %.0f %% busy\n",
-        w / wall, b / wall, (busy - w - b) / wall, n, 100 * busy / total }' >"$out/cpu-latency-run.txt"
+        w / wall, b / wall, (busy - w - b) / wall, n, 100 * busy / total
+      printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f}\n",
+        kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total > json }' >"$out/cpu-latency-run.txt"
   say "$(cat "$out/cpu-latency-run.txt")"
   grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' "$out/metrics-after-half.txt" \
     >"$out/worker-metrics.txt" || true
@@ -168,6 +171,7 @@ if [ "$e2e_count" -gt 0 ]; then
   e2e_args=(--end-to-end "$out/e2e-backlog.json" --end-to-end "$out/e2e-max.json" --end-to-end "$out/e2e-half.json"
     --worker-metrics "$out/metrics-before-half.txt" --worker-metrics "$out/metrics-after-half.txt"
     --drain-metrics "$out/metrics-before-backlog.txt" --drain-metrics "$out/metrics-after-backlog.txt")
+  if [ -s "$out/cpu-latency-run.json" ]; then e2e_args+=(--cpu-shares "$out/cpu-latency-run.json"); fi
 fi
 
 say "triagem's model path on $device, $threads threads"

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::model::{self, threads, BertConfig, Classifier, ModelError};
@@ -63,6 +63,8 @@ pub struct BenchOptions {
     /// The worker's `/metrics` text before and after the backlog run (empty, or two files): how much of
     /// the drain its model spent computing.
     pub drain_metrics: Vec<PathBuf>,
+    /// Who used the cores during the run at half load ([`CpuShares`] as JSON), when measured.
+    pub cpu_shares: Option<PathBuf>,
 }
 
 /// Why the benchmark could not run.
@@ -132,7 +134,27 @@ pub struct BenchReport {
     /// How busy the worker kept its model while it drained the backlog, when its `/metrics` were given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain: Option<Drain>,
+    /// Who used the cores during the run at half load, when given: the worker's latency tail depends
+    /// on what the broker and the load generator leave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_shares: Option<CpuShares>,
     pub peak_rss_bytes: u64,
+}
+
+/// Cores used during the run at half load, from the processes' and the
+/// machine's CPU ticks before and after it (`scripts/bench.sh`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CpuShares {
+    /// The broker the worker ran against (`test`, `tansu`, …).
+    pub broker: String,
+    pub worker_cores: f64,
+    pub broker_cores: f64,
+    /// Everything else: the load generator and whatever else ran.
+    pub other_cores: f64,
+    /// The machine's cores.
+    pub cores: u32,
+    /// Busy time over all the cores' time, 0 to 1.
+    pub machine_busy: f64,
 }
 
 /// The model's share of a backlog drain: the growth of the worker's `triagem_inference_seconds_sum`
@@ -312,6 +334,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         drain(before, after, &end_to_end)
     })?;
 
+    let cpu_shares = opts.cpu_shares.as_ref().map(read_cpu_shares).transpose()?;
+
     let mflop_per_message = flops_per_message(&cfg, classifier.labels().len(), mean_tokens) / 1e6;
     let mflop_computed_per_message = if classifier.serves_on_cpu_path() {
         cpu_path_flops_per_message(&cfg, classifier.labels().len(), mean_tokens) / 1e6
@@ -345,6 +369,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         end_to_end,
         worker_latency,
         drain,
+        cpu_shares,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -514,6 +539,14 @@ fn median(xs: &[f64]) -> f64 {
         n if n % 2 == 1 => sorted[n / 2],
         n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
+}
+
+/// A [`CpuShares`] JSON file (`scripts/bench.sh`'s `cpu-latency-run.json`).
+fn read_cpu_shares(path: &PathBuf) -> Result<CpuShares, BenchError> {
+    serde_json::from_value(read_json(path)?).map_err(|e| BenchError::Input {
+        path: path.clone(),
+        reason: format!("not the cores of a run (broker, worker_cores, broker_cores, …): {e}"),
+    })
 }
 
 fn read_json(path: &PathBuf) -> Result<Value, BenchError> {
@@ -708,6 +741,18 @@ impl BenchReport {
                 s.push_str(&format!("  by stage (mean / p50 / p99 ms): {}\n", stages.join(", ")));
             }
         }
+        if let Some(c) = &self.cpu_shares {
+            s.push_str(&format!(
+                "during the run at half load: the worker used {:.2} cores, the {} broker {:.2}, the rest {:.2}; \
+                 the machine's {} cores were {:.0} % busy\n",
+                c.worker_cores,
+                c.broker,
+                c.broker_cores,
+                c.other_cores,
+                c.cores,
+                100.0 * c.machine_busy
+            ));
+        }
         s.push_str(&format!("peak resident memory {:.1} MiB\n", self.peak_rss_bytes as f64 / 1048576.0));
         s
     }
@@ -799,6 +844,23 @@ mod tests {
         assert!((q.p99_ms - 9.75).abs() < 1e-9, "{q:?}");
         assert!(worker_latency(&before, &before, Duration::ZERO).unwrap_err().contains("no output"));
         assert!(worker_latency("", &after, Duration::ZERO).unwrap_err().contains("triagem_worker_latency_seconds"));
+    }
+
+    #[test]
+    fn cpu_shares_are_read_from_scripts_json_and_a_wrong_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("cpu.json");
+        std::fs::write(
+            &good,
+            r#"{"broker": "tansu (sqlite)", "worker_cores": 0.9, "broker_cores": 0.75, "other_cores": 0.1, "cores": 2, "machine_busy": 0.875}"#,
+        )
+        .unwrap();
+        let c = read_cpu_shares(&good).unwrap();
+        assert_eq!((c.broker.as_str(), c.broker_cores, c.cores, c.machine_busy), ("tansu (sqlite)", 0.75, 2, 0.875));
+        let bad = dir.path().join("other.json");
+        std::fs::write(&bad, r#"{"throughput": 7000}"#).unwrap();
+        let e = read_cpu_shares(&bad).unwrap_err().to_string();
+        assert!(e.starts_with(&bad.display().to_string()) && e.contains("not the cores of a run"), "{e}");
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// the share of the drain its model spent computing.
     #[arg(long)]
     pub drain_metrics: Vec<PathBuf>,
+    /// Who used the cores during the run at half load (scripts/bench.sh's `cpu-latency-run.json`: the
+    /// worker's, the broker's and the rest's cores, and how busy the machine was), to report beside it.
+    #[arg(long)]
+    pub cpu_shares: Option<PathBuf>,
     /// The worker's batch.max_wait, for that bound.
     #[arg(long, env = "TRIAGEM__BATCH__MAX_WAIT", value_parser = humantime::parse_duration, default_value = "20ms")]
     pub max_wait: std::time::Duration,

@@ -273,6 +273,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         worker_metrics: a.worker_metrics,
         max_wait: a.max_wait,
         drain_metrics: a.drain_metrics,
+        cpu_shares: a.cpu_shares,
     })?;
     if !a.json {
         println!("{}", report.render());

@@ -155,15 +155,13 @@ if [ "$e2e_count" -gt 0 ]; then
     --client fetch.wait.max.ms=1 --json >"$out/e2e-half.json"
   cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"
+  # In `triagem bench`'s table and JSON (--cpu-shares below).
   awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
     -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
-    -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v json="$out/cpu-latency-run.json" \
+    -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" \
     'BEGIN { wall = total / n; if (wall <= 0) exit
-      printf "during the latency run: the worker used %.2f cores, the broker %.2f, the rest (loadgen, ...) %.2f; the machine'"'"'s %d cores were %.0f %% busy\n",
-        w / wall, b / wall, (busy - w - b) / wall, n, 100 * busy / total
       printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f}\n",
-        kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total > json }' >"$out/cpu-latency-run.txt"
-  say "$(cat "$out/cpu-latency-run.txt")"
+        kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total }' >"$out/cpu-latency-run.json"
   grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' "$out/metrics-after-half.txt" \
     >"$out/worker-metrics.txt" || true
   cleanup

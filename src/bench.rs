@@ -496,10 +496,8 @@ pub fn worker_latency(before: &str, after: &str, max_wait: Duration) -> Result<W
         .filter_map(|&stage| {
             let h = diff("triagem_worker_stage_seconds", &format!("stage=\"{stage}\","));
             let h = h.ok().filter(|h| h.last().is_some_and(|l| l.1 > 0.0))?;
-            let mean_ms = 1000.0
-                * (a.get(format!("triagem_worker_stage_seconds_sum{{stage=\"{stage}\"}}").as_str())?
-                    - b.get(format!("triagem_worker_stage_seconds_sum{{stage=\"{stage}\"}}").as_str())?)
-                / h.last()?.1;
+            let mean_ms =
+                1000.0 * delta(&format!("triagem_worker_stage_seconds_sum{{stage=\"{stage}\"}}")) / h.last()?.1;
             Some(StageLatency {
                 stage: stage.to_string(),
                 mean_ms,

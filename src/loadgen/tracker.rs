@@ -9,7 +9,7 @@
 //! which says something about the broker or the client, not the worker.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -220,10 +220,8 @@ pub struct Tracker {
     received: BTreeMap<String, u64>,
     /// Records beyond the first with a message's id.
     duplicates: u64,
-    /// Records of this run read so far: (index in `topics`, partition, offset).
-    seen: HashSet<(usize, i32, i64)>,
-    /// The topics of `seen`'s first field.
-    topics: Vec<String>,
+    /// Records of this run read so far: (partition, offset) per topic.
+    seen: HashMap<String, HashSet<(i32, i64)>>,
     /// Records read again.
     rereads: u64,
     /// First receipts on the wrong kind of topic.
@@ -249,8 +247,7 @@ impl Tracker {
             slots: Vec::new(),
             received: topics.iter().map(|t| (t.clone(), 0)).collect(),
             duplicates: 0,
-            seen: HashSet::new(),
-            topics: topics.to_vec(),
+            seen: HashMap::new(),
             rereads: 0,
             misrouted: 0,
             foreign: 0,
@@ -301,14 +298,11 @@ impl Tracker {
             self.foreign += 1;
             return Receipt::Foreign;
         };
-        let t = match self.topics.iter().position(|t| t == topic) {
-            Some(t) => t,
-            None => {
-                self.topics.push(topic.to_string());
-                self.topics.len() - 1
-            }
+        let seen = match self.seen.get_mut(topic) {
+            Some(seen) => seen,
+            None => self.seen.entry(topic.to_string()).or_default(),
         };
-        if !self.seen.insert((t, record.partition, record.offset)) {
+        if !seen.insert((record.partition, record.offset)) {
             self.rereads += 1;
             return Receipt::Reread;
         }
@@ -473,6 +467,7 @@ mod tests {
         // The same offset of another partition or topic is another record.
         let other_partition = Record { partition: 1, ..rec("a.venda", 1) };
         assert_eq!(t.receive(other_partition, Some("run1-0"), at), Receipt::Duplicate);
+        assert_eq!(t.receive(rec("a.suporte", 1), Some("run1-0"), at), Receipt::Duplicate);
         assert_eq!(t.receive(rec("a.suporte", 3), Some("run1-1"), at), Receipt::First);
         assert_eq!(t.receive(rec("a.dlq", 4), Some("run1-3"), at), Receipt::First);
         assert_eq!(t.receive(rec("a.venda", 5), Some("run2-2"), at), Receipt::Foreign);
@@ -482,10 +477,10 @@ mod tests {
         assert_eq!(t.outstanding(), 1);
         assert_eq!(t.missing_ids(10), vec!["run1-2"]);
         let r = t.report("run1", "in", t0, t0 + Duration::from_millis(1));
-        assert_eq!((r.sent, r.poison, r.accounted, r.missing, r.duplicates, r.rereads), (4, 1, 3, 1, 2, 2));
+        assert_eq!((r.sent, r.poison, r.accounted, r.missing, r.duplicates, r.rereads), (4, 1, 3, 1, 3, 2));
         assert_eq!((r.misrouted, r.foreign), (0, 4));
         assert_eq!(r.received["a.venda"], 3);
-        assert_eq!(r.received["a.suporte"], 1);
+        assert_eq!(r.received["a.suporte"], 2);
         assert_eq!(r.received["a.dlq"], 1);
         let max_ms = r.latency.as_ref().unwrap().max_ms;
         assert!((max_ms - 5.0).abs() <= 0.005, "{max_ms} ms is not 5 ms within 0.1 %");

@@ -102,6 +102,8 @@ pub struct Broker {
     log: PathBuf,
     /// Commands to the test broker (None for tansu).
     control: Option<Arc<Mutex<Control>>>,
+    /// tansu's SQLite file (`TANSU_STORAGE=sqlite`), removed with its journals on drop.
+    db: Option<PathBuf>,
 }
 
 impl Broker {
@@ -161,6 +163,7 @@ impl Broker {
             kind: BrokerKind::Test,
             log,
             control: Some(Arc::new(Mutex::new(Control { stdin, stdout }))),
+            db: None,
         };
         let first = broker.addr.split(',').next().unwrap().to_string();
         assert!(
@@ -181,13 +184,16 @@ impl Broker {
             let url = format!("tcp://127.0.0.1:{port}");
             let log = std::env::temp_dir().join(format!("tansu-{port}-{}.log", std::process::id()));
             let out = std::fs::File::create(&log).unwrap();
+            let mut db = None;
             let storage = match std::env::var("TANSU_STORAGE").as_deref() {
                 Err(_) | Ok("memory") => "memory://tansu/".to_string(),
                 // tansu opens an SQLite URL's path relative to its working directory (set below).
                 Ok("sqlite") => {
-                    let db = format!("tansu-{port}-{}.db", std::process::id());
-                    let _ = std::fs::remove_file(std::env::temp_dir().join(&db));
-                    format!("sqlite://{db}")
+                    let name = format!("tansu-{port}-{}.db", std::process::id());
+                    let path = std::env::temp_dir().join(&name);
+                    remove_sqlite(&path);
+                    db = Some(path);
+                    format!("sqlite://{name}")
                 }
                 Ok(other) => panic!("TANSU_STORAGE={other:?}: expected `memory` or `sqlite`"),
             };
@@ -201,7 +207,7 @@ impl Broker {
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}; run scripts/install-tansu.sh", bin.display()));
             let mut broker =
-                Broker { child, addr: format!("127.0.0.1:{port}"), kind: BrokerKind::Tansu, log, control: None };
+                Broker { child, addr: format!("127.0.0.1:{port}"), kind: BrokerKind::Tansu, log, control: None, db };
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if TcpStream::connect(&broker.addr).is_ok() {
@@ -291,6 +297,19 @@ impl Drop for Broker {
             eprintln!("---- broker log {} ----\n{}", self.log.display(), self.log_text());
         }
         let _ = std::fs::remove_file(&self.log);
+        if let Some(db) = &self.db {
+            remove_sqlite(db);
+        }
+    }
+}
+
+/// Removes an SQLite database file and its journals (`-wal`, `-shm`, `-journal`), where present.
+fn remove_sqlite(db: &Path) {
+    let _ = std::fs::remove_file(db);
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut journal = db.as_os_str().to_owned();
+        journal.push(suffix);
+        let _ = std::fs::remove_file(journal);
     }
 }
 

@@ -158,7 +158,7 @@ if [ "$e2e_count" -gt 0 ]; then
   # on the worker's two cores (tansu's memory engine also stores each batch as an object that every fetch of
   # its partition lists). Upstream of the worker's receipt, so not in its own latency; in loadgen's, yes.
   "$bin" loadgen --brokers "$brokers" --data "$data" --rate "$rate" --duration 20s --settle-timeout 60s --quiet \
-    --client fetch.wait.max.ms=1 --client "linger.ms=$e2e_linger" --json >"$out/e2e-half.json"
+    --consumer fetch.wait.max.ms=1 --producer "linger.ms=$e2e_linger" --json >"$out/e2e-half.json"
   cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"
   # In `triagem bench`'s table and JSON (--cpu-shares below).

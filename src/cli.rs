@@ -154,6 +154,14 @@ pub struct LoadgenArgs {
         value_parser = parse_key_value
     )]
     pub client: Vec<(String, String)>,
+    /// librdkafka setting for the producer only (over --client), key=value (repeatable), e.g.
+    /// --producer linger.ms=20, as the worker's [kafka.producer].
+    #[arg(long, env = "TRIAGEM_LOADGEN_PRODUCER", value_delimiter = ',', value_parser = parse_key_value)]
+    pub producer: Vec<(String, String)>,
+    /// librdkafka setting for the consumer that reads the outputs only (over --client), key=value
+    /// (repeatable), e.g. --consumer fetch.wait.max.ms=1, as the worker's [kafka.consumer].
+    #[arg(long, env = "TRIAGEM_LOADGEN_CONSUMER", value_delimiter = ',', value_parser = parse_key_value)]
+    pub consumer: Vec<(String, String)>,
     /// Read the outputs with isolation.level=read_committed, as a downstream consumer of a worker with
     /// kafka.delivery = "exactly_once" must: an output counts once its transaction commits (without the flag:
     /// read_uncommitted, an output counts as soon as it is written, an aborted one included).
@@ -525,6 +533,11 @@ mod tests {
         assert!(parse_key_value("linger.ms").is_err());
         assert!(parse_key_value("=1").is_err());
         assert!(parse(&["--client", "linger.ms"]).is_err());
+        let a = loadgen(&["--producer", "linger.ms=20", "--consumer", "fetch.wait.max.ms=1"]);
+        assert_eq!(
+            (a.producer, a.consumer, a.client),
+            (vec![("linger.ms".into(), "20".into())], vec![("fetch.wait.max.ms".into(), "1".into())], vec![])
+        );
         assert!(loadgen(&["--read-committed"]).read_committed);
         assert!(!loadgen(&[]).read_committed);
     }

@@ -229,6 +229,8 @@ fn run_loadgen(a: LoadgenArgs) -> Result<()> {
         poison_percent: a.poison_percent,
         settle_timeout: a.settle_timeout,
         client: a.client,
+        producer: a.producer,
+        consumer: a.consumer,
         progress: !a.quiet,
         read_committed: a.read_committed,
         backlog: a.backlog,

@@ -50,7 +50,7 @@ mod tracker;
 pub use payload::{payload, poison_kind, read_texts, send_offset, PoisonKind};
 pub use tracker::{output_id, LatencySummary, LoadgenReport, Receipt, Record, Tracker};
 
-use kafka::{client_config, consumer_at_end};
+use kafka::{client_config, consumer_at_end, Role};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -93,6 +93,10 @@ pub struct LoadgenOptions {
     pub settle_timeout: Duration,
     /// librdkafka settings for both the producer and the consumer.
     pub client: Vec<(String, String)>,
+    /// librdkafka settings for the producer only, over `client`.
+    pub producer: Vec<(String, String)>,
+    /// librdkafka settings for the consumer (the outputs' reader) only, over `client`.
+    pub consumer: Vec<(String, String)>,
     /// Draw progress bars on stderr.
     pub progress: bool,
     /// Read the outputs with `isolation.level = read_committed` (an exactly-once worker's outputs
@@ -120,6 +124,8 @@ impl LoadgenOptions {
             poison_percent: 0.0,
             settle_timeout: Duration::from_secs(30),
             client: Vec::new(),
+            producer: Vec::new(),
+            consumer: Vec::new(),
             progress: false,
             read_committed: false,
             backlog: None,
@@ -294,7 +300,8 @@ pub async fn run(opts: LoadgenOptions) -> Result<LoadgenReport, LoadgenError> {
             .await
             .map_err(|e| LoadgenError::Task(e.to_string()))??
     };
-    let producer: FutureProducer = client_config(&opts, &[]).create().map_err(kafka_error("creating the producer"))?;
+    let producer: FutureProducer =
+        client_config(&opts, Role::Producer, &[]).create().map_err(kafka_error("creating the producer"))?;
 
     let expected = match opts.limit {
         Limit::Count(n) => Some(n),

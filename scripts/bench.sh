@@ -17,7 +17,8 @@
 #        BENCH_DATA (data/teste.jsonl), E2E_COUNT (20000; 0 skips the end-to-end runs),
 #        E2E_LATENCY_RATE (the latency run's rate in msg/s; default half the as-fast-as-possible throughput:
 #        a fixed rate compares two builds at the same load), E2E_LINGER_MS (20: loadgen's producer's linger.ms
-#        in that run), BROKER (test | tansu; TANSU_STORAGE memory |
+#        in that run), E2E_READER_WAIT_MS (loadgen's reader's fetch.wait.max.ms in that run: 1 against the test
+#        broker, 100 against tansu), BROKER (test | tansu; TANSU_STORAGE memory |
 #        sqlite, the latter for a tansu built with --features libsql), BENCH_OUT (a directory to
 #        keep the parts in), BENCH_DEVICE (cpu; cuda runs
 #        the worker, `triagem bench` and the peers on the GPU), BENCH_BATCH_SIZES (1,8,32), BENCH_PEAK_GFLOPS
@@ -37,6 +38,10 @@ data=${BENCH_DATA:-data/teste.jsonl}
 e2e_count=${E2E_COUNT:-20000}
 broker_kind=${BROKER:-test}
 e2e_linger=${E2E_LINGER_MS:-20}
+# The test broker answers a fetch once data arrive (or ~10 ms later: a short wait keeps that out of loadgen's
+# latency); tansu holds every fetch for the whole wait, so a 1 ms wait makes loadgen's reader a busy poll —
+# ~1,000 fetches a second, each listing every stored batch of the output partitions (0.2 of the two cores).
+if [ "$broker_kind" = tansu ]; then e2e_reader_wait=${E2E_READER_WAIT_MS:-100}; else e2e_reader_wait=${E2E_READER_WAIT_MS:-1}; fi
 python=${TRIAGEM_BENCH_PYTHON:-}
 device=${BENCH_DEVICE:-cpu}
 sizes=${BENCH_BATCH_SIZES:-1,8,32}
@@ -145,9 +150,9 @@ if [ "$e2e_count" -gt 0 ]; then
   else
     say "worker end to end at half that rate: $rate msg/s for 20 s"
   fi
-  # loadgen's reader asks for outputs every millisecond: with librdkafka's default fetch.wait.max.ms
-  # (500) the broker may hold its fetch ~10 ms past an output's arrival, which is the reader's latency,
-  # not the worker's.
+  # loadgen's reader asks for outputs every E2E_READER_WAIT_MS (above): with librdkafka's default
+  # fetch.wait.max.ms (500) the test broker may hold its fetch ~10 ms past an output's arrival, which is the
+  # reader's latency, not the worker's.
   # The worker's own latency over this run: its /metrics before and after.
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-before-half.txt"
   # Who used the cores meanwhile: the worker shares them with the broker and loadgen, and its latency tail
@@ -158,16 +163,16 @@ if [ "$e2e_count" -gt 0 ]; then
   # on the worker's two cores (tansu's memory engine also stores each batch as an object that every fetch of
   # its partition lists). Upstream of the worker's receipt, so not in its own latency; in loadgen's, yes.
   "$bin" loadgen --brokers "$brokers" --data "$data" --rate "$rate" --duration 20s --settle-timeout 60s --quiet \
-    --consumer fetch.wait.max.ms=1 --producer "linger.ms=$e2e_linger" --json >"$out/e2e-half.json"
+    --consumer "fetch.wait.max.ms=$e2e_reader_wait" --producer "linger.ms=$e2e_linger" --json >"$out/e2e-half.json"
   cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"
   # In `triagem bench`'s table and JSON (--cpu-shares below).
   awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
     -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
-    -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v linger="$e2e_linger" \
+    -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v linger="$e2e_linger" -v wait="$e2e_reader_wait" \
     'BEGIN { wall = total / n; if (wall <= 0) exit
-      printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f, \"loadgen_linger_ms\": %d}\n",
-        kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total, linger }' >"$out/cpu-latency-run.json"
+      printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f, \"loadgen_linger_ms\": %d, \"loadgen_fetch_wait_ms\": %d}\n",
+        kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total, linger, wait }' >"$out/cpu-latency-run.json"
   grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' "$out/metrics-after-half.txt" \
     >"$out/worker-metrics.txt" || true
   cleanup

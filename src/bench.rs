@@ -159,6 +159,10 @@ pub struct CpuShares {
     /// requests the broker had to answer), when the file says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loadgen_linger_ms: Option<u64>,
+    /// loadgen's reader's `fetch.wait.max.ms` in that run (how often it
+    /// asked the broker for outputs), when the file says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadgen_fetch_wait_ms: Option<u64>,
 }
 
 /// The model's share of a backlog drain: the growth of the worker's `triagem_inference_seconds_sum`
@@ -757,6 +761,11 @@ impl BenchReport {
             if let Some(ms) = c.loadgen_linger_ms {
                 s.push_str(&format!("  loadgen's producer lingered {ms} ms (linger.ms) in that run\n"));
             }
+            if let Some(ms) = c.loadgen_fetch_wait_ms {
+                s.push_str(&format!(
+                    "  loadgen's reader waited up to {ms} ms a fetch (fetch.wait.max.ms) in that run\n"
+                ));
+            }
         }
         s.push_str(&format!("peak resident memory {:.1} MiB\n", self.peak_rss_bytes as f64 / 1048576.0));
         s
@@ -857,12 +866,12 @@ mod tests {
         let good = dir.path().join("cpu.json");
         std::fs::write(
             &good,
-            r#"{"broker": "tansu (sqlite)", "worker_cores": 0.9, "broker_cores": 0.75, "other_cores": 0.1, "cores": 2, "machine_busy": 0.875, "loadgen_linger_ms": 20}"#,
+            r#"{"broker": "tansu (sqlite)", "worker_cores": 0.9, "broker_cores": 0.75, "other_cores": 0.1, "cores": 2, "machine_busy": 0.875, "loadgen_linger_ms": 20, "loadgen_fetch_wait_ms": 100}"#,
         )
         .unwrap();
         let c = read_cpu_shares(&good).unwrap();
         assert_eq!((c.broker.as_str(), c.broker_cores, c.cores, c.machine_busy), ("tansu (sqlite)", 0.75, 2, 0.875));
-        assert_eq!(c.loadgen_linger_ms, Some(20));
+        assert_eq!((c.loadgen_linger_ms, c.loadgen_fetch_wait_ms), (Some(20), Some(100)));
         let bad = dir.path().join("other.json");
         std::fs::write(&bad, r#"{"throughput": 7000}"#).unwrap();
         let e = read_cpu_shares(&bad).unwrap_err().to_string();

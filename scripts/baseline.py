@@ -67,19 +67,29 @@ def load(path):
     return texts, labels
 
 
-def expected_calibration_error(confidences, correct, bins=10):
-    """Equal-width bins over [0, 1]; sum over bins of |bin| / n * |accuracy - mean confidence|."""
-    n = len(confidences)
-    total = 0.0
+def reliability(confidences, correct, bins=10):
+    """Equal-width bins of the top score over (0, 1] (0 in the first), as `triagem eval`'s
+    `reliability`: per non-empty bin, its bounds, examples, mean score and accuracy."""
+    table = []
     for b in range(bins):
         lo, hi = b / bins, (b + 1) / bins
         idx = [i for i, c in enumerate(confidences) if (lo < c <= hi) or (b == 0 and c == 0.0)]
         if not idx:
             continue
-        acc = sum(correct[i] for i in idx) / len(idx)
-        conf = sum(confidences[i] for i in idx) / len(idx)
-        total += len(idx) / n * abs(acc - conf)
-    return total
+        table.append({
+            "lower": lo,
+            "upper": hi,
+            "examples": len(idx),
+            "mean_confidence": sum(confidences[i] for i in idx) / len(idx),
+            "accuracy": sum(correct[i] for i in idx) / len(idx),
+        })
+    return table
+
+
+def expected_calibration_error(table):
+    """Sum over the reliability table's bins of |bin| / n * |accuracy - mean confidence|."""
+    n = sum(b["examples"] for b in table)
+    return sum(b["examples"] / n * abs(b["accuracy"] - b["mean_confidence"]) for b in table) if n else 0.0
 
 
 def review_curve(confidences, correct):
@@ -118,6 +128,7 @@ def report(labels, texts, truth, predicted, confidences):
         per_label[l] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     correct = [t == p for t, p in zip(truth, predicted)]
     n = len(texts)
+    table = reliability(confidences, correct)
     return {
         "examples": n,
         "accuracy": sum(correct) / n if n else 0.0,
@@ -125,7 +136,8 @@ def report(labels, texts, truth, predicted, confidences):
         "per_label": per_label,
         "confusion": {"labels": labels, "matrix": matrix},
         "mistakes": mistakes[:10],
-        "ece": expected_calibration_error(confidences, correct),
+        "ece": expected_calibration_error(table),
+        "reliability": table,
         "review": review_curve(confidences, correct),
     }
 

@@ -68,18 +68,30 @@ pub struct Report {
     pub mistakes: Vec<Mistake>,
     /// Expected calibration error of the top score over [`ECE_BINS`] equal-width bins.
     pub ece: f64,
+    /// The bins behind it: per non-empty bin, the mean top score against the accuracy.
+    pub reliability: Vec<ReliabilityBin>,
     /// Review share and errors caught for each of [`REVIEW_THRESHOLDS`].
     pub review: Vec<ReviewPoint>,
 }
 
-/// Expected calibration error: the examples are put in `bins` equal-width
-/// bins of confidence over (0, 1]; the error is the sum over bins of the
-/// bin's share of the examples times |its accuracy − its mean confidence|.
-pub fn expected_calibration_error(confidences: &[f32], correct: &[bool], bins: usize) -> f64 {
-    let n = confidences.len();
-    if n == 0 || bins == 0 {
-        return 0.0;
-    }
+/// One equal-width confidence bin of the reliability table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReliabilityBin {
+    /// The bin holds the top scores in (`lower`, `upper`] (the first bin also 0).
+    pub lower: f32,
+    pub upper: f32,
+    /// Examples whose top score falls in it.
+    pub examples: usize,
+    /// Their mean top score: what the model claims.
+    pub mean_confidence: f64,
+    /// The share of them predicted right: what it gets.
+    pub accuracy: f64,
+}
+
+/// The reliability table: the examples put in `bins` equal-width bins of
+/// their top score over (0, 1], and for each non-empty bin the mean score
+/// against the accuracy (a calibrated model has the two equal in every bin).
+pub fn reliability(confidences: &[f32], correct: &[bool], bins: usize) -> Vec<ReliabilityBin> {
     let mut count = vec![0usize; bins];
     let mut hits = vec![0usize; bins];
     let mut conf_sum = vec![0f64; bins];
@@ -92,10 +104,31 @@ pub fn expected_calibration_error(confidences: &[f32], correct: &[bool], bins: u
     }
     (0..bins)
         .filter(|&b| count[b] > 0)
-        .map(|b| {
-            (count[b] as f64 / n as f64) * (hits[b] as f64 / count[b] as f64 - conf_sum[b] / count[b] as f64).abs()
+        .map(|b| ReliabilityBin {
+            lower: b as f32 / bins as f32,
+            upper: (b + 1) as f32 / bins as f32,
+            examples: count[b],
+            mean_confidence: conf_sum[b] / count[b] as f64,
+            accuracy: hits[b] as f64 / count[b] as f64,
         })
-        .sum()
+        .collect()
+}
+
+/// Expected calibration error over a [`reliability`] table: the sum over
+/// its bins of the bin's share of the examples times |its accuracy − its
+/// mean confidence|.
+pub fn calibration_error(table: &[ReliabilityBin]) -> f64 {
+    let n: usize = table.iter().map(|b| b.examples).sum();
+    if n == 0 {
+        return 0.0;
+    }
+    table.iter().map(|b| (b.examples as f64 / n as f64) * (b.accuracy - b.mean_confidence).abs()).sum()
+}
+
+/// Expected calibration error of `confidences` over `bins` equal-width bins
+/// (see [`reliability`] and [`calibration_error`]).
+pub fn expected_calibration_error(confidences: &[f32], correct: &[bool], bins: usize) -> f64 {
+    calibration_error(&reliability(confidences, correct, bins))
 }
 
 /// For each threshold: the share of examples scored below it, and the share of the wrong ones among those.
@@ -178,6 +211,7 @@ impl Report {
         let correct: usize = (0..n).map(|i| matrix[i][i]).sum();
         let confidences: Vec<f32> = predictions.iter().map(|p| p.score).collect();
         let right: Vec<bool> = examples.iter().zip(predictions).map(|(e, p)| e.label == p.label).collect();
+        let reliability = reliability(&confidences, &right, ECE_BINS);
         Report {
             examples: examples.len(),
             accuracy: ratio(correct, examples.len()),
@@ -185,7 +219,8 @@ impl Report {
             per_label,
             confusion: Confusion { labels: labels.to_vec(), matrix },
             mistakes,
-            ece: expected_calibration_error(&confidences, &right, ECE_BINS),
+            ece: calibration_error(&reliability),
+            reliability,
             review: review_curve(&confidences, &right, &REVIEW_THRESHOLDS),
         }
     }
@@ -217,6 +252,14 @@ impl Report {
         let errors =
             self.examples - (0..self.confusion.labels.len()).map(|i| self.confusion.matrix[i][i]).sum::<usize>();
         let _ = writeln!(s, "\n\nexpected calibration error ({ECE_BINS} bins)  {:.4}", self.ece);
+        let _ = writeln!(s, "reliability (top score bin: examples, mean score, accuracy)");
+        for b in &self.reliability {
+            let _ = writeln!(
+                s,
+                "  ({:.1}, {:.1}]  {:>6}  {:.4}  {:.4}",
+                b.lower, b.upper, b.examples, b.mean_confidence, b.accuracy
+            );
+        }
         let _ = writeln!(
             s,
             "review threshold (routing.min_confidence): share sent to review, share of the {errors} errors caught"
@@ -269,6 +312,35 @@ mod tests {
         let at = |t: f32| r.review.iter().find(|p| p.min_confidence == t).unwrap().clone();
         assert_eq!((at(0.7).sent_to_review, at(0.7).errors_caught), (0.25, 0.0));
         assert_eq!((at(0.85).sent_to_review, at(0.85).errors_caught), (0.75, 1.0));
+    }
+
+    #[test]
+    fn the_reliability_table_is_what_the_calibration_error_sums() {
+        // Five examples in (0.9, 1.0], four right; two in (0.6, 0.7], one right; none elsewhere.
+        let conf = [0.95, 0.99, 0.91, 1.0, 0.95, 0.65, 0.7];
+        let right = [true, true, false, true, true, true, false];
+        let table = reliability(&conf, &right, 10);
+        assert_eq!(table.len(), 2, "{table:?}");
+        let (low, high) = (&table[0], &table[1]);
+        assert_eq!((low.lower, low.upper, low.examples), (0.6, 0.7, 2));
+        assert_eq!((high.lower, high.upper, high.examples), (0.9, 1.0, 5));
+        assert!((low.mean_confidence - 0.675).abs() < 1e-6 && (low.accuracy - 0.5).abs() < 1e-12);
+        assert!((high.mean_confidence - 0.96).abs() < 1e-6 && (high.accuracy - 0.8).abs() < 1e-12);
+        let want = (2.0 / 7.0) * (0.675 - 0.5) + (5.0 / 7.0) * (0.96 - 0.8);
+        assert!((calibration_error(&table) - want).abs() < 1e-6);
+        assert!((expected_calibration_error(&conf, &right, 10) - want).abs() < 1e-6);
+        // The report carries the same table, and prints a line per bin.
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let examples: Vec<Example> =
+            right.iter().map(|_| Example { text: "t".into(), label: "venda".into() }).collect();
+        let preds: Vec<Prediction> =
+            conf.iter().zip(right).map(|(&c, ok)| pred(if ok { "venda" } else { "suporte" }, c)).collect();
+        let r = Report::new(&labels, &examples, &preds);
+        assert_eq!(r.reliability, table);
+        assert!((r.ece - want).abs() < 1e-6);
+        let text = r.render();
+        assert!(text.contains("  (0.9, 1.0]       5  0.9600  0.8000"), "{text}");
+        assert!(text.contains("  (0.6, 0.7]       2  0.6750  0.5000"), "{text}");
     }
 
     #[test]

@@ -27,6 +27,12 @@ const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 const WORKER_LATENCY_BUCKETS: &[f64] =
     &[0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
+/// Buckets of `triagem_prediction_score`: a calibrated top score, finest
+/// where review thresholds sit (`routing.min_confidence`, 0.96 by default).
+/// A two-label model's top score is at least 0.5; a model with more labels
+/// counts lower ones in the first bucket.
+const SCORE_BUCKETS: &[f64] = &[0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999];
+
 /// Buckets of `triagem_transaction_duration_seconds`.
 const TRANSACTION_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -47,6 +53,9 @@ pub struct Metrics {
     pub consumed: IntCounterVec,
     /// `triagem_messages_classified_total{label}`
     pub classified: IntCounterVec,
+    /// `triagem_prediction_score{label}`: each classified message's calibrated
+    /// top score, the one `routing.min_confidence` is compared with.
+    pub prediction_score: HistogramVec,
     /// `triagem_messages_routed_total{topic,label}`
     pub routed: IntCounterVec,
     /// `triagem_messages_review_total{label}`
@@ -177,6 +186,14 @@ impl Metrics {
                 &r,
                 "messages_classified_total",
                 "Messages the model classified, by predicted label.",
+                &["label"],
+            )?,
+            prediction_score: histogram_vec(
+                &r,
+                "prediction_score",
+                "Calibrated score of each classified message's predicted label (the one routing.min_confidence is \
+                 compared with), by predicted label.",
+                SCORE_BUCKETS,
                 &["label"],
             )?,
             routed: counter(
@@ -357,6 +374,7 @@ impl Metrics {
     pub fn preset(&self, labels: &[String], routes: &[(String, String)], dead_letter_topic: &str, reasons: &[&str]) {
         for label in labels {
             self.classified.with_label_values(&[label.as_str()]);
+            self.prediction_score.with_label_values(&[label.as_str()]);
             self.review.with_label_values(&[label.as_str()]);
         }
         for (label, topic) in routes {
@@ -524,6 +542,7 @@ mod tests {
         // Labelled families only appear once a child exists.
         m.consumed.with_label_values(&["t", "0"]).inc();
         m.classified.with_label_values(&["venda"]).inc();
+        m.prediction_score.with_label_values(&["venda"]).observe(0.97);
         m.routed.with_label_values(&["t", "venda"]).inc();
         m.review.with_label_values(&["venda"]).inc();
         m.dead_lettered.with_label_values(&["oversize"]).inc();

@@ -184,6 +184,7 @@ fn dashboard_shows_every_view_operators_need() {
         "triagem_messages_routed_total",
         "triagem_messages_consumed_total",
         "triagem_messages_review_total",
+        "triagem_prediction_score_bucket",
         "triagem_messages_dead_lettered_total",
         "triagem_end_to_end_latency_seconds_bucket",
         "triagem_worker_latency_seconds_bucket",
@@ -214,6 +215,8 @@ fn dashboard_shows_every_view_operators_need() {
     }
     for (label, metric) in [
         ("label", "triagem_messages_classified_total"),
+        ("label", "triagem_prediction_score_bucket"),
+        ("label", "triagem_messages_review_total"),
         ("topic", "triagem_messages_routed_total"),
         ("reason", "triagem_messages_dead_lettered_total"),
         ("partition", "triagem_consumer_lag"),

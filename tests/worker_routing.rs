@@ -6,7 +6,7 @@
 mod deploy_names;
 mod worker_common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
@@ -154,6 +154,22 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
         stages_sum += sum;
     }
     let latency_sum = sample(&page, "triagem_worker_latency_seconds_sum");
+    // Each classified message's calibrated score is observed once, under its
+    // predicted label: the scores the routed outputs carry, label by label.
+    let mut by_label: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for o in &routed {
+        let v = o.json();
+        let t = &v["triagem"];
+        let e = by_label.entry(t["label"].as_str().unwrap().to_string()).or_default();
+        e.0 += 1.0;
+        e.1 += t["score"].as_f64().unwrap();
+    }
+    for (label, (count, sum)) in &by_label {
+        let c = sample(&page, &format!("triagem_prediction_score_count{{label=\"{label}\"}}"));
+        let s = sample(&page, &format!("triagem_prediction_score_sum{{label=\"{label}\"}}"));
+        assert_eq!(c, *count, "{label}: one score per classified message");
+        assert!((s - sum).abs() < 1e-4 * count, "{label}: scores observed {s}, routed {sum}");
+    }
     assert!(
         stages_sum <= latency_sum + 1e-6 && stages_sum > 0.5 * latency_sum,
         "the stages' {stages_sum} s against the latency's {latency_sum} s"

@@ -124,6 +124,7 @@ pub fn spawn<P: Predict>(
                     .zip(predictions)
                     .map(|(pending, p)| {
                         metrics.classified.with_label_values(&[p.label.as_str()]).inc();
+                        metrics.prediction_score.with_label_values(&[p.label.as_str()]).observe(f64::from(p.score));
                         Classified { pending, result: Ok(p) }
                     })
                     .collect(),

@@ -1,9 +1,10 @@
 //! Scores a classifier on a labelled data set: accuracy, per-label
 //! precision/recall/F1/support, macro-F1, the confusion matrix, the
 //! mistakes the model was most sure of, and how far its scores can be
-//! trusted: expected calibration error and, per review threshold, the share
-//! of messages a `routing.min_confidence` sends to review and the share of
-//! the errors among them.
+//! trusted: expected calibration error (with the reliability table it sums)
+//! and, per review threshold, the share of messages a
+//! `routing.min_confidence` sends to review and the share of the errors
+//! among them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

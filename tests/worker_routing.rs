@@ -154,6 +154,10 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
         stages_sum += sum;
     }
     let latency_sum = sample(&page, "triagem_worker_latency_seconds_sum");
+    assert!(
+        stages_sum <= latency_sum + 1e-6 && stages_sum > 0.5 * latency_sum,
+        "the stages' {stages_sum} s against the latency's {latency_sum} s"
+    );
     // Each classified message's calibrated score is observed once, under its
     // predicted label: the scores the routed outputs carry, label by label.
     let mut by_label: BTreeMap<String, (f64, f64)> = BTreeMap::new();
@@ -170,10 +174,6 @@ async fn each_poison_kind_goes_to_the_dlq_while_good_messages_flow() {
         assert_eq!(c, *count, "{label}: one score per classified message");
         assert!((s - sum).abs() < 1e-4 * count, "{label}: scores observed {s}, routed {sum}");
     }
-    assert!(
-        stages_sum <= latency_sum + 1e-6 && stages_sum > 0.5 * latency_sum,
-        "the stages' {stages_sum} s against the latency's {latency_sum} s"
-    );
     let u = url.clone();
     assert!(
         eventually(Duration::from_secs(15), move || sample(

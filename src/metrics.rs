@@ -408,6 +408,30 @@ impl Metrics {
     }
 }
 
+/// The series a prediction is recorded in — `triagem_messages_classified_total`
+/// and `triagem_prediction_score` of its label —, looked up once per label by
+/// the inference thread that owns it rather than once per message.
+#[derive(Default)]
+pub struct ClassifiedSeries(Vec<(String, prometheus::IntCounter, Histogram)>);
+
+impl ClassifiedSeries {
+    /// Counts one message classified as `label` and observes its calibrated `score`.
+    pub fn observe(&mut self, metrics: &Metrics, label: &str, score: f32) {
+        let i = match self.0.iter().position(|(l, ..)| l == label) {
+            Some(i) => i,
+            None => {
+                let counter = metrics.classified.with_label_values(&[label]);
+                let histogram = metrics.prediction_score.with_label_values(&[label]);
+                self.0.push((label.to_string(), counter, histogram));
+                self.0.len() - 1
+            }
+        };
+        let (_, counter, histogram) = &self.0[i];
+        counter.inc();
+        histogram.observe(f64::from(score));
+    }
+}
+
 /// `triagem_queue_depth{queue="batcher"}`: decoded messages waiting for a batch to close.
 pub const QUEUE_BATCHER: &str = "batcher";
 /// `triagem_queue_depth{queue="inference"}`: messages in closed batches waiting for the model.
@@ -569,6 +593,21 @@ mod tests {
         for name in names {
             assert!(text.contains(&format!("\n{name}")) || text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
+    }
+
+    #[test]
+    fn a_prediction_is_counted_and_its_score_observed_under_its_label() {
+        let m = Metrics::new().unwrap();
+        let mut series = ClassifiedSeries::default();
+        for (label, score) in [("venda", 0.97), ("suporte", 0.6), ("venda", 0.99)] {
+            series.observe(&m, label, score);
+        }
+        let (venda, suporte) =
+            (m.prediction_score.with_label_values(&["venda"]), m.prediction_score.with_label_values(&["suporte"]));
+        assert_eq!((venda.get_sample_count(), suporte.get_sample_count()), (2, 1));
+        assert!((venda.get_sample_sum() - 1.96).abs() < 1e-6 && (suporte.get_sample_sum() - 0.6).abs() < 1e-6);
+        assert_eq!(m.classified.with_label_values(&["venda"]).get(), 2);
+        assert_eq!(m.classified.with_label_values(&["suporte"]).get(), 1);
     }
 
     #[test]

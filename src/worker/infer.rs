@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::batcher::{Batch, ModelIdle};
 use super::message::Pending;
-use crate::metrics::{Metrics, QUEUE_INFERENCE};
+use crate::metrics::{ClassifiedSeries, Metrics, QUEUE_INFERENCE};
 use crate::model::{Classifier, ModelInfo, Prediction};
 
 /// A text's token ids as the model will see them (truncated, special tokens
@@ -84,6 +84,7 @@ pub fn spawn<P: Predict>(
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("triagem-inference".into()).spawn(move || {
         let mut window: Vec<Classified> = Vec::new();
+        let mut series = ClassifiedSeries::default();
         while let Some(mut batch) = rx.blocking_recv() {
             let closes_window = batch.closes_window;
             let n = batch.items.len();
@@ -123,8 +124,7 @@ pub fn spawn<P: Predict>(
                     .into_iter()
                     .zip(predictions)
                     .map(|(pending, p)| {
-                        metrics.classified.with_label_values(&[p.label.as_str()]).inc();
-                        metrics.prediction_score.with_label_values(&[p.label.as_str()]).observe(f64::from(p.score));
+                        series.observe(&metrics, &p.label, p.score);
                         Classified { pending, result: Ok(p) }
                     })
                     .collect(),

@@ -5,7 +5,7 @@
 #      transformers, onnx and onnxruntime is given in TRIAGEM_BENCH_PYTHON (skipped, with a message, when not);
 #   2. the worker end to end through a real broker (triagem-test-broker, librdkafka's mock cluster in its own
 #      process; BROKER=tansu for tansu): after a warm-up, a backlog sent while the worker is stopped
-#      (`loadgen --backlog`: the rate the worker drains it at, and how busy its model was), then
+#      (`loadgen --backlog`: the rate the worker drains it at, how busy its model was, who used the cores), then
 #      `triagem loadgen` as fast as possible, then at half that rate for the latency (loadgen's, end to
 #      end, and the worker's own from its /metrics before and after);
 #   3. `triagem bench`: triagem's model path at batch 1/8/32 and at the worker's batching, tokenisation
@@ -57,6 +57,19 @@ cpu_ticks() {
 }
 # machine_ticks: the machine's busy and total CPU ticks so far, all cores (/proc/stat).
 machine_ticks() { awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6; exit }' /proc/stat; }
+# cpu_shares [LINGER_MS FETCH_WAIT_MS]: the cores the worker, the broker and the rest used between cpu_before
+# and cpu_after (each: worker ticks, broker ticks, machine busy and total ticks), as `triagem bench`'s
+# --cpu-shares / --drain-cpu-shares JSON; with loadgen's linger and fetch wait in that run when given.
+cpu_shares() {
+  awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
+    -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
+    -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v linger="${1:-}" -v wait="${2:-}" \
+    'BEGIN { wall = total / n; if (wall <= 0) exit
+      printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f",
+        kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total
+      if (linger != "") printf ", \"loadgen_linger_ms\": %d, \"loadgen_fetch_wait_ms\": %d", linger, wait
+      print "}" }'
+}
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
 
@@ -136,9 +149,13 @@ if [ "$e2e_count" -gt 0 ]; then
     --settle-timeout 120s --quiet --json >"$out/e2e-backlog.json" &
   backlog_pid=$!
   for _ in $(seq 12000); do [ -f "$out/backlog.sent" ] || ! kill -0 "$backlog_pid" 2>/dev/null && break; sleep 0.01; done
+  # Who uses the cores while the worker drains: its rate is its model's on what the rest leaves it.
+  cpu_before=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   kill -CONT "$worker_pid"
   [ -f "$out/backlog.sent" ] || { say "loadgen did not send the backlog"; wait "$backlog_pid"; exit 1; }
   wait "$backlog_pid"
+  cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
+  cpu_shares >"$out/cpu-drain.json"
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-backlog.txt"
   say "worker end to end through the $broker_kind broker: $e2e_count messages as fast as possible"
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \
@@ -167,12 +184,7 @@ if [ "$e2e_count" -gt 0 ]; then
   cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-half.txt"
   # In `triagem bench`'s table and JSON (--cpu-shares below).
-  awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
-    -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
-    -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v linger="$e2e_linger" -v wait="$e2e_reader_wait" \
-    'BEGIN { wall = total / n; if (wall <= 0) exit
-      printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f, \"loadgen_linger_ms\": %d, \"loadgen_fetch_wait_ms\": %d}\n",
-        kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total, linger, wait }' >"$out/cpu-latency-run.json"
+  cpu_shares "$e2e_linger" "$e2e_reader_wait" >"$out/cpu-latency-run.json"
   grep -E '^triagem_(batch_size|batch_tokens|inference_seconds)_(sum|count)' "$out/metrics-after-half.txt" \
     >"$out/worker-metrics.txt" || true
   cleanup
@@ -181,6 +193,7 @@ if [ "$e2e_count" -gt 0 ]; then
     --worker-metrics "$out/metrics-before-half.txt" --worker-metrics "$out/metrics-after-half.txt"
     --drain-metrics "$out/metrics-before-backlog.txt" --drain-metrics "$out/metrics-after-backlog.txt")
   if [ -s "$out/cpu-latency-run.json" ]; then e2e_args+=(--cpu-shares "$out/cpu-latency-run.json"); fi
+  if [ -s "$out/cpu-drain.json" ]; then e2e_args+=(--drain-cpu-shares "$out/cpu-drain.json"); fi
 fi
 
 say "triagem's model path on $device, $threads threads"

@@ -65,6 +65,8 @@ pub struct BenchOptions {
     pub drain_metrics: Vec<PathBuf>,
     /// Who used the cores during the run at half load ([`CpuShares`] as JSON), when measured.
     pub cpu_shares: Option<PathBuf>,
+    /// Who used the cores while the worker drained the backlog ([`CpuShares`] as JSON), when measured.
+    pub drain_cpu_shares: Option<PathBuf>,
 }
 
 /// Why the benchmark could not run.
@@ -138,11 +140,16 @@ pub struct BenchReport {
     /// on what the broker and the load generator leave it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_shares: Option<CpuShares>,
+    /// Who used the cores while the worker drained the backlog, when given: the drain rate is its
+    /// model's on what the broker, loadgen's reader and the worker's own Kafka path leave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_cpu_shares: Option<CpuShares>,
     pub peak_rss_bytes: u64,
 }
 
-/// Cores used during the run at half load, from the processes' and the
-/// machine's CPU ticks before and after it (`scripts/bench.sh`).
+/// Cores used during a run (the one at half load, or the backlog's drain),
+/// from the processes' and the machine's CPU ticks before and after it
+/// (`scripts/bench.sh`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CpuShares {
     /// The broker the worker ran against (`test`, `tansu`, …).
@@ -343,6 +350,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     })?;
 
     let cpu_shares = opts.cpu_shares.as_ref().map(read_cpu_shares).transpose()?;
+    let drain_cpu_shares = opts.drain_cpu_shares.as_ref().map(read_cpu_shares).transpose()?;
 
     let mflop_per_message = flops_per_message(&cfg, classifier.labels().len(), mean_tokens) / 1e6;
     let mflop_computed_per_message = if classifier.serves_on_cpu_path() {
@@ -378,6 +386,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         worker_latency,
         drain,
         cpu_shares,
+        drain_cpu_shares,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -537,6 +546,21 @@ fn padded_tokens(classifier: &Classifier, lengths: &[usize]) -> usize {
 }
 
 /// The median of `xs` (the mean of the middle two for an even count); NaN when empty.
+impl CpuShares {
+    /// "the worker used 0.90 cores, the tansu broker 0.42, the rest 0.12; the machine's 2 cores were 72 % busy".
+    pub fn describe(&self) -> String {
+        format!(
+            "the worker used {:.2} cores, the {} broker {:.2}, the rest {:.2}; the machine's {} cores were {:.0} % busy",
+            self.worker_cores,
+            self.broker,
+            self.broker_cores,
+            self.other_cores,
+            self.cores,
+            100.0 * self.machine_busy
+        )
+    }
+}
+
 fn median(xs: &[f64]) -> f64 {
     let mut sorted = xs.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -705,6 +729,9 @@ impl BenchReport {
                         100.0 * d.model_busy
                     ));
                 }
+                if let Some(c) = &self.drain_cpu_shares {
+                    s.push_str(&format!("  meanwhile {}\n", c.describe()));
+                }
                 continue;
             }
             s.push_str(&format!(
@@ -748,16 +775,7 @@ impl BenchReport {
             }
         }
         if let Some(c) = &self.cpu_shares {
-            s.push_str(&format!(
-                "during the run at half load: the worker used {:.2} cores, the {} broker {:.2}, the rest {:.2}; \
-                 the machine's {} cores were {:.0} % busy\n",
-                c.worker_cores,
-                c.broker,
-                c.broker_cores,
-                c.other_cores,
-                c.cores,
-                100.0 * c.machine_busy
-            ));
+            s.push_str(&format!("during the run at half load: {}\n", c.describe()));
             if let Some(ms) = c.loadgen_linger_ms {
                 s.push_str(&format!("  loadgen's producer lingered {ms} ms (linger.ms) in that run\n"));
             }
@@ -872,6 +890,19 @@ mod tests {
         let c = read_cpu_shares(&good).unwrap();
         assert_eq!((c.broker.as_str(), c.broker_cores, c.cores, c.machine_busy), ("tansu (sqlite)", 0.75, 2, 0.875));
         assert_eq!((c.loadgen_linger_ms, c.loadgen_fetch_wait_ms), (Some(20), Some(100)));
+        assert_eq!(
+            c.describe(),
+            "the worker used 0.90 cores, the tansu (sqlite) broker 0.75, the rest 0.10; the machine's 2 cores were 88 % busy"
+        );
+        // The drain's file: no loadgen settings (its reader and producer keep their defaults there).
+        let drain = dir.path().join("cpu-drain.json");
+        std::fs::write(
+            &drain,
+            r#"{"broker": "test", "worker_cores": 1.65, "broker_cores": 0.05, "other_cores": 0.2, "cores": 2, "machine_busy": 0.95}"#,
+        )
+        .unwrap();
+        let d = read_cpu_shares(&drain).unwrap();
+        assert_eq!((d.worker_cores, d.loadgen_linger_ms, d.loadgen_fetch_wait_ms), (1.65, None, None));
         let bad = dir.path().join("other.json");
         std::fs::write(&bad, r#"{"throughput": 7000}"#).unwrap();
         let e = read_cpu_shares(&bad).unwrap_err().to_string();

@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// worker's, the broker's and the rest's cores, and how busy the machine was), to report beside it.
     #[arg(long)]
     pub cpu_shares: Option<PathBuf>,
+    /// The same for the backlog run, from the worker's resumption to its last output read back
+    /// (scripts/bench.sh's `cpu-drain.json`): what the drain rate shared the cores with.
+    #[arg(long)]
+    pub drain_cpu_shares: Option<PathBuf>,
     /// The worker's batch.max_wait, for that bound.
     #[arg(long, env = "TRIAGEM__BATCH__MAX_WAIT", value_parser = humantime::parse_duration, default_value = "20ms")]
     pub max_wait: std::time::Duration,

@@ -276,6 +276,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         max_wait: a.max_wait,
         drain_metrics: a.drain_metrics,
         cpu_shares: a.cpu_shares,
+        drain_cpu_shares: a.drain_cpu_shares,
     })?;
     if !a.json {
         println!("{}", report.render());

@@ -242,7 +242,9 @@ async fn outputs_over_the_producers_limit_are_dead_lettered_and_the_rest_flows()
 
 /// An output topic that does not exist: the worker is not ready and says
 /// which topic (`/readyz`, `triagem_output_topic_unavailable`), the outputs for
-/// the other topics keep flowing; once nothing has been acknowledged for
+/// the other topics keep flowing, while the group's committed offset stays
+/// at the first input held for the missing one (outputs acknowledged out of
+/// input order commit nothing past it); once nothing has been acknowledged for
 /// `health.stall_timeout` it is not live either (`/healthz` 503,
 /// `triagem_stalled`); once the topic is created everything held for it is
 /// routed and the worker is ready and live.
@@ -294,6 +296,15 @@ async fn a_missing_output_topic_is_reported_and_the_rest_flows() {
         metric(&url, &format!("triagem_oldest_unacked_seconds{{partition=\"0\",topic=\"{}\"}}", topics.input)).await;
     println!("oldest unacknowledged message of the stuck partition: {age} s");
     assert!(age >= 1.0, "oldest unacknowledged age {age}");
+    // Nor does the group's commit pass the first of them, although outputs of later inputs (to venda) are
+    // acknowledged: the committed offset stops at the first input whose output waits for the missing topic.
+    let first_held = expected.iter().position(|p| p.label == "suporte").unwrap();
+    assert!(expected[first_held..].iter().any(|p| p.label == "venda"), "no acknowledged output after a held one");
+    let committed = committed(&broker.addr, &group, &topics.input, 1).await[0].unwrap_or(0);
+    assert!(
+        committed <= first_held as i64,
+        "committed offset {committed} passes offset {first_held}, whose output waits for the missing topic"
+    );
 
     broker.create_topic(&topics.suporte, 1).await;
     let outs = read_outputs(&broker.addr, &topics.outputs(), LIMIT, |o| o.len() >= n).await;

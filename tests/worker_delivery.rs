@@ -66,6 +66,8 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
 
 /// SIGTERM mid-stream: the worker finishes what it took, commits synchronously
 /// and exits 0; a restarted worker then routes the rest without duplicates.
+/// The periodic commit is 1 h here, so the offsets committed are the
+/// shutdown's alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_commits_and_exits_0() {
     let broker = Broker::start().await;
@@ -75,10 +77,10 @@ async fn sigterm_finishes_commits_and_exits_0() {
     let group = unique("g-term");
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
     let p = producer(&broker.addr);
-    let n = 300;
+    let n = 10_000;
     produce_all(&p, &topics.input, &chat_inputs(0, n)).await;
 
-    let mut worker = WorkerProc::start(&config, &[]);
+    let mut worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__COMMIT_INTERVAL", "1h")]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     assert!(tokio::task::spawn_blocking(
         move || eventually_blocking(LIMIT, || outputs_acknowledged_blocking(&url) >= 20.0)
@@ -95,6 +97,7 @@ async fn sigterm_finishes_commits_and_exits_0() {
     let routed = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(3)).await.len() as i64;
     let committed_now = committed_total(&broker.addr, &group, &topics.input, 2).await;
     println!("SIGTERM after {routed} outputs; committed {committed_now}");
+    assert!(routed > 0 && routed < n as i64, "SIGTERM after {routed} of {n} outputs: not mid-stream");
     assert_eq!(committed_now, routed, "committed offsets must cover exactly the routed messages");
 
     let _restarted = WorkerProc::start(&config, &[]);

@@ -73,6 +73,10 @@ fn setup(name: &str) -> Setup {
     cfg.kafka.input_topic = format!("{name}.in");
     cfg.kafka.commit_interval = Duration::from_millis(50);
     cfg.kafka.produce_retry_backoff = Duration::from_millis(100);
+    // As the process tests' harness does: librdkafka's first join sometimes rejoins at once ("Metadata for
+    // subscribed topic(s) has changed"), and the mock cluster answers that rejoin only after the session
+    // timeout less a second — 44 s at librdkafka's default, 5 s here (one run in eight took 48 s before).
+    cfg.kafka.consumer.0.insert("session.timeout.ms".into(), "6000".into());
     cfg.routing.topics.insert("venda".into(), format!("{name}.venda"));
     cfg.routing.topics.insert("suporte".into(), format!("{name}.suporte"));
     cfg.routing.review_topic = format!("{name}.revisao");
@@ -222,7 +226,9 @@ async fn rejected_produces_are_retried_and_nothing_is_committed_early() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_commits_everything_routed() {
-    let s = setup("graceful");
+    let mut s = setup("graceful");
+    // No periodic commit before the shutdown: what is committed is the shutdown's doing.
+    s.cfg.kafka.commit_interval = Duration::from_secs(3600);
     let n = 30;
     produce_inputs(&s.cfg.kafka.brokers, &s.cfg.kafka.input_topic, n).await;
     let (trigger, shutdown) = Shutdown::new();

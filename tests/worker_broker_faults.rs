@@ -124,7 +124,14 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "[kafka.consumer]\n\"group.instance.id\" = \"1-worker\"\n\"session.timeout.ms\" = \"6000\"\n";
     let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
-    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s")]);
+    let worker = WorkerProc::start(
+        &config,
+        &[
+            ("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s"),
+            ("TRIAGEM__KAFKA__PRODUCER__MESSAGE__TIMEOUT__MS", "1000"),
+            ("TRIAGEM__KAFKA__CONSUMER__SESSION__TIMEOUT__MS", "30000"),
+        ],
+    );
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let readyz = url.replace("/metrics", "/readyz");
     let (u, r) = (url.clone(), readyz.clone());
@@ -540,19 +547,37 @@ async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
 /// The broker gone for 10 s mid-stream (the test broker drops every
 /// connection and refuses new ones), then back: the worker reports not ready
 /// meanwhile (`/readyz` 503) and, once the broker is back, routes everything:
-/// nothing lost, duplicates counted.
+/// nothing lost, duplicates counted. The producer's `message.timeout.ms` is
+/// 1 s here, so that the outputs held meanwhile fail in librdkafka
+/// (`MessageTimedOut`) several times over and the worker's own retry is what
+/// keeps them (with librdkafka's 30 s its internal retries outlast the
+/// outage); the consumer's session timeout is 30 s, longer than the outage,
+/// so that the group keeps the worker — with 6 s it would drop it, and the
+/// partitions consumed again from the committed offsets would redeliver every
+/// held input, hiding an output the retry lost. Every slot of
+/// `kafka.max_in_flight` is taken meanwhile (fetching paused) while the
+/// consumer reports errors: the worker must resume fetching once the outputs
+/// are delivered (one run in six stalled for good, paused with nothing in
+/// flight, before the consume stage resumed on room seen by any wait).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
     let broker = Broker::start().await;
     let topics = Topics::new("down");
     broker.create_topics(&topics, 2).await;
     let group = unique("g-down");
-    let n = 4000;
+    let n = 20_000; // enough that the worker is still busy when the broker goes down
     let inputs = chat_inputs(0, n);
     produce_all(&producer(&broker.addr), &topics.input, &inputs).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &broker.addr, &group, &topics, "");
-    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s")]);
+    let worker = WorkerProc::start(
+        &config,
+        &[
+            ("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s"),
+            ("TRIAGEM__KAFKA__PRODUCER__MESSAGE__TIMEOUT__MS", "1000"),
+            ("TRIAGEM__KAFKA__CONSUMER__SESSION__TIMEOUT__MS", "30000"),
+        ],
+    );
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let readyz = url.replace("/metrics", "/readyz");
     let u = url.clone();
@@ -572,14 +597,25 @@ async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {
     broker.up().await;
     assert!(not_ready, "/readyz stayed 200 with the broker down:\n{}", worker.log_text());
     let (outs, ids) = read_ids(&broker.addr, &topics.outputs(), LIMIT, n).await;
-    assert_eq!(ids.len(), n, "inputs lost ({} outputs read):\n{}", outs.len(), worker.log_text());
+    assert_eq!(
+        ids.len(),
+        n,
+        "inputs lost ({} outputs read; paused {}, in flight {}):\n{}",
+        outs.len(),
+        metric(&url, "triagem_consumer_paused").await,
+        metric(&url, "triagem_in_flight_messages").await,
+        worker.log_text()
+    );
     let r = readyz.clone();
     let ready = eventually(Duration::from_secs(30), move || http_get_blocking(&r).0 == 200).await;
     assert!(ready, "not ready after the broker came back:\n{}", worker.log_text());
     let outs = read_all(&broker.addr, &topics.outputs(), Duration::from_secs(2)).await;
+    // Deliveries that failed and that the worker enqueued again (librdkafka's own retries are not counted).
+    let failed = metric_sum(&url, "triagem_produce_errors_total").await;
+    assert!(failed >= 1.0, "no delivery failed while the broker was down: the worker's retry went untested");
     println!(
         "broker down 10 s: not ready after {not_ready_after:?}; {before} outputs acknowledged before, {during} when it \
-         came back; {} outputs for {n} inputs, 0 lost, {} duplicates",
+         came back; {failed} failed deliveries retried by the worker; {} outputs for {n} inputs, 0 lost, {} duplicates",
         outs.len(),
         outs.len() - n
     );

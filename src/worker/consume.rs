@@ -334,7 +334,13 @@ impl ConsumeStage {
     /// while paused (fetched before the pause, or from a partition assigned
     /// meanwhile, which is paused at once) is processed without a slot of
     /// `kafka.max_in_flight`; its bytes are counted.
+    ///
+    /// Fetching resumes whenever there is room, whichever wait saw it free: a
+    /// consume error or a message that arrives while paused also ends the
+    /// wait, and room that frees meanwhile must resume the partitions too —
+    /// paused with nothing in flight, the worker would wait for good.
     pub async fn run(self, mut shutdown: Shutdown) {
+        let mut paused = false;
         loop {
             let room = match self.bytes.full() {
                 true => Err(tokio::sync::TryAcquireError::NoPermits),
@@ -342,6 +348,10 @@ impl ConsumeStage {
             };
             let (permit, message) = match room {
                 Ok(p) => {
+                    if paused {
+                        self.set_paused(false);
+                        paused = false;
+                    }
                     let m = tokio::select! {
                         biased;
                         _ = shutdown.wait() => break,
@@ -355,7 +365,9 @@ impl ConsumeStage {
                 }
                 Err(tokio::sync::TryAcquireError::Closed) => break,
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    // Every time: a partition assigned since is resumed by the rebalance (see post_rebalance).
                     self.set_paused(true);
+                    paused = true;
                     let got = tokio::select! {
                         biased;
                         _ = shutdown.wait() => None,
@@ -370,6 +382,7 @@ impl ConsumeStage {
                         None => break,
                         Some((open, None)) => {
                             self.set_paused(false);
+                            paused = false;
                             if !open {
                                 break;
                             }

@@ -557,7 +557,7 @@ async fn a_revoke_that_times_out_abandons_the_revoked_outputs() {
 /// held input, hiding an output the retry lost. Every slot of
 /// `kafka.max_in_flight` is taken meanwhile (fetching paused) while the
 /// consumer reports errors: the worker must resume fetching once the outputs
-/// are delivered (one run in six stalled for good, paused with nothing in
+/// are delivered (four runs in thirteen stalled for good, paused with nothing in
 /// flight, before the consume stage resumed on room seen by any wait).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_down_for_10_s_mid_stream_loses_nothing() {

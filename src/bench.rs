@@ -545,7 +545,6 @@ fn padded_tokens(classifier: &Classifier, lengths: &[usize]) -> usize {
     classifier.groups(lengths).iter().map(|g| g.len() * g.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
 }
 
-/// The median of `xs` (the mean of the middle two for an even count); NaN when empty.
 impl CpuShares {
     /// "the worker used 0.90 cores, the tansu broker 0.42, the rest 0.12; the machine's 2 cores were 72 % busy".
     pub fn describe(&self) -> String {
@@ -561,6 +560,7 @@ impl CpuShares {
     }
 }
 
+/// The median of `xs` (the mean of the middle two for an even count); NaN when empty.
 fn median(xs: &[f64]) -> f64 {
     let mut sorted = xs.to_vec();
     sorted.sort_by(f64::total_cmp);

@@ -124,14 +124,7 @@ async fn idle_while_the_group_lags_is_not_ready_until_partitions_come() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "[kafka.consumer]\n\"group.instance.id\" = \"1-worker\"\n\"session.timeout.ms\" = \"6000\"\n";
     let config = write_config(dir.path(), &broker.addr, &group, &topics, extra);
-    let worker = WorkerProc::start(
-        &config,
-        &[
-            ("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s"),
-            ("TRIAGEM__KAFKA__PRODUCER__MESSAGE__TIMEOUT__MS", "1000"),
-            ("TRIAGEM__KAFKA__CONSUMER__SESSION__TIMEOUT__MS", "30000"),
-        ],
-    );
+    let worker = WorkerProc::start(&config, &[("TRIAGEM__KAFKA__UNASSIGNED_TIMEOUT", "2s")]);
     let url = worker.metrics_url(Duration::from_secs(30)).await;
     let readyz = url.replace("/metrics", "/readyz");
     let (u, r) = (url.clone(), readyz.clone());

@@ -335,10 +335,11 @@ impl ConsumeStage {
     /// meanwhile, which is paused at once) is processed without a slot of
     /// `kafka.max_in_flight`; its bytes are counted.
     ///
-    /// Fetching resumes whenever there is room, whichever wait saw it free: a
-    /// consume error or a message that arrives while paused also ends the
-    /// wait, and room that frees meanwhile must resume the partitions too —
-    /// paused with nothing in flight, the worker would wait for good.
+    /// Fetching resumes in one place, where a slot is taken, whichever wait
+    /// saw the room: a consume error or a message that arrives while paused
+    /// also ends the wait, and room that frees meanwhile must resume the
+    /// partitions too — paused with nothing in flight, the worker would wait
+    /// for good.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut paused = false;
         loop {
@@ -380,9 +381,8 @@ impl ConsumeStage {
                     };
                     match got {
                         None => break,
+                        // Room again: the next turn takes the slot and resumes there.
                         Some((open, None)) => {
-                            self.set_paused(false);
-                            paused = false;
                             if !open {
                                 break;
                             }

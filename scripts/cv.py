@@ -40,7 +40,9 @@ Usage:
   scripts/cv.py --baseline default='' ens2='--ensemble 2' scratch='--base none'
   scripts/cv.py lr-teacher='--teacher-scores {baseline_teacher}'
 
-In a recipe's arguments, {baseline_teacher} stands for the baseline's
+In a recipe's arguments, `--cv-extra FILE` (cv.py's own, not passed on) adds FILE's lines to each
+fold's training part, the held-out folds unchanged: new training data measured on the same held-out
+messages as the recipes without it. {baseline_teacher} stands for the baseline's
 out-of-fold scores of that fold's training file (`scripts/baseline.py
 --teacher-scores`, written once per fold), as the recipe would use them on
 the whole training file.
@@ -194,6 +196,8 @@ def run_fold(name, args, f, tr, ho, nfolds, out, binary, defaults, jobs):
     stamp = {"args": args, "train": sha256(tr), "heldout": sha256(ho)}
     if args is not None:
         stamp["defaults"] = defaults
+        if "--cv-extra" in args:
+            stamp["extra"] = sha256(args[args.index("--cv-extra") + 1])
     stamp_path = os.path.join(d, "recipe.json")
     report_path = os.path.join(d, "heldout.json")
     if os.path.exists(report_path) and os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
@@ -219,7 +223,15 @@ def run_fold(name, args, f, tr, ho, nfolds, out, binary, defaults, jobs):
                     subprocess.run([sys.executable, "scripts/baseline.py", "--train", tr, "--teacher-scores", scores],
                                    check=True)
             fold_args = [x.replace("{baseline_teacher}", scores) for x in args]
-        cmd = [binary, "train", "--quiet", "--train", tr, "--test", ho, "--out", model, *fold_args]
+        fold_train = tr
+        if "--cv-extra" in fold_args:  # cv.py's own: more training lines, added to each fold's training part
+            i = fold_args.index("--cv-extra")
+            extra, fold_args = fold_args[i + 1], fold_args[:i] + fold_args[i + 2:]
+            fold_train = os.path.join(d, "train.jsonl")
+            with open(fold_train, "w", encoding="utf-8") as fh:
+                for path in (tr, extra):
+                    fh.writelines(l if l.endswith("\n") else l + "\n" for l in open(path, encoding="utf-8") if l.strip())
+        cmd = [binary, "train", "--quiet", "--train", fold_train, "--test", ho, "--out", model, *fold_args]
         env = dict(os.environ, TRIAGEM_JOBS="1") if jobs > 1 else None
         with open(os.path.join(d, "train.log"), "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks the project's data set: format, balance, sizes, no duplicates within a
-file and no exact or near duplicate between the training and the test file.
+file and no exact or near duplicate between the training and the test file
+(nor between data/treino-extra.jsonl, when present, and either).
 
 Near duplicate: after lower-casing, dropping accents and punctuation, the two
 messages' word sets overlap with Jaccard similarity >= 0.8.
@@ -69,9 +70,33 @@ def main(train_path="data/treino.jsonl", test_path="data/teste.jsonl"):
                 problems.append(f"near duplicate: {text!r} ~ {train[i][0]!r}")
                 break
     print(f"near duplicates between the files (Jaccard >= {NEAR}): {near}")
+    problems += check_extra(train_path, train_norm, test)
     for p in problems[:20]:
         print("PROBLEM:", p)
     return 1 if problems else 0
+
+
+def check_extra(train_path, train_norm, test):
+    """data/treino-extra.jsonl (beside the training file; not trained on by default, see the README's
+    "Data"): the same format, no duplicate within it or with the training file, no near duplicate of a
+    test message."""
+    import os
+    path = os.path.join(os.path.dirname(train_path), "treino-extra.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows, problems = load(path), []
+    print(f"{path}: {len(rows)} examples {dict(sorted(Counter(label for _, label in rows).items()))}")
+    seen = Counter(normalise(t) for t, _ in rows)
+    problems += [f"{path}: duplicated message {t!r}" for t, c in seen.items() if c > 1][:5]
+    problems += [f"{path}: also in {train_path}: {t!r}" for t in seen if t in train_norm][:5]
+    extra_sets = [set(normalise(t).split()) for t, _ in rows]
+    for text, _ in test:
+        words = set(normalise(text).split())
+        for ws in extra_sets:
+            if len(words & ws) / len(words | ws) >= NEAR:
+                problems.append(f"near duplicate: {text!r} in {path}")
+                break
+    return problems
 
 
 if __name__ == "__main__":

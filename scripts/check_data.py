@@ -9,6 +9,7 @@ messages' word sets overlap with Jaccard similarity >= 0.8.
 Usage: scripts/check_data.py [data/treino.jsonl data/teste.jsonl]
 """
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -80,7 +81,6 @@ def check_extra(train_path, train_norm, test):
     """data/treino-extra.jsonl (beside the training file; not trained on by default, see the README's
     "Data"): the same format, no duplicate within it or with the training file, no near duplicate of a
     test message."""
-    import os
     path = os.path.join(os.path.dirname(train_path), "treino-extra.jsonl")
     if not os.path.exists(path):
         return []

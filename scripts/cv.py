@@ -90,7 +90,12 @@ def main():
         name, sep, args = spec.partition("=")
         if not sep or not name or "/" in name:
             sys.exit(f"cv.py: recipe {spec!r}: write NAME='triagem train arguments' (NAME without '/')")
-        recipes.append((name, shlex.split(args)))
+        args = shlex.split(args)
+        if "--cv-extra" in args:
+            i = args.index("--cv-extra")
+            if i + 1 == len(args) or not os.path.isfile(args[i + 1]):
+                sys.exit(f"cv.py: recipe {name}: --cv-extra needs a JSONL file of training lines")
+        recipes.append((name, args))
     if not recipes and not a.baseline:
         sys.exit("cv.py: give at least one recipe or --baseline")
     binary = os.environ.get("TRIAGEM_BIN", "target/release/triagem")

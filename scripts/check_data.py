@@ -47,55 +47,66 @@ def main(train_path="data/treino.jsonl", test_path="data/teste.jsonl"):
             problems.append(f"{path}: {len(rows)} examples, fewer than {minimum}")
         if max(counts.values()) > 1.2 * min(counts.values()):
             problems.append(f"{path}: unbalanced labels {dict(counts)}")
-        seen = Counter(normalise(t) for t, _ in rows)
-        dups = [t for t, c in seen.items() if c > 1]
+        dups = duplicated(rows)
         if dups:
             problems.append(f"{path}: {len(dups)} duplicated messages, e.g. {dups[0]!r}")
-    train_norm = {normalise(t) for t, _ in train}
-    train_sets = [set(normalise(t).split()) for t, _ in train]
-    index = {}
-    for i, words in enumerate(train_sets):
-        for w in words:
-            index.setdefault(w, []).append(i)
     near = 0
-    for text, _ in test:
-        norm = normalise(text)
-        if norm in train_norm:
+    for text, other in overlaps(test, train):
+        if other is None:
             problems.append(f"test message also in training: {text!r}")
-            continue
-        words = set(norm.split())
-        candidates = Counter(i for w in words for i in index.get(w, ()))
-        for i, shared in candidates.items():
-            if shared / len(words | train_sets[i]) >= NEAR:
-                near += 1
-                problems.append(f"near duplicate: {text!r} ~ {train[i][0]!r}")
-                break
+        else:
+            near += 1
+            problems.append(f"near duplicate: {text!r} ~ {other!r}")
     print(f"near duplicates between the files (Jaccard >= {NEAR}): {near}")
-    problems += check_extra(train_path, train_norm, test)
+    problems += check_extra(train_path, train, test)
     for p in problems[:20]:
         print("PROBLEM:", p)
     return 1 if problems else 0
 
 
-def check_extra(train_path, train_norm, test):
+def duplicated(rows):
+    """The (normalised) messages that appear more than once in `rows`."""
+    seen = Counter(normalise(t) for t, _ in rows)
+    return [t for t, c in seen.items() if c > 1]
+
+
+def overlaps(test, rows):
+    """(test message, None) for each test message also in `rows` (normalised), (test message, the row's
+    message) for each near duplicate of one (word Jaccard >= NEAR); at most one per test message."""
+    norms = {normalise(t) for t, _ in rows}
+    sets = [set(normalise(t).split()) for t, _ in rows]
+    index = {}
+    for i, words in enumerate(sets):
+        for w in words:
+            index.setdefault(w, []).append(i)
+    found = []
+    for text, _ in test:
+        norm = normalise(text)
+        if norm in norms:
+            found.append((text, None))
+            continue
+        words = set(norm.split())
+        candidates = Counter(i for w in words for i in index.get(w, ()))
+        near = next((i for i, shared in candidates.items() if shared / len(words | sets[i]) >= NEAR), None)
+        if near is not None:
+            found.append((text, rows[near][0]))
+    return found
+
+
+def check_extra(train_path, train, test):
     """data/treino-extra.jsonl (beside the training file; not trained on by default, see the README's
-    "Data"): the same format, no duplicate within it or with the training file, no near duplicate of a
-    test message."""
+    "Data"): the same format, no duplicate within it or with the training file, no exact or near
+    duplicate of a test message."""
     path = os.path.join(os.path.dirname(train_path), "treino-extra.jsonl")
     if not os.path.exists(path):
         return []
-    rows, problems = load(path), []
+    rows = load(path)
     print(f"{path}: {len(rows)} examples {dict(sorted(Counter(label for _, label in rows).items()))}")
-    seen = Counter(normalise(t) for t, _ in rows)
-    problems += [f"{path}: duplicated message {t!r}" for t, c in seen.items() if c > 1][:5]
-    problems += [f"{path}: also in {train_path}: {t!r}" for t in seen if t in train_norm][:5]
-    extra_sets = [set(normalise(t).split()) for t, _ in rows]
-    for text, _ in test:
-        words = set(normalise(text).split())
-        for ws in extra_sets:
-            if len(words & ws) / len(words | ws) >= NEAR:
-                problems.append(f"near duplicate: {text!r} in {path}")
-                break
+    problems = [f"{path}: duplicated message {t!r}" for t in duplicated(rows)][:5]
+    train_norm = {normalise(t) for t, _ in train}
+    problems += [f"{path}: also in {train_path}: {t!r}" for t in {normalise(t) for t, _ in rows} & train_norm][:5]
+    problems += [f"test message in {path}: {text!r}" + ("" if other is None else f" ~ {other!r}")
+                 for text, other in overlaps(test, rows)]
     return problems
 
 

@@ -91,10 +91,9 @@ def main():
         if not sep or not name or "/" in name:
             sys.exit(f"cv.py: recipe {spec!r}: write NAME='triagem train arguments' (NAME without '/')")
         args = shlex.split(args)
-        if "--cv-extra" in args:
-            i = args.index("--cv-extra")
-            if i + 1 == len(args) or not os.path.isfile(args[i + 1]):
-                sys.exit(f"cv.py: recipe {name}: --cv-extra needs a JSONL file of training lines")
+        extra, _ = split_extra(args)
+        if extra == "" or (extra and not os.path.isfile(extra)):
+            sys.exit(f"cv.py: recipe {name}: --cv-extra needs a JSONL file of training lines")
         recipes.append((name, args))
     if not recipes and not a.baseline:
         sys.exit("cv.py: give at least one recipe or --baseline")
@@ -201,8 +200,9 @@ def run_fold(name, args, f, tr, ho, nfolds, out, binary, defaults, jobs):
     stamp = {"args": args, "train": sha256(tr), "heldout": sha256(ho)}
     if args is not None:
         stamp["defaults"] = defaults
-        if "--cv-extra" in args:
-            stamp["extra"] = sha256(args[args.index("--cv-extra") + 1])
+        extra, _ = split_extra(args)
+        if extra:
+            stamp["extra"] = sha256(extra)
     stamp_path = os.path.join(d, "recipe.json")
     report_path = os.path.join(d, "heldout.json")
     if os.path.exists(report_path) and os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
@@ -229,9 +229,8 @@ def run_fold(name, args, f, tr, ho, nfolds, out, binary, defaults, jobs):
                                    check=True)
             fold_args = [x.replace("{baseline_teacher}", scores) for x in args]
         fold_train = tr
-        if "--cv-extra" in fold_args:  # cv.py's own: more training lines, added to each fold's training part
-            i = fold_args.index("--cv-extra")
-            extra, fold_args = fold_args[i + 1], fold_args[:i] + fold_args[i + 2:]
+        extra, fold_args = split_extra(fold_args)
+        if extra:
             fold_train = os.path.join(d, "train.jsonl")
             with open(fold_train, "w", encoding="utf-8") as fh:
                 for path in (tr, extra):
@@ -248,6 +247,15 @@ def run_fold(name, args, f, tr, ho, nfolds, out, binary, defaults, jobs):
     with open(stamp_path, "w") as fh:
         json.dump(stamp, fh)
     return report, elapsed
+
+
+def split_extra(args):
+    """(the FILE of a recipe's `--cv-extra FILE` — None without the option, "" without the file —,
+    the arguments for `triagem train`, the option left out)."""
+    if "--cv-extra" not in args:
+        return None, args
+    i = args.index("--cv-extra")
+    return (args[i + 1] if i + 1 < len(args) else ""), args[:i] + args[i + 2:]
 
 
 def predictions(d, args, train, heldout, binary):

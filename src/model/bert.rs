@@ -163,6 +163,9 @@ fn activate(activation: Activation, xs: &Tensor, mode: &Mode) -> Result<Tensor> 
         Activation::GeluErf if !mode.training() && xs.device().is_cpu() && xs.dtype() == DType::F32 => {
             xs.contiguous()?.apply_op1_no_bwd(&GeluErfCpu)
         }
+        Activation::GeluErf if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
+            xs.contiguous()?.apply_op1(GeluErfTrain::default())
+        }
         Activation::GeluErf => xs.gelu_erf(),
         Activation::GeluTanh => xs.gelu(),
         Activation::Relu => xs.relu(),
@@ -183,6 +186,80 @@ impl CustomOp1 for GeluErfCpu {
         cpu::gelu_erf_into(data, &mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+}
+
+/// candle's `gelu_erf` for training on the CPU, forward and backward each in
+/// one pass over the elements. candle differentiates `gelu_erf` with a chain
+/// of twelve tensor ops (`backprop.rs`), each a pass and an allocation,
+/// and computes erf twice; this op does the same arithmetic, operation for
+/// operation and in the same order, per element, and keeps the forward's erf
+/// for the backward (the same value: see [`GeluErfTrain::backward`]), so that
+/// a seed's model stays the same to the bit (tested below, and by the default
+/// model's version). One instance per call: it holds that call's erf.
+#[derive(Default)]
+struct GeluErfTrain {
+    erf: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl GeluErfTrain {
+    /// candle's `GeluErf::f32`, given `erf(x · (1/√2 as f32))` (libm's erf,
+    /// computed by [`super::erf::erff_scaled`] to the same bits).
+    fn forward(x: f32, erf: f32) -> f32 {
+        (erf + 1.) * 0.5 * x
+    }
+
+    /// `grad · gelu'(x)` as candle's backward computes it, given the same erf
+    /// of `x`: each `affine(mul, add)` is `x * mul + add` in f32 (so the
+    /// `+ 0.0` terms stay), each scalar a candle `f64` cast to `f32`. candle
+    /// takes the erf of `x * (1/√2 as f32) + 0.0`: the same f32 constant as
+    /// the forward's (tested), and the `+ 0.0` only turns −0 into +0, whose
+    /// erf the `* 0.5 + 0.0` after it turns into +0 either way.
+    fn backward(x: f32, erf: f32, grad: f32) -> f32 {
+        let affine = |v: f32, mul: f64, add: f64| v * mul as f32 + add as f32;
+        let neg_half_square = affine(-(x * x), 0.5, 0.);
+        let scaled_exp_arg = affine(neg_half_square.exp(), 0.398942, 0.) * x;
+        let erf_scaled_sqrt = affine(erf, 0.5, 0.);
+        let gelu_erf_grad = affine(scaled_exp_arg, 1., 0.5) + erf_scaled_sqrt;
+        grad * gelu_erf_grad
+    }
+}
+
+impl CustomOp1 for GeluErfTrain {
+    fn name(&self) -> &'static str {
+        "gelu-erf-train"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = contiguous_f32(storage, layout, "gelu-erf-train")?;
+        let erf = super::erf::erff_scaled(data, std::f32::consts::FRAC_1_SQRT_2);
+        let out = data.iter().zip(&erf).map(|(&x, &e)| Self::forward(x, e)).collect();
+        *self.erf.lock().unwrap_or_else(|e| e.into_inner()) = Some(erf);
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (x, grad) = (arg.contiguous()?, grad_res.contiguous()?);
+        let cached = self.erf.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let out: Vec<f32> = {
+            let ((xs, xs_layout), (gs, gs_layout)) = (x.storage_and_layout(), grad.storage_and_layout());
+            let (xs, gs) = (storage_f32(&xs, xs_layout)?, storage_f32(&gs, gs_layout)?);
+            if xs.len() != gs.len() {
+                candle_core::bail!("gelu-erf-train: {} gradients for {} inputs", gs.len(), xs.len())
+            }
+            let erf = match cached {
+                Some(erf) if erf.len() == xs.len() => erf,
+                _ => super::erf::erff_scaled(xs, std::f32::consts::FRAC_1_SQRT_2),
+            };
+            xs.iter().zip(&erf).zip(gs).map(|((&x, &e), &g)| Self::backward(x, e, g)).collect()
+        };
+        Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+    }
+}
+
+/// The elements of a contiguous f32 tensor's storage on the CPU.
+fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else { candle_core::bail!("gelu-erf-train: CPU only") };
+    contiguous_f32(cpu, layout, "gelu-erf-train")
 }
 
 struct Embeddings {
@@ -556,6 +633,29 @@ mod tests {
                 assert!((a - b).abs() <= 1e-6 * (1.0 + x.abs()), "gelu({x}): {a} against candle's {b}");
             }
         }
+    }
+
+    /// The training GELU ([`GeluErfTrain`]) gives candle's `gelu_erf` values
+    /// and gradients to the bit, on 4,001 points of [-10, 10] and the edges of
+    /// libm's erf branches, ±0, tiny and large values among them.
+    #[test]
+    fn training_gelu_matches_candles_gelu_erf_to_the_bit() {
+        assert_eq!((1. / 2f64.sqrt()) as f32, std::f32::consts::FRAC_1_SQRT_2, "backward's erf reuse");
+        let mut xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 5e-3).collect();
+        xs.extend([0.0, -0.0, 1e-30, -1e-30, f32::MIN_POSITIVE, 30.0, -30.0, 1.1932, 1.7678, 8.4853, -8.4853]);
+        let n = xs.len();
+        let weights: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let run = |ours: bool| -> (Vec<u32>, Vec<u32>) {
+            let x = candle_core::Var::from_vec(xs.clone(), n, &Device::Cpu).unwrap();
+            let y = if ours { x.apply_op1(GeluErfTrain::default()) } else { x.gelu_erf() }.unwrap();
+            let w = Tensor::from_vec(weights.clone(), n, &Device::Cpu).unwrap();
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+            (bits(&y), bits(grads.get(&x).unwrap()))
+        };
+        let (ours, candle) = (run(true), run(false));
+        assert_eq!(ours.0, candle.0, "values");
+        assert_eq!(ours.1, candle.1, "gradients");
     }
 
     /// The training path (every op differentiable) and the inference path

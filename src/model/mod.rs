@@ -6,6 +6,8 @@
 //! operations (training, hidden states, the GPU, and the reference), and
 //! `cpu.rs`, the CPU serving path over plain slices (no padding, the last
 //! layer for `[CLS]` only), which every prediction on the CPU goes through.
+//! `erf.rs` is libm's erf, to the bit, in a form the compiler vectorises
+//! (the training GELU's).
 //!
 //! This module is synchronous and knows nothing of Kafka, tokio or the CLI;
 //! the worker calls [`Classifier::predict`] from its one inference thread.
@@ -13,6 +15,7 @@
 pub mod bert;
 pub mod config;
 pub mod cpu;
+pub mod erf;
 pub mod threads;
 
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@
 //! same seed and data give the same model and metrics.
 //!
 //! Files: this one runs the loop (split, fit, calibrate, refit, report);
-//! `base.rs` resolves `--base` and builds and initialises the model from it;
+//! `adamw.rs` is the optimiser; `base.rs` resolves `--base` and builds and initialises the model from it;
 //! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
 //! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
 //! spelling; `average.rs` keeps the weights' moving average of `--ema`;
@@ -22,6 +22,7 @@
 //! the temperature; `pretrain.rs` is `triagem pretrain`, the
 //! masked-language-model base that `--base` takes.
 
+mod adamw;
 pub mod augment;
 mod average;
 mod base;
@@ -33,6 +34,7 @@ pub mod pretrain;
 pub mod scratch;
 mod soup;
 
+use adamw::AdamW;
 use base::{build, sorted_vars, Trainable};
 pub use base::{Base, DEFAULT_BASE};
 use checkpoint::{replace_file, save};
@@ -44,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
+use candle_nn::{ParamsAdamW, VarBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::Serialize;

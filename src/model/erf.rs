@@ -102,20 +102,14 @@ fn erfc2(ix: u32, x: f32) -> f32 {
     let x = x.abs();
     let s = 1.0 / (x * x);
     let a = ix < 0x4036_db6d;
-    let pick = |ra: f32, rb: f32| if a { ra } else { rb };
-    let r = pick(RA0, RB0)
-        + s * (pick(RA1, RB1)
-            + s * (pick(RA2, RB2)
-                + s * (pick(RA3, RB3)
-                    + s * (pick(RA4, RB4) + s * (pick(RA5, RB5) + s * (pick(RA6, RB6) + s * pick(RA7, 0.0)))))));
-    let big_s = 1.0
-        + s * (pick(SA1, SB1)
-            + s * (pick(SA2, SB2)
-                + s * (pick(SA3, SB3)
-                    + s * (pick(SA4, SB4)
-                        + s * (pick(SA5, SB5) + s * (pick(SA6, SB6) + s * (pick(SA7, SB7) + s * pick(SA8, 0.0))))))));
+    // Selects between two constants per lane (an index by `a` would be a gather).
+    let r = |i: usize| if a { R[i][0] } else { R[i][1] };
+    let sc = |i: usize| if a { S[i][0] } else { S[i][1] };
+    let num = r(0) + s * (r(1) + s * (r(2) + s * (r(3) + s * (r(4) + s * (r(5) + s * (r(6) + s * r(7)))))));
+    let den = 1.0
+        + s * (sc(0) + s * (sc(1) + s * (sc(2) + s * (sc(3) + s * (sc(4) + s * (sc(5) + s * (sc(6) + s * sc(7))))))));
     let z = f32::from_bits(x.to_bits() & 0xffff_e000);
-    expf(-z * z - 0.5625) * expf((z - x) * (z + x) + r / big_s) / x
+    expf(-z * z - 0.5625) * expf((z - x) * (z + x) + num / den) / x
 }
 
 /// libm's `expf` for x in [−37, 1] (what [`erfc2`] asks of it), bit for bit.
@@ -179,36 +173,29 @@ const QA3: f32 = 7.1828655899e-02;
 const QA4: f32 = 1.2617121637e-01;
 const QA5: f32 = 1.3637083583e-02;
 const QA6: f32 = 1.1984500103e-02;
-const RA0: f32 = -9.8649440333e-03;
-const RA1: f32 = -6.9385856390e-01;
-const RA2: f32 = -1.0558626175e+01;
-const RA3: f32 = -6.2375331879e+01;
-const RA4: f32 = -1.6239666748e+02;
-const RA5: f32 = -1.8460508728e+02;
-const RA6: f32 = -8.1287437439e+01;
-const RA7: f32 = -9.8143291473e+00;
-const SA1: f32 = 1.9651271820e+01;
-const SA2: f32 = 1.3765776062e+02;
-const SA3: f32 = 4.3456588745e+02;
-const SA4: f32 = 6.4538726807e+02;
-const SA5: f32 = 4.2900814819e+02;
-const SA6: f32 = 1.0863500214e+02;
-const SA7: f32 = 6.5702495575e+00;
-const SA8: f32 = -6.0424413532e-02;
-const RB0: f32 = -9.8649431020e-03;
-const RB1: f32 = -7.9928326607e-01;
-const RB2: f32 = -1.7757955551e+01;
-const RB3: f32 = -1.6063638306e+02;
-const RB4: f32 = -6.3756646729e+02;
-const RB5: f32 = -1.0250950928e+03;
-const RB6: f32 = -4.8351919556e+02;
-const SB1: f32 = 3.0338060379e+01;
-const SB2: f32 = 3.2579251099e+02;
-const SB3: f32 = 1.5367296143e+03;
-const SB4: f32 = 3.1998581543e+03;
-const SB5: f32 = 2.5530502930e+03;
-const SB6: f32 = 4.7452853394e+02;
-const SB7: f32 = -2.2440952301e+01;
+/// `erfc2`'s numerator coefficients, `[RAi, RBi]` for i = 0…7: libm's two ranges side by side, RB7 = 0
+/// (its polynomial stops at RB6).
+const R: [[f32; 2]; 8] = [
+    [-9.8649440333e-03, -9.8649431020e-03],
+    [-6.9385856390e-01, -7.9928326607e-01],
+    [-1.0558626175e+01, -1.7757955551e+01],
+    [-6.2375331879e+01, -1.6063638306e+02],
+    [-1.6239666748e+02, -6.3756646729e+02],
+    [-1.8460508728e+02, -1.0250950928e+03],
+    [-8.1287437439e+01, -4.8351919556e+02],
+    [-9.8143291473e+00, 0.0],
+];
+/// Its denominator's, `[SAi, SBi]` for i = 1…8, SB8 = 0.
+const S: [[f32; 2]; 8] = [
+    [1.9651271820e+01, 3.0338060379e+01],
+    [1.3765776062e+02, 3.2579251099e+02],
+    [4.3456588745e+02, 1.5367296143e+03],
+    [6.4538726807e+02, 3.1998581543e+03],
+    [4.2900814819e+02, 2.5530502930e+03],
+    [1.0863500214e+02, 4.7452853394e+02],
+    [6.5702495575e+00, -2.2440952301e+01],
+    [-6.0424413532e-02, 0.0],
+];
 const LN2_HI: f32 = 6.9314575195e-01;
 const LN2_LO: f32 = 1.4286067653e-06;
 const INV_LN2: f32 = 1.4426950216e+00;

@@ -38,7 +38,80 @@ impl Mode<'_> {
         let mask: Vec<f32> =
             (0..xs.elem_count()).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            return xs.contiguous()?.apply_op1(TimesConstant { constant: mask });
+        }
         xs.mul(&mask)
+    }
+}
+
+/// `xs * constant` element-wise, for a `constant` that takes no gradient
+/// (a dropout mask). candle's `mul` differentiates both operands: for a
+/// constant that is a product, a tensor of zeros and an add per call, thrown
+/// away. Here only `xs` gets its gradient, `grad * constant` — candle's own
+/// product for it —, and the forward is candle's `xs * constant`: the same
+/// bits (tested, and the default model's version).
+struct TimesConstant {
+    constant: Tensor,
+}
+
+impl CustomOp1 for TimesConstant {
+    fn name(&self) -> &'static str {
+        "times-constant"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = contiguous_f32(storage, layout, "times-constant")?;
+        let constant = self.constant.contiguous()?;
+        let (c, c_layout) = constant.storage_and_layout();
+        let c = storage_f32(&c, c_layout, "times-constant")?;
+        if c.len() != xs.len() {
+            candle_core::bail!("times-constant: {} constants for {} elements", c.len(), xs.len())
+        }
+        let out = xs.iter().zip(c).map(|(&x, &m)| x * m).collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.mul(&self.constant)?))
+    }
+}
+
+/// `scores + mask` with the additive attention `mask`, (batch, 1, 1, keys),
+/// broadcast over heads and queries; only `scores` takes a gradient, for the
+/// reason [`TimesConstant`] gives (candle's `broadcast_add` also builds the
+/// mask's, as large as the scores). The same bits as `broadcast_add` (tested).
+struct PlusMask {
+    mask: Tensor,
+}
+
+impl CustomOp1 for PlusMask {
+    fn name(&self) -> &'static str {
+        "plus-mask"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let scores = contiguous_f32(storage, layout, "plus-mask")?;
+        let (batch, _, _, keys) = layout.shape().dims4()?;
+        let mask = self.mask.contiguous()?;
+        let (m, m_layout) = mask.storage_and_layout();
+        let m = storage_f32(&m, m_layout, "plus-mask")?;
+        if m.len() != batch * keys {
+            candle_core::bail!("plus-mask: a mask of {} for {batch} × {keys}", m.len())
+        }
+        let per_batch = scores.len() / batch;
+        let mut out = Vec::with_capacity(scores.len());
+        for (b, block) in scores.chunks_exact(per_batch).enumerate() {
+            let row_mask = &m[b * keys..(b + 1) * keys];
+            for row in block.chunks_exact(keys) {
+                out.extend(row.iter().zip(row_mask).map(|(&s, &m)| s + m));
+            }
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.clone()))
     }
 }
 
@@ -242,7 +315,8 @@ impl CustomOp1 for GeluErfTrain {
         let cached = self.erf.lock().unwrap_or_else(|e| e.into_inner()).take();
         let out: Vec<f32> = {
             let ((xs, xs_layout), (gs, gs_layout)) = (x.storage_and_layout(), grad.storage_and_layout());
-            let (xs, gs) = (storage_f32(&xs, xs_layout)?, storage_f32(&gs, gs_layout)?);
+            let (xs, gs) =
+                (storage_f32(&xs, xs_layout, "gelu-erf-train")?, storage_f32(&gs, gs_layout, "gelu-erf-train")?);
             if xs.len() != gs.len() {
                 candle_core::bail!("gelu-erf-train: {} gradients for {} inputs", gs.len(), xs.len())
             }
@@ -257,9 +331,9 @@ impl CustomOp1 for GeluErfTrain {
 }
 
 /// The elements of a contiguous f32 tensor's storage on the CPU.
-fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = storage else { candle_core::bail!("gelu-erf-train: CPU only") };
-    contiguous_f32(cpu, layout, "gelu-erf-train")
+fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else { candle_core::bail!("{op}: CPU only") };
+    contiguous_f32(cpu, layout, op)
 }
 
 struct Embeddings {
@@ -365,7 +439,11 @@ impl Attention {
                 ((scores_of(&q, &k)? / (self.head_dim as f64).sqrt())?, split(dense(&self.value, xs, mode)?)?)
             }
         };
-        let scores = scores.broadcast_add(mask)?;
+        let scores = if mode.training() && scores.device().is_cpu() && scores.dtype() == DType::F32 {
+            scores.contiguous()?.apply_op1(PlusMask { mask: mask.clone() })?
+        } else {
+            scores.broadcast_add(mask)?
+        };
         let probs = if mode.training() {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
@@ -648,14 +726,58 @@ mod tests {
         let run = |ours: bool| -> (Vec<u32>, Vec<u32>) {
             let x = candle_core::Var::from_vec(xs.clone(), n, &Device::Cpu).unwrap();
             let y = if ours { x.apply_op1(GeluErfTrain::default()) } else { x.gelu_erf() }.unwrap();
-            let w = Tensor::from_vec(weights.clone(), n, &Device::Cpu).unwrap();
-            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
-            (bits(&y), bits(grads.get(&x).unwrap()))
+            value_and_gradient_bits(&x, &y, &Tensor::from_vec(weights.clone(), n, &Device::Cpu).unwrap())
         };
-        let (ours, candle) = (run(true), run(false));
+        assert_same_bits(run(true), run(false));
+    }
+
+    /// The bits of `y` and of the gradient of `Σ y · weights` with respect to `x`.
+    fn value_and_gradient_bits(x: &candle_core::Var, y: &Tensor, weights: &Tensor) -> (Vec<u32>, Vec<u32>) {
+        let grads = (y * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let bits =
+            |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+        (bits(y), bits(grads.get(x).unwrap()))
+    }
+
+    fn assert_same_bits(ours: (Vec<u32>, Vec<u32>), candle: (Vec<u32>, Vec<u32>)) {
         assert_eq!(ours.0, candle.0, "values");
         assert_eq!(ours.1, candle.1, "gradients");
+    }
+
+    /// The dropout product and the attention mask's sum ([`TimesConstant`],
+    /// [`PlusMask`]) give candle's `mul` and `broadcast_add` values, and their
+    /// input candle's gradient, to the bit.
+    #[test]
+    fn constant_operands_match_candles_ops_to_the_bit() {
+        let (b, h, s) = (3, 2, 5);
+        let values =
+            |n: usize, k: usize| -> Vec<f32> { (0..n).map(|i| (((i * k) % 97) as f32 - 48.0) / 7.0).collect() };
+        let mask = Tensor::from_vec(
+            (0..b * s).map(|i| if i % 4 == 3 { -10_000f32 } else { 0.0 }).collect::<Vec<_>>(),
+            (b, 1, 1, s),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let dropout = Tensor::from_vec(
+            (0..b * h * s * s).map(|i| if i % 3 == 0 { 0f32 } else { 1.0 / 0.9 }).collect::<Vec<_>>(),
+            (b, h, s, s),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let weights = Tensor::from_vec(values(b * h * s * s, 13), (b, h, s, s), &Device::Cpu).unwrap();
+        let run = |ours: bool| -> (Vec<u32>, Vec<u32>) {
+            let x = candle_core::Var::from_vec(values(b * h * s * s, 31), (b, h, s, s), &Device::Cpu).unwrap();
+            let y = if ours {
+                x.apply_op1(PlusMask { mask: mask.clone() })
+                    .unwrap()
+                    .apply_op1(TimesConstant { constant: dropout.clone() })
+                    .unwrap()
+            } else {
+                x.broadcast_add(&mask).unwrap().mul(&dropout).unwrap()
+            };
+            value_and_gradient_bits(&x, &y, &weights)
+        };
+        assert_same_bits(run(true), run(false));
     }
 
     /// The training path (every op differentiable) and the inference path

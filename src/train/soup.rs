@@ -7,8 +7,8 @@
 //!
 //! Here: [`cook_soup`] trains the models `--jobs` at a time and, with
 //! `--refit`, queues each model's refit on every example as soon as its best
-//! epoch is known; [`refit_soup`] averages the refitted models;
-//! [`mean_weights`] is the average itself.
+//! epoch is known (the longest of those ready first); [`refit_soup`]
+//! averages the refitted models; [`mean_weights`] is the average itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -97,6 +97,7 @@ pub(super) fn cook_soup(
         Ok((fit(&options, labels, examples, dev, teachers, run, &mut init.clone())?, out))
     };
     let best_epochs = BestEpochs::new(n);
+    let refit_names: Vec<PathBuf> = (0..n).map(|k| refit_root.join(format!("seed-{}", seed_of(k)))).collect();
     let refits_started = std::sync::OnceLock::new();
     let done = jobs::each(opts.jobs, if refit_on.is_some() { 2 * n } else { n }, |t| {
         if t < n {
@@ -114,20 +115,23 @@ pub(super) fn cook_soup(
             publish.best_epoch(fitted.best.map_or(0, |(e, _)| e));
             return Ok((fitted, out));
         }
-        let (k, examples) = (t - n, refit_on.unwrap_or_default());
-        let Some(best_epoch) = best_epochs.wait(k) else {
+        let examples = refit_on.unwrap_or_default();
+        let (k, best_epoch) = best_epochs.claim_longest();
+        let Some(best_epoch) = best_epoch else {
             return Err(TrainError::Options(format!("--soup --refit: soup model {} failed; not refitted", k + 1)));
         };
         refits_started.get_or_init(Instant::now);
         eprintln!("soup refit: model {}/{n}, {best_epoch} epochs on all {} examples", k + 1, examples.len());
-        let out = refit_root.join(format!("seed-{}", seed_of(k)));
+        let out = refit_names[k].clone();
         member(k, out, format!("soup refit {}/{n}", k + 1), examples, &[], Some(best_epoch))
     })?;
     let mut done = done.into_iter();
     let models: Vec<_> = done.by_ref().take(n).collect();
-    let refitted = refit_on.map(|_| Refitted {
-        models: done.collect(),
-        started: refits_started.get().copied().unwrap_or_else(Instant::now),
+    let refitted = refit_on.map(|_| {
+        // In soup order: the refits ran in the order they were claimed.
+        let mut models: Vec<_> = done.collect();
+        models.sort_by_key(|(_, out)| refit_names.iter().position(|name| name == out));
+        Refitted { models, started: refits_started.get().copied().unwrap_or_else(Instant::now) }
     });
 
     let dirs: Vec<PathBuf> = models.iter().map(|(_, out)| out.clone()).collect();
@@ -170,13 +174,20 @@ pub(super) struct Refitted {
 /// The best epoch of each of a soup's models, for their refits to wait on: `None` while the model
 /// trains, `Some(None)` when it failed.
 struct BestEpochs {
-    slots: std::sync::Mutex<Vec<Option<Option<usize>>>>,
+    slots: std::sync::Mutex<Slots>,
     ready: std::sync::Condvar,
+}
+
+/// Each model's outcome so far, and whether its refit has been claimed.
+struct Slots {
+    best: Vec<Option<Option<usize>>>,
+    claimed: Vec<bool>,
 }
 
 impl BestEpochs {
     fn new(n: usize) -> Self {
-        Self { slots: std::sync::Mutex::new(vec![None; n]), ready: std::sync::Condvar::new() }
+        let slots = Slots { best: vec![None; n], claimed: vec![false; n] };
+        Self { slots: std::sync::Mutex::new(slots), ready: std::sync::Condvar::new() }
     }
 
     /// Model `k`'s handle: it publishes the best epoch, or on drop without one (an error, a panic)
@@ -187,16 +198,24 @@ impl BestEpochs {
 
     fn set(&self, k: usize, value: Option<usize>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots[k].get_or_insert(value);
+        slots.best[k].get_or_insert(value);
         self.ready.notify_all();
     }
 
-    /// Waits until model `k` is done: its best epoch, or `None` when it failed.
-    fn wait(&self, k: usize) -> Option<usize> {
+    /// The refit to train next: of the models done and not yet claimed, a failed one first (its
+    /// error ends the run), else the one with the most epochs (the lowest-numbered of a tie),
+    /// waiting while none is done. Longest first, so that the last refits to start are the short
+    /// ones and the cores finish together: the order changes no model, each has its own seed.
+    /// Called once per model.
+    fn claim_longest(&self) -> (usize, Option<usize>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(value) = slots[k] {
-                return value;
+            let ready =
+                (0..slots.best.len()).filter(|&k| !slots.claimed[k]).filter_map(|k| slots.best[k].map(|b| (k, b)));
+            // `None` (failed) sorts below every epoch count; the key makes the lowest `k` win a tie.
+            if let Some((k, best)) = ready.min_by_key(|&(k, best)| (best.is_some(), std::cmp::Reverse(best), k)) {
+                slots.claimed[k] = true;
+                return (k, best);
             }
             slots = self.ready.wait(slots).unwrap_or_else(|e| e.into_inner());
         }

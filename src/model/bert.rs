@@ -38,7 +38,7 @@ impl Mode<'_> {
         let mask: Vec<f32> =
             (0..xs.elem_count()).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        if is_cpu_f32(xs) {
             return xs.contiguous()?.apply_op1(TimesConstant { constant: mask });
         }
         xs.mul(&mask)
@@ -170,8 +170,7 @@ fn dense(layer: &Linear, xs: &Tensor, mode: &Mode) -> Result<Tensor> {
 /// is [`RepeatRows`], whose backward pass sums the gradient's rows in the same
 /// order — the same bits — without the divisions.
 fn over_rows(param: &Tensor, like: &Tensor, mode: &Mode) -> Result<Tensor> {
-    let cpu_f32 = param.device().is_cpu() && param.dtype() == DType::F32;
-    if mode.training() && cpu_f32 && param.elem_count() > 0 && like.dims().ends_with(param.dims()) {
+    if mode.training() && is_cpu_f32(param) && param.elem_count() > 0 && like.dims().ends_with(param.dims()) {
         param.contiguous()?.apply_op1(RepeatRows { shape: like.shape().clone() })
     } else {
         param.broadcast_as(like.shape())
@@ -233,12 +232,8 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
 /// The activation on the tensor path: the fast CPU kernel in inference, candle's ops in training.
 fn activate(activation: Activation, xs: &Tensor, mode: &Mode) -> Result<Tensor> {
     match activation {
-        Activation::GeluErf if !mode.training() && xs.device().is_cpu() && xs.dtype() == DType::F32 => {
-            xs.contiguous()?.apply_op1_no_bwd(&GeluErfCpu)
-        }
-        Activation::GeluErf if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
-            xs.contiguous()?.apply_op1(GeluErfTrain::default())
-        }
+        Activation::GeluErf if !mode.training() && is_cpu_f32(xs) => xs.contiguous()?.apply_op1_no_bwd(&GeluErfCpu),
+        Activation::GeluErf if is_cpu_f32(xs) => xs.contiguous()?.apply_op1(GeluErfTrain::default()),
         Activation::GeluErf => xs.gelu_erf(),
         Activation::GeluTanh => xs.gelu(),
         Activation::Relu => xs.relu(),
@@ -288,7 +283,6 @@ impl GeluErfTrain {
     /// the forward's (tested), and the `+ 0.0` only turns −0 into +0, whose
     /// erf the `* 0.5 + 0.0` after it turns into +0 either way.
     fn backward(x: f32, erf: f32, grad: f32) -> f32 {
-        let affine = |v: f32, mul: f64, add: f64| v * mul as f32 + add as f32;
         let neg_half_square = affine(-(x * x), 0.5, 0.);
         let scaled_exp_arg = affine(neg_half_square.exp(), 0.398942, 0.) * x;
         let erf_scaled_sqrt = affine(erf, 0.5, 0.);
@@ -330,10 +324,31 @@ impl CustomOp1 for GeluErfTrain {
     }
 }
 
-/// The elements of a contiguous f32 tensor's storage on the CPU.
+/// The elements of a contiguous f32 tensor's storage on the CPU; `op` names the op that refuses anything else.
 fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let candle_core::Storage::Cpu(cpu) = storage else { candle_core::bail!("{op}: CPU only") };
     contiguous_f32(cpu, layout, op)
+}
+
+/// The elements of a contiguous f32 tensor's storage on the CPU, or `None` for any other
+/// (the optimiser then takes candle's ops).
+pub(crate) fn cpu_f32_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Option<&'a [f32]> {
+    let candle_core::Storage::Cpu(CpuStorage::F32(all)) = storage else { return None };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(&all[start..end])
+}
+
+/// Whether `t` takes the training path's own CPU kernels: f32 on the CPU.
+fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// candle's `Tensor::affine(mul, add)` on one f32 element, as its CPU backend computes it:
+/// `x * mul + add` with both scalars cast to f32 (so a `+ 0.0` stays: it turns −0 into +0).
+/// What `tensor * f64`, `tensor + f64` and `tensor / f64` are in candle.
+#[inline(always)]
+pub(crate) fn affine(x: f32, mul: f64, add: f64) -> f32 {
+    x * mul as f32 + add as f32
 }
 
 struct Embeddings {
@@ -439,7 +454,7 @@ impl Attention {
                 ((scores_of(&q, &k)? / (self.head_dim as f64).sqrt())?, split(dense(&self.value, xs, mode)?)?)
             }
         };
-        let scores = if mode.training() && scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        let scores = if mode.training() && is_cpu_f32(&scores) {
             scores.contiguous()?.apply_op1(PlusMask { mask: mask.clone() })?
         } else {
             scores.broadcast_add(mask)?

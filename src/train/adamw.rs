@@ -8,8 +8,10 @@
 //! `affine` — so a seed's model stays the same to the bit (tested below).
 //! Tensors that are not f32 on the CPU take candle's ops.
 
-use candle_core::{backprop::GradStore, CpuStorage, Layout, Result, Storage, Tensor, Var};
+use candle_core::{backprop::GradStore, Result, Tensor, Var};
 use candle_nn::ParamsAdamW;
+
+use crate::model::bert::{affine, cpu_f32_slice};
 
 /// One parameter and its two moments.
 struct Slot {
@@ -35,12 +37,6 @@ struct Scalars {
     scale_m: f64,
     scale_v: f64,
     eps: f64,
-}
-
-/// candle's `affine(mul, add)` on one f32: `x * mul + add` with both scalars cast to f32.
-#[inline(always)]
-fn affine(x: f32, mul: f64, add: f64) -> f32 {
-    x * mul as f32 + add as f32
 }
 
 impl AdamW {
@@ -99,12 +95,9 @@ fn fused(slot: &Slot, g: &Tensor, s: Scalars) -> Result<Option<[Vec<f32>; 3]>> {
     let (ts, tl) = slot.var.storage_and_layout();
     let (ms, ml) = slot.first_moment.storage_and_layout();
     let (vs, vl) = slot.second_moment.storage_and_layout();
-    fn f32s<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
-        let Storage::Cpu(CpuStorage::F32(all)) = storage else { return None };
-        let (start, end) = layout.contiguous_offsets()?;
-        Some(&all[start..end])
-    }
-    let (Some(g), Some(theta), Some(m), Some(v)) = (f32s(&gs, gl), f32s(&ts, tl), f32s(&ms, ml), f32s(&vs, vl)) else {
+    let (Some(g), Some(theta), Some(m), Some(v)) =
+        (cpu_f32_slice(&gs, gl), cpu_f32_slice(&ts, tl), cpu_f32_slice(&ms, ml), cpu_f32_slice(&vs, vl))
+    else {
         return Ok(None);
     };
     let n = g.len();

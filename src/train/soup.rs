@@ -286,6 +286,24 @@ pub(super) fn refit_soup(opts: &TrainOptions, refitted: Refitted) -> Result<Fitt
 mod tests {
     use super::*;
 
+    /// Refits are claimed failed first, then longest first (the lowest-numbered of a tie), each
+    /// once, and only among the models that are done.
+    #[test]
+    fn refits_are_claimed_longest_first_among_the_models_done() {
+        let epochs = BestEpochs::new(4);
+        for (k, best) in [(0, Some(6)), (1, Some(8)), (3, Some(8))] {
+            epochs.set(k, best);
+        }
+        assert_eq!(epochs.claim_longest(), (1, Some(8)));
+        assert_eq!(epochs.claim_longest(), (3, Some(8)));
+        epochs.set(2, None);
+        assert_eq!(epochs.claim_longest(), (2, None), "a failed model first");
+        assert_eq!(epochs.claim_longest(), (0, Some(6)));
+        let later = BestEpochs::new(2);
+        later.set(1, Some(3));
+        assert_eq!(later.claim_longest(), (1, Some(3)), "model 0 still training");
+    }
+
     /// A soup's weights are averaged only over one vocabulary: a model whose tokenizer differs from
     /// the first's is named, with its file.
     #[test]

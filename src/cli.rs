@@ -208,8 +208,9 @@ pub struct TrainArgs {
     /// Training data (JSONL, `{"prompt": ..., "completion": label}` per line); a dev split is carved from it.
     #[arg(long, env = "TRIAGEM_TRAIN", default_value_os_t = TrainOptions::default().train)]
     pub train: PathBuf,
-    /// Test data, used only for the final report.
-    #[arg(long, env = "TRIAGEM_TEST", default_value_os_t = TrainOptions::default().test)]
+    /// Test data, used only for the final report; `none`: no test report (a run whose figures
+    /// should stay out of view, or data with no test file of its own).
+    #[arg(long, env = "TRIAGEM_TEST", default_value = "data/teste.jsonl")]
     pub test: PathBuf,
     /// Output model directory.
     #[arg(long, env = "TRIAGEM_OUT", default_value_os_t = TrainOptions::default().out)]
@@ -468,7 +469,7 @@ impl TrainArgs {
             base: Base::parse(&self.base)?,
             device: self.device.open()?,
             train: self.train,
-            test: self.test,
+            test: (self.test.as_os_str() != "none").then_some(self.test),
             out: self.out,
             epochs: self.epochs,
             lr: self.lr,

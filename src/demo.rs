@@ -201,11 +201,14 @@ fn ensure_model(dir: &Path) -> Result<(), DemoError> {
         dir.display()
     );
     let summary = train::train(&TrainOptions { out: dir.to_path_buf(), ..TrainOptions::default() })?;
-    println!(
-        "trained {} (test accuracy {:.3}, macro-F1 {:.3})",
-        summary.model_dir.display(),
-        summary.test.accuracy,
-        summary.test.macro_f1
-    );
+    match &summary.test {
+        Some(t) => println!(
+            "trained {} (test accuracy {:.3}, macro-F1 {:.3})",
+            summary.model_dir.display(),
+            t.accuracy,
+            t.macro_f1
+        ),
+        None => println!("trained {}", summary.model_dir.display()),
+    }
     Ok(())
 }

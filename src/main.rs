@@ -119,16 +119,20 @@ fn error_chain(e: &anyhow::Error) -> String {
 fn run_train(a: TrainArgs) -> Result<()> {
     let opts = a.options()?;
     let summary = train::train(&opts)?;
-    println!(
-        "model {} (version {}) — best epoch {}, test accuracy {:.4}, macro-F1 {:.4}, {:.0}s",
+    let head = format!(
+        "model {} (version {}) — best epoch {}",
         summary.model_dir.display(),
         summary.model_version,
-        summary.best_epoch,
-        summary.test.accuracy,
-        summary.test.macro_f1,
-        summary.training_seconds
+        summary.best_epoch
     );
-    println!("{}", summary.test.render());
+    let seconds = summary.training_seconds;
+    match &summary.test {
+        Some(t) => {
+            println!("{head}, test accuracy {:.4}, macro-F1 {:.4}, {seconds:.0}s", t.accuracy, t.macro_f1);
+            println!("{}", t.render());
+        }
+        None => println!("{head}, {seconds:.0}s; no test file (--test none)"),
+    }
     Ok(())
 }
 

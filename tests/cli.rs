@@ -223,3 +223,30 @@ fn same_seed_same_model_and_metrics() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["accuracy"], first.1["accuracy"]);
 }
+
+/// `--test none` leaves the test file out of the run: no test report, no test entry under `data`,
+/// and the same model as with a test file (the test file never shapes training).
+#[test]
+fn train_without_a_test_file_reports_none_and_trains_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = head_of_training_data(dir.path(), 200);
+    let run = |test: &str, out: &Path| -> (Output, serde_json::Value) {
+        let out_s = out.display().to_string();
+        let mut args = vec!["train", "--base", "none", "--train", &train, "--test", test, "--out", &out_s];
+        args.extend("--scratch-hidden 16 --scratch-layers 1 --vocab-size 300 --epochs 1".split(' '));
+        args.extend("--ensemble 0 --soup 0 --refit false --quiet".split(' '));
+        let o = triagem(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let metrics = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+        (o, metrics)
+    };
+    let (with, with_metrics) = run("data/teste.jsonl", &dir.path().join("with"));
+    let (without, metrics) = run("none", &dir.path().join("without"));
+    assert!(with_metrics["test"]["accuracy"].is_number() && with_metrics["data"]["test"].is_object());
+    assert!(metrics["test"].is_null(), "{}", metrics["test"]);
+    assert!(metrics["data"].get("test").is_none(), "{}", metrics["data"]);
+    assert_eq!(metrics["model_version"], with_metrics["model_version"]);
+    let stdout = String::from_utf8_lossy(&without.stdout);
+    assert!(stdout.contains("no test file") && !stdout.contains("accuracy"), "{stdout}");
+    assert!(String::from_utf8_lossy(&with.stdout).contains("test accuracy"));
+}

@@ -81,8 +81,8 @@ pub enum TrainError {
 pub struct TrainOptions {
     /// Training JSONL; a dev split is carved from it.
     pub train: PathBuf,
-    /// Test JSONL, used once for the final report.
-    pub test: PathBuf,
+    /// Test JSONL, used once for the final report; None: no test report (`--test none`).
+    pub test: Option<PathBuf>,
     /// Output model directory (created; files in it are overwritten).
     pub out: PathBuf,
     /// Initial weights.
@@ -151,7 +151,7 @@ impl Default for TrainOptions {
     fn default() -> Self {
         Self {
             train: "data/treino.jsonl".into(),
-            test: "data/teste.jsonl".into(),
+            test: Some("data/teste.jsonl".into()),
             out: "models/triagem".into(),
             base: Base::Dir(DEFAULT_BASE.into()),
             epochs: 8,
@@ -202,7 +202,8 @@ pub struct TrainSummary {
     pub labels: Vec<String>,
     pub best_epoch: usize,
     pub epochs: Vec<EpochLog>,
-    pub test: Report,
+    /// The model on the test file; None when trained with `--test none`.
+    pub test: Option<Report>,
     pub data: BTreeMap<String, DataInfo>,
     pub hyperparameters: serde_json::Value,
     pub training_seconds: f64,
@@ -284,13 +285,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let started = Instant::now();
     let train_set = Dataset::load(&opts.train, None)?;
     let labels = train_set.training_labels()?;
-    let test_set = Dataset::load(&opts.test, Some(&labels))?;
+    let test_set = opts.test.as_deref().map(|p| Dataset::load(p, Some(&labels))).transpose()?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let (train_examples, dev_examples) = split_dev(&train_set.examples, &labels, opts.dev_fraction, &mut rng);
     tracing::info!(
         train = train_examples.len(),
         dev = dev_examples.len(),
-        test = test_set.examples.len(),
+        test = test_set.as_ref().map_or(0, |t| t.examples.len()),
         labels = ?labels,
         "data loaded"
     );
@@ -352,7 +353,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     if opts.ensemble > 0 {
         let _ = std::fs::remove_dir_all(teachers_dir(&opts.out));
     }
-    let test = eval::evaluate(&classifier, &test_set.examples, 64)?;
+    let test = test_set.as_ref().map(|t| eval::evaluate(&classifier, &t.examples, 64)).transpose()?;
     let weights = opts.out.join(model::WEIGHTS_FILE);
     let summary = TrainSummary {
         model_dir: opts.out.clone(),
@@ -365,10 +366,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         best_epoch,
         epochs,
         test,
-        data: BTreeMap::from([
-            ("train".to_string(), data_info(&train_set)),
-            ("test".to_string(), data_info(&test_set)),
-        ]),
+        data: std::iter::once(("train".to_string(), data_info(&train_set)))
+            .chain(test_set.as_ref().map(|t| ("test".to_string(), data_info(t))))
+            .collect(),
         hyperparameters: hyperparameters(opts, train_examples.len(), dev_examples.len()),
         training_seconds: started.elapsed().as_secs_f64(),
         parameters,
@@ -801,7 +801,7 @@ mod tests {
     fn tiny_options() -> TrainOptions {
         TrainOptions {
             train: PathBuf::new(),
-            test: PathBuf::new(),
+            test: None,
             out: PathBuf::new(),
             base: Base::Scratch,
             epochs: 1,
@@ -913,7 +913,7 @@ mod tests {
         let (train_file, test_file) = (dir.join("treino.jsonl"), dir.join("teste.jsonl"));
         std::fs::write(&train_file, train_lines.join("\n")).unwrap();
         std::fs::write(&test_file, examples().iter().map(line).collect::<Vec<_>>().join("\n")).unwrap();
-        TrainOptions { train: train_file, test: test_file, dev_fraction: 0.4, ..tiny_options() }
+        TrainOptions { train: train_file, test: Some(test_file), dev_fraction: 0.4, ..tiny_options() }
     }
 
     /// `--soup N`: the first model is the run without a soup, the others start from its initial

@@ -521,7 +521,7 @@ mod tests {
         let out = dir.path().join("model");
         let train_opts = TrainOptions {
             train: data.clone(),
-            test: data,
+            test: Some(data),
             out: out.clone(),
             base: Base::Dir(opts.out.clone()),
             epochs: 1,

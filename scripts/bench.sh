@@ -5,7 +5,8 @@
 #      transformers, onnx and onnxruntime is given in TRIAGEM_BENCH_PYTHON (skipped, with a message, when not);
 #   2. the worker end to end through a real broker (triagem-test-broker, librdkafka's mock cluster in its own
 #      process; BROKER=tansu for tansu): after a warm-up, a backlog sent while the worker is stopped
-#      (`loadgen --backlog`: the rate the worker drains it at, how busy its model was, who used the cores), then
+#      (`loadgen --backlog`: the rate the worker drains it at, how busy its model was, who used the cores, and
+#      the worker's cores by thread), then
 #      `triagem loadgen` as fast as possible, then at half that rate for the latency (loadgen's, end to
 #      end, and the worker's own from its /metrics before and after);
 #   3. `triagem bench`: triagem's model path at batch 1/8/32 and at the worker's batching, tokenisation
@@ -55,19 +56,36 @@ cpu_ticks() {
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
   echo "${stat##*) }" | awk '{ print $12 + $13 }' # fields after "PID (COMM) ": utime and stime are 12 and 13
 }
+# thread_ticks PID: each thread's name and user + system CPU ticks so far, a line each, the name's numbers
+# dropped (the model's threads triagem-model-0, -1 … are one group; librdkafka's rdk:broker1, rdk:broker2 …).
+thread_ticks() {
+  local t stat name
+  for t in /proc/"$1"/task/*; do
+    stat=$(cat "$t/stat" 2>/dev/null) || continue
+    name=${stat#*(}; name=${name%)*}
+    echo "$(echo "$name" | tr -d '0-9' | tr ' ' _) $(echo "${stat##*) }" | awk '{ print $12 + $13 }')"
+  done
+}
 # machine_ticks: the machine's busy and total CPU ticks so far, all cores (/proc/stat).
 machine_ticks() { awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6; exit }' /proc/stat; }
 # cpu_shares [LINGER_MS FETCH_WAIT_MS]: the cores the worker, the broker and the rest used between cpu_before
 # and cpu_after (each: worker ticks, broker ticks, machine busy and total ticks), as `triagem bench`'s
-# --cpu-shares / --drain-cpu-shares JSON; with loadgen's linger and fetch wait in that run when given.
+# --cpu-shares / --drain-cpu-shares JSON; with loadgen's linger and fetch wait in that run when given, and
+# the worker's cores by thread group when $threads_before and $threads_after hold thread_ticks of the two moments.
 cpu_shares() {
+  { [ -z "${threads_before:-}" ] || printf '%s\n' "$threads_before" | sed 's/^/before /'
+    [ -z "${threads_after:-}" ] || printf '%s\n' "$threads_after" | sed 's/^/after /'; } |
   awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
     -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
     -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v linger="${1:-}" -v wait="${2:-}" \
-    'BEGIN { wall = total / n; if (wall <= 0) exit
+    '$1 == "before" { group[$2] -= $3 } $1 == "after" { group[$2] += $3 }
+    END { wall = total / n; if (wall <= 0) exit
       printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f",
         kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total
       if (linger != "") printf ", \"loadgen_linger_ms\": %d, \"loadgen_fetch_wait_ms\": %d", linger, wait
+      sep = ", \"worker_threads\": {"
+      for (g in group) if (group[g] > 0) { printf "%s\"%s\": %.4f", sep, g, group[g] / wall; sep = ", " }
+      if (sep == ", ") printf "}"
       print "}" }'
 }
 # shellcheck source=scripts/bench-common.sh
@@ -150,12 +168,15 @@ if [ "$e2e_count" -gt 0 ]; then
   backlog_pid=$!
   for _ in $(seq 12000); do [ -f "$out/backlog.sent" ] || ! kill -0 "$backlog_pid" 2>/dev/null && break; sleep 0.01; done
   # Who uses the cores while the worker drains: its rate is its model's on what the rest leaves it.
+  threads_before=$(thread_ticks "$worker_pid")
   cpu_before=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
   kill -CONT "$worker_pid"
   [ -f "$out/backlog.sent" ] || { say "loadgen did not send the backlog"; wait "$backlog_pid"; exit 1; }
   wait "$backlog_pid"
   cpu_after=("$(cpu_ticks "$worker_pid")" "$(cpu_ticks "${pids[0]}")" $(machine_ticks))
+  threads_after=$(thread_ticks "$worker_pid")
   cpu_shares >"$out/cpu-drain.json"
+  threads_before='' threads_after=''
   curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$out/metrics-after-backlog.txt"
   say "worker end to end through the $broker_kind broker: $e2e_count messages as fast as possible"
   "$bin" loadgen --brokers "$brokers" --data "$data" --count "$e2e_count" --settle-timeout 120s --quiet --json \

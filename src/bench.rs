@@ -170,6 +170,10 @@ pub struct CpuShares {
     /// asked the broker for outputs), when the file says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loadgen_fetch_wait_ms: Option<u64>,
+    /// The worker's cores by thread, the numbers dropped from the names (its model's threads
+    /// `triagem-model-`, its runtime's `triagem-async`, librdkafka's `rdk:broker`, …), when the file says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// The model's share of a backlog drain: the growth of the worker's `triagem_inference_seconds_sum`
@@ -548,8 +552,17 @@ fn padded_tokens(classifier: &Classifier, lengths: &[usize]) -> usize {
 impl CpuShares {
     /// "the worker used 0.90 cores, the tansu broker 0.42, the rest 0.12; the machine's 2 cores were 72 % busy".
     pub fn describe(&self) -> String {
+        let by_thread = match &self.worker_threads {
+            Some(groups) if !groups.is_empty() => {
+                let mut groups: Vec<(&String, &f64)> = groups.iter().collect();
+                groups.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+                let parts: Vec<String> = groups.iter().map(|(name, cores)| format!("{name} {cores:.2}")).collect();
+                format!(" ({})", parts.join(", "))
+            }
+            _ => String::new(),
+        };
         format!(
-            "the worker used {:.2} cores, the {} broker {:.2}, the rest {:.2}; the machine's {} cores were {:.0} % busy",
+            "the worker used {:.2} cores{by_thread}, the {} broker {:.2}, the rest {:.2}; the machine's {} cores were {:.0} % busy",
             self.worker_cores,
             self.broker,
             self.broker_cores,
@@ -898,11 +911,16 @@ mod tests {
         let drain = dir.path().join("cpu-drain.json");
         std::fs::write(
             &drain,
-            r#"{"broker": "test", "worker_cores": 1.65, "broker_cores": 0.05, "other_cores": 0.2, "cores": 2, "machine_busy": 0.95}"#,
+            r#"{"broker": "test", "worker_cores": 1.65, "broker_cores": 0.05, "other_cores": 0.2, "cores": 2, "machine_busy": 0.95, "worker_threads": {"triagem-async": 0.1, "triagem-model-": 1.5, "rdk:broker": 0.05}}"#,
         )
         .unwrap();
         let d = read_cpu_shares(&drain).unwrap();
         assert_eq!((d.worker_cores, d.loadgen_linger_ms, d.loadgen_fetch_wait_ms), (1.65, None, None));
+        assert_eq!(
+            d.describe(),
+            "the worker used 1.65 cores (triagem-model- 1.50, triagem-async 0.10, rdk:broker 0.05), the test broker 0.05, \
+             the rest 0.20; the machine's 2 cores were 95 % busy"
+        );
         let bad = dir.path().join("other.json");
         std::fs::write(&bad, r#"{"throughput": 7000}"#).unwrap();
         let e = read_cpu_shares(&bad).unwrap_err().to_string();

@@ -50,7 +50,7 @@ repeats=${BENCH_REPEATS:-3}
 peak_args=()
 [ -z "${BENCH_PEAK_GFLOPS:-}" ] || peak_args=(--peak-gflops "$BENCH_PEAK_GFLOPS")
 say() { echo "bench: $*" >&2; }
-# cpu_ticks PID: the process's user + system CPU time so far, in clock ticks (0 once it is gone).
+# cpu_ticks PID (or PID/task/TID, one thread): its user + system CPU time so far, in clock ticks (0 once it is gone).
 cpu_ticks() {
   local stat
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
@@ -59,11 +59,10 @@ cpu_ticks() {
 # thread_ticks PID: each thread's name and user + system CPU ticks so far, a line each, the name's numbers
 # dropped (the model's threads triagem-model-0, -1 … are one group; librdkafka's rdk:broker1, rdk:broker2 …).
 thread_ticks() {
-  local t stat name
+  local t name
   for t in /proc/"$1"/task/*; do
-    stat=$(cat "$t/stat" 2>/dev/null) || continue
-    name=${stat#*(}; name=${name%)*}
-    echo "$(echo "$name" | tr -d '0-9' | tr ' ' _) $(echo "${stat##*) }" | awk '{ print $12 + $13 }')"
+    name=$(tr -d '0-9' <"$t/comm" 2>/dev/null | tr ' ' _) || continue
+    echo "$name $(cpu_ticks "$1/task/${t##*/}")"
   done
 }
 # machine_ticks: the machine's busy and total CPU ticks so far, all cores (/proc/stat).

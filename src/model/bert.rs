@@ -224,9 +224,18 @@ impl CustomOp1 for SumRows {
 
 /// The elements of a contiguous CPU f32 tensor; `op` names the op that refuses anything else.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
-    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: not contiguous") };
-    Ok(&data[start..end])
+    f32_slice(storage, layout).ok_or_else(|| not_cpu_f32(op))
+}
+
+/// The elements of contiguous f32 CPU storage, or `None` for another dtype or a strided layout.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { return None };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(&data[start..end])
+}
+
+fn not_cpu_f32(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: contiguous f32 tensors on the CPU only"))
 }
 
 /// The activation on the tensor path: the fast CPU kernel in inference, candle's ops in training.
@@ -326,16 +335,14 @@ impl CustomOp1 for GeluErfTrain {
 
 /// The elements of a contiguous f32 tensor's storage on the CPU; `op` names the op that refuses anything else.
 fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = storage else { candle_core::bail!("{op}: CPU only") };
-    contiguous_f32(cpu, layout, op)
+    cpu_f32_slice(storage, layout).ok_or_else(|| not_cpu_f32(op))
 }
 
 /// The elements of a contiguous f32 tensor's storage on the CPU, or `None` for any other
 /// (the optimiser then takes candle's ops).
 pub(crate) fn cpu_f32_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Option<&'a [f32]> {
-    let candle_core::Storage::Cpu(CpuStorage::F32(all)) = storage else { return None };
-    let (start, end) = layout.contiguous_offsets()?;
-    Some(&all[start..end])
+    let candle_core::Storage::Cpu(cpu) = storage else { return None };
+    f32_slice(cpu, layout)
 }
 
 /// Whether `t` takes the training path's own CPU kernels: f32 on the CPU.

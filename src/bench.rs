@@ -6,7 +6,7 @@
 //! [`Classifier::predict`] on the model's thread pool:
 //! - fixed batches of 1, 8 and 32 texts in file order (what the peers do);
 //! - the worker's batching: windows as the batcher forms them from a backlog
-//!   (token counting included), cut by [`batcher::plan`] into length-sorted
+//!   (tokenised on the model's threads, as the worker does), cut by [`batcher::plan`] into length-sorted
 //!   batches under `batch.max_messages` / `batch.max_tokens`.
 //!
 //! Read from files that `scripts/bench.sh` writes in the same run: the peers
@@ -244,18 +244,24 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         Ok((n as f64 / start.elapsed().as_secs_f64(), padded as f64 / n as f64))
     };
     // The worker's batching from a backlog: windows of WINDOW_BATCHES × max_messages in arrival order,
-    // each text tokenised once (as the batcher does it, for the batch limits and the model) inside the timing.
+    // each text tokenised once inside the timing, as the batcher does it: the window's texts shared out
+    // among the model's threads (the worker's `tokenize_on_model_threads`), then the batches it plans.
     let worker = || -> Result<(f64, f64), BenchError> {
+        use rayon::prelude::*;
         let window = opts.limits.max_messages.max(1) * WINDOW_BATCHES;
         let mut padded = 0;
         let start = Instant::now();
         for chunk in texts.chunks(window) {
-            let mut tokenized = Vec::with_capacity(chunk.len());
-            for t in chunk {
-                let ids = encoder.tokenize(t)?;
-                let n = ids.len();
-                tokenized.push((ids, n));
-            }
+            let tokenized = threads::install(|| {
+                chunk
+                    .par_iter()
+                    .map(|t| {
+                        let ids = encoder.tokenize(t)?;
+                        let n = ids.len();
+                        Ok((ids, n))
+                    })
+                    .collect::<Result<Vec<_>, ModelError>>()
+            })?;
             for batch in batcher::plan(tokenized, &opts.limits) {
                 padded += padded_tokens(&classifier, &batch.items.iter().map(Vec::len).collect::<Vec<_>>());
                 let ids: Vec<&[u32]> = batch.items.iter().map(Vec::as_slice).collect();

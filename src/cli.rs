@@ -364,9 +364,13 @@ pub struct PretrainArgs {
     /// AdamW weight decay (not on biases and layer norms).
     #[arg(long, default_value_t = PretrainOptions::default().weight_decay)]
     pub weight_decay: f64,
-    /// Share of the tokens the model predicts.
+    /// Share of the tokens the model predicts (of the words, with --whole-word-masking).
     #[arg(long, default_value_t = PretrainOptions::default().mask_prob)]
     pub mask_prob: f64,
+    /// Choose words to mask instead of tokens: a word's `##` pieces are masked with it, so the model
+    /// cannot fill a piece in from the rest of its own word.
+    #[arg(long)]
+    pub whole_word_masking: bool,
     /// Probability that a passage is rewritten in chat spelling each time it is drawn.
     #[arg(long, default_value_t = PretrainOptions::default().augment)]
     pub augment: f64,
@@ -405,6 +409,7 @@ impl PretrainArgs {
             warmup: self.warmup,
             weight_decay: self.weight_decay,
             mask_prob: self.mask_prob,
+            whole_word: self.whole_word_masking,
             augment: self.augment,
             seed: self.seed,
             quiet: self.quiet,

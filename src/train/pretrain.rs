@@ -56,8 +56,10 @@ pub struct PretrainOptions {
     pub lr: f64,
     pub warmup: f64,
     pub weight_decay: f64,
-    /// Share of the tokens the model must predict.
+    /// Share of the tokens the model must predict (of the words, with `whole_word`).
     pub mask_prob: f64,
+    /// Whole-word masking: words are chosen instead of tokens, every piece of a chosen word with it.
+    pub whole_word: bool,
     /// Probability that a passage is rewritten in chat spelling each time it is drawn.
     pub augment: f64,
     pub seed: u64,
@@ -84,6 +86,7 @@ impl Default for PretrainOptions {
             warmup: 0.05,
             weight_decay: 0.01,
             mask_prob: 0.15,
+            whole_word: false,
             augment: 0.3,
             seed: 42,
             device: Device::Cpu,
@@ -174,7 +177,13 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainSummary, TrainError> {
     let (mut decay, mut no_decay) = optimizers(trained.clone(), opts.lr, opts.weight_decay)?;
     let warmup_steps = ((opts.steps as f64) * opts.warmup).round() as usize;
 
-    let mlm = Mlm { model: &encoder_model, head: &head, ids, vocab, device: &opts.device };
+    let mut continues = vec![false; vocab];
+    for (token, id) in tokenizer.get_vocab(true) {
+        if let Some(c) = continues.get_mut(id as usize) {
+            *c = token.starts_with(scratch::CONTINUE);
+        }
+    }
+    let mlm = Mlm { model: &encoder_model, head: &head, ids, vocab, continues, device: &opts.device };
     let before = mlm.held_out(&held_out, &mut StdRng::seed_from_u64(opts.seed))?;
     eprintln!("held-out masked-token loss before training {:.3}", before.0);
 
@@ -189,7 +198,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainSummary, TrainError> {
         let lr = opts.lr * schedule(step, warmup_steps, opts.steps);
         decay.set_learning_rate(lr);
         no_decay.set_learning_rate(lr);
-        let (inputs, mask, positions, targets) = mlm.mask(&batch, opts.mask_prob, &mut rng);
+        let (inputs, mask, positions, targets) = mlm.mask(&batch, opts.mask_prob, opts.whole_word, &mut rng);
         let (loss, _) = mlm.loss(&inputs, &mask, &positions, &targets, &mut Mode::Train(&mut rng))?;
         let mut grads = loss.backward()?;
         clip_gradients(&mut grads, &all_vars, 1.0)?;
@@ -239,7 +248,7 @@ pub fn pretrain(opts: &PretrainOptions) -> Result<PretrainSummary, TrainError> {
             "morphology": opts.morphology,
             "hidden": opts.hidden, "layers": opts.layers, "max_len": opts.max_len, "batch_size": opts.batch_size,
             "steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "weight_decay": opts.weight_decay,
-            "mask_prob": opts.mask_prob, "augment": opts.augment, "seed": opts.seed,
+            "mask_prob": opts.mask_prob, "whole_word_masking": opts.whole_word, "augment": opts.augment, "seed": opts.seed,
         }),
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises") + "\n";
@@ -267,6 +276,8 @@ struct Mlm<'a> {
     head: &'a bert::MaskedLmHead,
     ids: Ids,
     vocab: usize,
+    /// By token id: a `##` piece that continues the word before it.
+    continues: Vec<bool>,
     device: &'a Device,
 }
 
@@ -275,24 +286,34 @@ type Masked = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<u32>, Vec<u32>);
 
 impl Mlm<'_> {
     /// BERT's masking: each token (not `[CLS]`, `[SEP]`) is chosen with `prob`; a chosen one becomes
-    /// `[MASK]` (80 %), a random token (10 %) or stays (10 %). At least one token per batch is chosen.
-    fn mask(&self, batch: &[Vec<u32>], prob: f64, rng: &mut StdRng) -> Masked {
+    /// `[MASK]` (80 %), a random token (10 %) or stays (10 %). With `whole_words`, each word — a token and
+    /// the `##` pieces after it — is chosen with `prob`, all its tokens with it, each of them then
+    /// replaced as above. At least one token per batch is chosen.
+    fn mask(&self, batch: &[Vec<u32>], prob: f64, whole_words: bool, rng: &mut StdRng) -> Masked {
         let len = batch.iter().map(Vec::len).max().unwrap_or(0);
         let (mut inputs, mut masks, mut positions, mut targets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (r, seq) in batch.iter().enumerate() {
             let mut row = seq.clone();
-            for (i, id) in row.iter_mut().enumerate() {
-                if *id == self.ids.cls || *id == self.ids.sep || !rng.random_bool(prob) {
+            let mut start = 0;
+            while start < seq.len() {
+                if seq[start] == self.ids.cls || seq[start] == self.ids.sep {
+                    start += 1;
                     continue;
                 }
-                positions.push((r * len + i) as u32);
-                targets.push(*id);
-                let roll: f64 = rng.random();
-                if roll < 0.8 {
-                    *id = self.ids.mask;
-                } else if roll < 0.9 {
-                    *id = rng.random_range(5..self.vocab as u32);
+                let end = if whole_words { self.word_end(seq, start) } else { start + 1 };
+                if rng.random_bool(prob) {
+                    for (i, id) in row.iter_mut().enumerate().take(end).skip(start) {
+                        positions.push((r * len + i) as u32);
+                        targets.push(*id);
+                        let roll: f64 = rng.random();
+                        if roll < 0.8 {
+                            *id = self.ids.mask;
+                        } else if roll < 0.9 {
+                            *id = rng.random_range(5..self.vocab as u32);
+                        }
+                    }
                 }
+                start = end;
             }
             let mut mask = vec![1u32; row.len()];
             row.resize(len, self.ids.pad);
@@ -301,13 +322,26 @@ impl Mlm<'_> {
             masks.push(mask);
         }
         if positions.is_empty() {
-            if let Some(i) = batch[0].iter().position(|&t| t != self.ids.cls && t != self.ids.sep) {
-                positions.push(i as u32);
-                targets.push(batch[0][i]);
-                inputs[0][i] = self.ids.mask;
+            let first = &batch[0];
+            if let Some(start) = first.iter().position(|&t| t != self.ids.cls && t != self.ids.sep) {
+                let end = if whole_words { self.word_end(first, start) } else { start + 1 };
+                for i in start..end {
+                    positions.push(i as u32);
+                    targets.push(first[i]);
+                    inputs[0][i] = self.ids.mask;
+                }
             }
         }
         (inputs, masks, positions, targets)
+    }
+
+    /// Where the word starting at `start` ends: after the `##` pieces that follow it.
+    fn word_end(&self, seq: &[u32], start: usize) -> usize {
+        let mut end = start + 1;
+        while end < seq.len() && self.continues.get(seq[end] as usize) == Some(&true) {
+            end += 1;
+        }
+        end
     }
 
     /// Mean cross-entropy over the chosen tokens, and how many of them the model gets right.
@@ -333,7 +367,8 @@ impl Mlm<'_> {
     fn held_out(&self, sequences: &[Vec<u32>], rng: &mut StdRng) -> Result<(f64, f64), TrainError> {
         let (mut loss, mut right, mut total) = (0.0, 0usize, 0usize);
         for batch in sequences.chunks(64) {
-            let (inputs, masks, positions, targets) = self.mask(batch, 0.15, rng);
+            // Token masking whatever the training used, so that bases compare.
+            let (inputs, masks, positions, targets) = self.mask(batch, 0.15, false, rng);
             let (l, r) = self.loss(&inputs, &masks, &positions, &targets, &mut Mode::Eval)?;
             loss += l.to_scalar::<f32>()? as f64 * targets.len() as f64;
             right += r;
@@ -542,6 +577,50 @@ mod tests {
         assert_eq!(vocab(&opts.out), vocab(&out), "the classifier must keep the base's vocabulary");
     }
 
+    /// Whole-word masking takes a word's `##` pieces with it; token masking chooses them one by one.
+    #[test]
+    fn whole_word_masking_masks_every_piece_of_a_chosen_word() {
+        let config = BertConfig::small(50, 16, 32, 2);
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let bert = BertClassifier::load(&config, 2, vb.clone()).unwrap();
+        let head = bert::MaskedLmHead::load(&config, vb.pp("cls").pp("predictions")).unwrap();
+        // Ids 11 and 12 are `##` pieces: the words are [10 11 12], [13], [20 11] and [21].
+        let mut continues = vec![false; 50];
+        continues[11] = true;
+        continues[12] = true;
+        let mlm = Mlm {
+            model: &bert,
+            head: &head,
+            ids: Ids { cls: 2, sep: 3, mask: 4, pad: 0 },
+            vocab: 50,
+            continues,
+            device: &Device::Cpu,
+        };
+        let words: [&[usize]; 4] = [&[1, 2, 3], &[4], &[7, 8], &[9]];
+        let batch = vec![vec![2, 10, 11, 12, 13, 3], vec![2, 20, 11, 21, 3]];
+        let chosen_sets = |whole: bool| -> Vec<Vec<usize>> {
+            let mut rng = StdRng::seed_from_u64(9);
+            (0..200)
+                .map(|_| {
+                    let (_, _, positions, targets) = mlm.mask(&batch, 0.3, whole, &mut rng);
+                    for (&p, &t) in positions.iter().zip(&targets) {
+                        assert_eq!(batch[p as usize / 6][p as usize % 6], t, "the target is the original token");
+                    }
+                    positions.iter().map(|&p| p as usize).collect()
+                })
+                .collect()
+        };
+        let split = |chosen: &[usize]| {
+            words.iter().any(|w| w.iter().any(|p| chosen.contains(p)) && !w.iter().all(|p| chosen.contains(p)))
+        };
+        let whole = chosen_sets(true);
+        assert!(whole.iter().all(|c| !split(c)), "a word was masked in part");
+        assert!(whole.iter().any(|c| c.contains(&1)) && whole.iter().any(|c| !c.contains(&1)));
+        assert!(whole.iter().flatten().all(|&p| ![0, 5, 6, 10, 11].contains(&p)), "[CLS], [SEP] or padding chosen");
+        assert!(chosen_sets(false).iter().any(|c| split(c)), "token masking should split words");
+    }
+
     /// Every tensor of the encoder and the head gets a gradient from the masked-token loss.
     #[test]
     fn every_pretrained_tensor_gets_a_gradient() {
@@ -557,10 +636,11 @@ mod tests {
             head: &head,
             ids: Ids { cls: 2, sep: 3, mask: 4, pad: 0 },
             vocab: 50,
+            continues: vec![false; 50],
             device: &Device::Cpu,
         };
         let batch = vec![vec![2, 10, 11, 12, 13, 3], vec![2, 20, 21, 3]];
-        let (inputs, masks, positions, targets) = mlm.mask(&batch, 0.5, &mut rng);
+        let (inputs, masks, positions, targets) = mlm.mask(&batch, 0.5, false, &mut rng);
         assert!(!positions.is_empty());
         assert!(inputs.iter().all(|r| r.len() == 6) && masks[1] == [1, 1, 1, 1, 0, 0]);
         let (loss, _) = mlm.loss(&inputs, &masks, &positions, &targets, &mut Mode::Train(&mut rng)).unwrap();

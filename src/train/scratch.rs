@@ -28,7 +28,7 @@ use tokenizers::{
 /// Special tokens, in id order: `[PAD]` is 0, as `pad_token_id` says.
 const SPECIAL: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 /// Prefix of a piece that continues a word.
-const CONTINUE: &str = "##";
+pub(crate) const CONTINUE: &str = "##";
 /// A merge must be seen at least this often.
 const MIN_FREQUENCY: u64 = 2;
 

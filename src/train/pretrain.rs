@@ -577,14 +577,20 @@ mod tests {
         assert_eq!(vocab(&opts.out), vocab(&out), "the classifier must keep the base's vocabulary");
     }
 
-    /// Whole-word masking takes a word's `##` pieces with it; token masking chooses them one by one.
-    #[test]
-    fn whole_word_masking_masks_every_piece_of_a_chosen_word() {
+    /// An encoder and a head of 50 tokens, hidden size 32, two layers, for the masking tests.
+    fn tiny_model() -> (BertConfig, VarMap, BertClassifier, bert::MaskedLmHead) {
         let config = BertConfig::small(50, 16, 32, 2);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let bert = BertClassifier::load(&config, 2, vb.clone()).unwrap();
         let head = bert::MaskedLmHead::load(&config, vb.pp("cls").pp("predictions")).unwrap();
+        (config, varmap, bert, head)
+    }
+
+    /// Whole-word masking takes a word's `##` pieces with it; token masking chooses them one by one.
+    #[test]
+    fn whole_word_masking_masks_every_piece_of_a_chosen_word() {
+        let (_, _, bert, head) = tiny_model();
         // Ids 11 and 12 are `##` pieces: the words are [10 11 12], [13], [20 11] and [21].
         let mut continues = vec![false; 50];
         continues[11] = true;
@@ -624,11 +630,7 @@ mod tests {
     /// Every tensor of the encoder and the head gets a gradient from the masked-token loss.
     #[test]
     fn every_pretrained_tensor_gets_a_gradient() {
-        let config = BertConfig::small(50, 16, 32, 2);
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let bert = BertClassifier::load(&config, 2, vb.clone()).unwrap();
-        let head = bert::MaskedLmHead::load(&config, vb.pp("cls").pp("predictions")).unwrap();
+        let (config, varmap, bert, head) = tiny_model();
         let mut rng = StdRng::seed_from_u64(4);
         initialise(&varmap, &config, &HashMap::new(), false, &mut rng).unwrap();
         let mlm = Mlm {

@@ -203,6 +203,9 @@ pub struct DemoArgs {
     pub no_wait: bool,
 }
 
+/// `--test none`: train without a test report.
+const NO_TEST: &str = "none";
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Training data (JSONL, `{"prompt": ..., "completion": label}` per line); a dev split is carved from it.
@@ -210,7 +213,7 @@ pub struct TrainArgs {
     pub train: PathBuf,
     /// Test data, used only for the final report; `none`: no test report (a run whose figures
     /// should stay out of view, or data with no test file of its own).
-    #[arg(long, env = "TRIAGEM_TEST", default_value = "data/teste.jsonl")]
+    #[arg(long, env = "TRIAGEM_TEST", default_value_os_t = TrainOptions::default().test.unwrap_or_else(|| NO_TEST.into()))]
     pub test: PathBuf,
     /// Output model directory.
     #[arg(long, env = "TRIAGEM_OUT", default_value_os_t = TrainOptions::default().out)]
@@ -474,7 +477,7 @@ impl TrainArgs {
             base: Base::parse(&self.base)?,
             device: self.device.open()?,
             train: self.train,
-            test: (self.test.as_os_str() != "none").then_some(self.test),
+            test: (self.test.as_os_str() != NO_TEST).then_some(self.test),
             out: self.out,
             epochs: self.epochs,
             lr: self.lr,

@@ -274,6 +274,11 @@ pub struct TrainArgs {
     /// the base model's, 0.1 for the small BERT); written to the model's config.json.
     #[arg(long)]
     pub dropout: Option<f64>,
+    /// R-Drop: run each training batch twice, with different dropout masks, and add this weight times
+    /// the symmetric KL divergence between the two passes' predictions to the loss; 0 for off.
+    /// About doubles the training time.
+    #[arg(long, default_value_t = TrainOptions::default().rdrop)]
+    pub rdrop: f64,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
     #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = TrainOptions::default().ensemble)]
@@ -494,6 +499,7 @@ impl TrainArgs {
             quiet: self.quiet,
             label_smoothing: self.label_smoothing,
             dropout: self.dropout,
+            rdrop: self.rdrop,
             ensemble: self.ensemble,
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,

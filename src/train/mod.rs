@@ -116,6 +116,10 @@ pub struct TrainOptions {
     pub label_smoothing: f64,
     /// Dropout of the hidden states and the attention weights in training; `None`: the base's.
     pub dropout: Option<f64>,
+    /// R-Drop: each batch runs through the model twice in training, each pass with its own dropout
+    /// masks, and the loss adds this weight times the symmetric KL divergence between the two
+    /// passes' predictions (half the sum of both directions). 0: off, one pass.
+    pub rdrop: f64,
     /// Teachers trained first (seeds `seed+1` … `seed+N`, same split, same options) whose averaged
     /// scores the model also learns from (ensemble distillation); 0: none.
     pub ensemble: usize,
@@ -170,6 +174,7 @@ impl Default for TrainOptions {
             quiet: false,
             label_smoothing: 0.0,
             dropout: None,
+            rdrop: 0.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -599,6 +604,9 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if opts.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
         return bad("--dropout must be in [0, 1)");
     }
+    if !(opts.rdrop >= 0.0 && opts.rdrop.is_finite()) {
+        return bad("--rdrop must be a number at least 0");
+    }
     if !(0.0..1.0).contains(&opts.ema) {
         return bad("--ema must be in [0, 1)");
     }
@@ -626,7 +634,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "weight_decay": opts.weight_decay, "augment": opts.augment, "vocab_size": opts.vocab_size,
         "scratch_hidden": opts.scratch_hidden, "scratch_layers": opts.scratch_layers,
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
-        "dropout": opts.dropout,
+        "dropout": opts.dropout, "rdrop": opts.rdrop,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
         "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema, "soup": opts.soup,
@@ -668,7 +676,10 @@ fn optimizers(vars: Vec<(String, Var)>, lr: f64, weight_decay: f64) -> Result<(A
 /// the labels smoothed by `label_smoothing`, and, with soft targets (the
 /// teachers' mean probabilities at `distill_temperature`, row after row),
 /// `distill_weight` of the cross-entropy against those at the same
-/// temperature, scaled by its square.
+/// temperature, scaled by its square. With `rdrop` the batch is stacked on
+/// itself and run once, so that each copy gets its own dropout masks: the
+/// loss above is the mean over both copies, plus `rdrop` times their
+/// [`consistency`].
 fn loss(
     t: &Trainable,
     texts: &[String],
@@ -680,25 +691,53 @@ fn loss(
     let device = &opts.device;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let encoded = t.encoder.encode(&refs)?;
-    let (ids, masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, device)?;
+    let (mut ids, mut masks) = bert::batch_tensors(&encoded.ids, &encoded.masks, device)?;
+    let copies = if opts.rdrop > 0.0 { 2 } else { 1 };
+    if copies == 2 {
+        ids = Tensor::cat(&[&ids, &ids], 0)?;
+        masks = Tensor::cat(&[&masks, &masks], 0)?;
+    }
     let logits = t.model.forward(&ids, &masks, &mut Mode::Train(rng))?;
-    let (batch, classes) = logits.dims2()?;
+    let (rows, classes) = logits.dims2()?;
+    let targets = targets.repeat(copies);
     let hard = if opts.label_smoothing == 0.0 {
-        candle_nn::loss::cross_entropy(&logits, &Tensor::new(targets, device)?)?
+        candle_nn::loss::cross_entropy(&logits, &Tensor::new(targets.as_slice(), device)?)?
     } else {
         let eps = opts.label_smoothing as f32;
-        let mut dist = vec![eps / classes as f32; batch * classes];
+        let mut dist = vec![eps / classes as f32; rows * classes];
         for (i, &y) in targets.iter().enumerate() {
             dist[i * classes + y as usize] += 1.0 - eps;
         }
-        let dist = Tensor::from_vec(dist, (batch, classes), device)?;
+        let dist = Tensor::from_vec(dist, (rows, classes), device)?;
         soft_cross_entropy(&logits, &dist)?
     };
-    let Some(soft) = soft else { return Ok(hard) };
-    let temp = opts.distill_temperature;
-    let soft = Tensor::from_vec(soft.to_vec(), (batch, classes), device)?;
-    let distill = (soft_cross_entropy(&(&logits / temp)?, &soft)? * (temp * temp))?;
-    Ok(((hard * (1.0 - opts.distill_weight))? + (distill * opts.distill_weight)?)?)
+    let fitted = match soft {
+        None => hard,
+        Some(soft) => {
+            let temp = opts.distill_temperature;
+            let soft = Tensor::from_vec(soft.repeat(copies), (rows, classes), device)?;
+            let distill = (soft_cross_entropy(&(&logits / temp)?, &soft)? * (temp * temp))?;
+            ((hard * (1.0 - opts.distill_weight))? + (distill * opts.distill_weight)?)?
+        }
+    };
+    if copies == 1 {
+        return Ok(fitted);
+    }
+    let half = rows / 2;
+    let consistency = consistency(&logits.narrow(0, 0, half)?, &logits.narrow(0, half, half)?)?;
+    Ok((fitted + (consistency * opts.rdrop)?)?)
+}
+
+/// R-Drop's consistency term: the mean over rows of the symmetric KL
+/// divergence between two predictions of the same examples,
+/// ½ (KL(p‖q) + KL(q‖p)) = ½ Σ (p − q)(log p − log q).
+fn consistency(a: &Tensor, b: &Tensor) -> Result<Tensor, candle_core::Error> {
+    let (log_p, log_q) = (
+        candle_nn::ops::log_softmax(a, candle_core::D::Minus1)?,
+        candle_nn::ops::log_softmax(b, candle_core::D::Minus1)?,
+    );
+    let gap = (log_p.exp()? - log_q.exp()?)?;
+    (gap * (log_p - log_q)?)?.sum(1)?.mean(0)? * 0.5
 }
 
 /// Mean over rows of −Σ target · log softmax(logits).
@@ -820,6 +859,7 @@ mod tests {
             quiet: true,
             label_smoothing: 0.0,
             dropout: None,
+            rdrop: 0.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -1087,6 +1127,46 @@ mod tests {
         // 5 embedding tensors + 16 per layer × 2 layers + pooler 2 + head 2.
         assert_eq!(data.len(), 5 + 16 * 2 + 2 + 2);
         assert!(missing.is_empty(), "no gradient for {missing:?}");
+    }
+
+    #[test]
+    fn rdrop_adds_only_the_gap_between_two_dropout_passes() {
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let texts: Vec<String> = examples().into_iter().map(|e| e.text).collect();
+        let batch_loss = |opts: &TrainOptions| {
+            let mut rng = StdRng::seed_from_u64(1);
+            let t = build(opts, &labels, &examples(), &mut rng).unwrap();
+            loss(&t, &texts, &[1, 0, 1, 0], None, opts, &mut rng).unwrap().to_scalar::<f32>().unwrap()
+        };
+        // Without dropout both passes agree: the stacked batch's loss is the plain one.
+        let still = TrainOptions { dropout: Some(0.0), ..tiny_options() };
+        let (plain, doubled) = (batch_loss(&still), batch_loss(&TrainOptions { rdrop: 5.0, ..still.clone() }));
+        assert!((plain - doubled).abs() < 1e-6, "{plain} against {doubled}");
+        // With it they differ, and the weight scales the gap.
+        let noisy = TrainOptions { dropout: Some(0.5), ..tiny_options() };
+        let (small, large) = (
+            batch_loss(&TrainOptions { rdrop: 1.0, ..noisy.clone() }),
+            batch_loss(&TrainOptions { rdrop: 1e4, ..noisy }),
+        );
+        assert!(large > small + 1e-3, "{small} against {large}");
+        for bad in [-0.5, f64::NAN, f64::INFINITY] {
+            let err = check_options(&TrainOptions { rdrop: bad, ..tiny_options() }).unwrap_err().to_string();
+            assert!(err.contains("--rdrop"), "{err}");
+        }
+    }
+
+    #[test]
+    fn consistency_is_the_symmetric_kl_divergence() {
+        let t = |v: &[f32]| Tensor::from_slice(v, (1, 2), &Device::Cpu).unwrap();
+        let value = |a: &[f32], b: &[f32]| consistency(&t(a), &t(b)).unwrap().to_scalar::<f32>().unwrap();
+        assert!(value(&[0.3, -1.2], &[0.3, -1.2]).abs() < 1e-7);
+        // softmax([0, ln 3]) = (1/4, 3/4), softmax([0, 0]) = (1/2, 1/2).
+        let (p, q) = ([0.25f64, 0.75], [0.5f64, 0.5]);
+        let kl = |p: &[f64; 2], q: &[f64; 2]| p.iter().zip(q).map(|(p, q)| p * (p / q).ln()).sum::<f64>();
+        let expected = 0.5 * (kl(&p, &q) + kl(&q, &p));
+        let got = value(&[0.0, 3f32.ln()], &[0.0, 0.0]) as f64;
+        assert!((got - expected).abs() < 1e-6, "{got} against {expected}");
+        assert_eq!(value(&[0.0, 3f32.ln()], &[0.0, 0.0]), value(&[0.0, 0.0], &[0.0, 3f32.ln()]));
     }
 
     #[test]

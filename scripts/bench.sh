@@ -56,13 +56,15 @@ cpu_ticks() {
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
   echo "${stat##*) }" | awk '{ print $12 + $13 }' # fields after "PID (COMM) ": utime and stime are 12 and 13
 }
-# thread_ticks PID: each thread's name and user + system CPU ticks so far, a line each, the name's numbers
+# thread_ticks PID: each thread's name, user + system CPU ticks so far, and nanoseconds spent runnable but
+# waiting for a CPU (schedstat's second field; 0 without schedstats), a line each, the name's numbers
 # dropped (the model's threads triagem-model-0, -1 … are one group; librdkafka's rdk:broker1, rdk:broker2 …).
 thread_ticks() {
-  local t name
+  local t name waited
   for t in /proc/"$1"/task/*; do
     name=$(tr -d '0-9' <"$t/comm" 2>/dev/null | tr ' ' _) || continue
-    echo "$name $(cpu_ticks "$1/task/${t##*/}")"
+    waited=$(awk '{ print $2 }' "$t/schedstat" 2>/dev/null) || waited=0
+    echo "$name $(cpu_ticks "$1/task/${t##*/}") ${waited:-0}"
   done
 }
 # machine_ticks: the machine's busy and total CPU ticks so far, all cores (/proc/stat).
@@ -70,20 +72,25 @@ machine_ticks() { awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy,
 # cpu_shares [LINGER_MS FETCH_WAIT_MS]: the cores the worker, the broker and the rest used between cpu_before
 # and cpu_after (each: worker ticks, broker ticks, machine busy and total ticks), as `triagem bench`'s
 # --cpu-shares / --drain-cpu-shares JSON; with loadgen's linger and fetch wait in that run when given, and
-# the worker's cores by thread group when $threads_before and $threads_after hold thread_ticks of the two moments.
+# the worker's cores by thread group when $threads_before and $threads_after hold thread_ticks of the two moments
+# (and, by group, the cores' worth of time its threads were runnable but waiting for a CPU).
 cpu_shares() {
   { [ -z "${threads_before:-}" ] || printf '%s\n' "$threads_before" | sed 's/^/before /'
     [ -z "${threads_after:-}" ] || printf '%s\n' "$threads_after" | sed 's/^/after /'; } |
   awk -v w="$((cpu_after[0] - cpu_before[0]))" -v b="$((cpu_after[1] - cpu_before[1]))" \
     -v busy="$((cpu_after[2] - cpu_before[2]))" -v total="$((cpu_after[3] - cpu_before[3]))" -v n="$(nproc)" \
     -v kind="$broker_kind${TANSU_STORAGE:+ ($TANSU_STORAGE)}" -v linger="${1:-}" -v wait="${2:-}" \
-    '$1 == "before" { group[$2] -= $3 } $1 == "after" { group[$2] += $3 }
+    -v hz="$(getconf CLK_TCK)" \
+    '$1 == "before" { group[$2] -= $3; waited[$2] -= $4 } $1 == "after" { group[$2] += $3; waited[$2] += $4 }
     END { wall = total / n; if (wall <= 0) exit
       printf "{\"broker\": \"%s\", \"worker_cores\": %.4f, \"broker_cores\": %.4f, \"other_cores\": %.4f, \"cores\": %d, \"machine_busy\": %.4f",
         kind, w / wall, b / wall, (busy - w - b) / wall, n, busy / total
       if (linger != "") printf ", \"loadgen_linger_ms\": %d, \"loadgen_fetch_wait_ms\": %d", linger, wait
       sep = ", \"worker_threads\": {"
       for (g in group) if (group[g] > 0) { printf "%s\"%s\": %.4f", sep, g, group[g] / wall; sep = ", " }
+      if (sep == ", ") printf "}"
+      sep = ", \"worker_threads_waiting\": {"
+      for (g in group) if (group[g] > 0) { printf "%s\"%s\": %.4f", sep, g, waited[g] / 1e9 / (wall / hz); sep = ", " }
       if (sep == ", ") printf "}"
       print "}" }'
 }

@@ -178,6 +178,10 @@ pub struct CpuShares {
     /// `triagem-model-`, its runtime's `triagem-async`, librdkafka's `rdk:broker`, …), when the file says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<std::collections::BTreeMap<String, f64>>,
+    /// By the same groups, the cores' worth of time the worker's threads were runnable but waiting
+    /// for a CPU (`/proc/…/schedstat`): what the rest of the machine kept from them, when the file says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_threads_waiting: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// Runs the measurements.
@@ -400,7 +404,17 @@ impl CpuShares {
                 let mut groups: Vec<(&String, &f64)> = groups.iter().collect();
                 groups.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
                 let parts: Vec<String> = groups.iter().map(|(name, cores)| format!("{name} {cores:.2}")).collect();
-                format!(" ({})", parts.join(", "))
+                let waiting = match &self.worker_threads_waiting {
+                    Some(waited) if !waited.is_empty() => {
+                        let parts: Vec<String> = groups
+                            .iter()
+                            .filter_map(|(name, _)| waited.get(*name).map(|w| format!("{name} {w:.2}")))
+                            .collect();
+                        format!("; waiting for a CPU: {}", parts.join(", "))
+                    }
+                    _ => String::new(),
+                };
+                format!(" ({}{waiting})", parts.join(", "))
             }
             _ => String::new(),
         };
@@ -689,6 +703,17 @@ mod tests {
             d.describe(),
             "the worker used 1.65 cores (triagem-model- 1.50, triagem-async 0.10, rdk:broker 0.05), the test broker 0.05, \
              the rest 0.20; the machine's 2 cores were 95 % busy"
+        );
+        // With the time each group waited for a CPU, in the same order.
+        std::fs::write(
+            &drain,
+            r#"{"broker": "tansu", "worker_cores": 1.4, "broker_cores": 0.2, "other_cores": 0.15, "cores": 2, "machine_busy": 0.87, "worker_threads": {"triagem-async": 0.13, "triagem-model-": 1.2}, "worker_threads_waiting": {"triagem-async": 0.19, "triagem-model-": 0.52}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_cpu_shares(&drain).unwrap().describe(),
+            "the worker used 1.40 cores (triagem-model- 1.20, triagem-async 0.13; waiting for a CPU: triagem-model- 0.52, \
+             triagem-async 0.19), the tansu broker 0.20, the rest 0.15; the machine's 2 cores were 87 % busy"
         );
         let bad = dir.path().join("other.json");
         std::fs::write(&bad, r#"{"throughput": 7000}"#).unwrap();

@@ -279,6 +279,10 @@ pub struct TrainArgs {
     /// About doubles the training time.
     #[arg(long, default_value_t = TrainOptions::default().rdrop)]
     pub rdrop: f64,
+    /// Keep the base's word embeddings as they are while fine-tuning (the optimiser leaves the
+    /// table out); the layers above, positions and the embeddings' layer norm train as usual.
+    #[arg(long)]
+    pub freeze_embeddings: bool,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
     #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = TrainOptions::default().ensemble)]
@@ -500,6 +504,7 @@ impl TrainArgs {
             label_smoothing: self.label_smoothing,
             dropout: self.dropout,
             rdrop: self.rdrop,
+            freeze_embeddings: self.freeze_embeddings,
             ensemble: self.ensemble,
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,

@@ -123,6 +123,9 @@ pub struct TrainOptions {
     /// masks, and the loss adds this weight times the symmetric KL divergence between the two
     /// passes' predictions (half the sum of both directions). 0: off, one pass.
     pub rdrop: f64,
+    /// The word-embedding table keeps the base's values: the optimiser and the gradient clipping
+    /// leave it out (positions, token types and the embeddings' layer norm train as the rest).
+    pub freeze_embeddings: bool,
     /// Teachers trained first (seeds `seed+1` … `seed+N`, same split, same options) whose averaged
     /// scores the model also learns from (ensemble distillation); 0: none.
     pub ensemble: usize,
@@ -178,6 +181,7 @@ impl Default for TrainOptions {
             label_smoothing: 0.0,
             dropout: None,
             rdrop: 0.0,
+            freeze_embeddings: false,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -507,7 +511,8 @@ fn fit(
     let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
     tracing::info!(parameters, base = ?opts.base, "model built");
 
-    let (mut decay, mut no_decay) = optimizers(sorted_vars(&trainable.varmap), opts.lr, opts.weight_decay)?;
+    let (fitted, clipped) = trained_vars(&trainable, opts.freeze_embeddings)?;
+    let (mut decay, mut no_decay) = optimizers(fitted, opts.lr, opts.weight_decay)?;
     let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
     let total_steps = steps_per_epoch * opts.epochs;
     let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
@@ -535,7 +540,7 @@ fn fit(
             let soft = teachers.soft_targets(&texts, &originals, opts.distill_temperature)?;
             let loss = loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)?;
             let mut grads = loss.backward()?;
-            clip_gradients(&mut grads, &trainable.vars, 1.0)?;
+            clip_gradients(&mut grads, &clipped, 1.0)?;
             decay.step(&grads)?;
             no_decay.step(&grads)?;
             if let Some(ema) = &mut ema {
@@ -637,7 +642,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "weight_decay": opts.weight_decay, "augment": opts.augment, "vocab_size": opts.vocab_size,
         "scratch_hidden": opts.scratch_hidden, "scratch_layers": opts.scratch_layers,
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
-        "dropout": opts.dropout, "rdrop": opts.rdrop,
+        "dropout": opts.dropout, "rdrop": opts.rdrop, "freeze_embeddings": opts.freeze_embeddings,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
         "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema, "soup": opts.soup,
@@ -665,6 +670,30 @@ fn split_dev(examples: &[Example], labels: &[String], fraction: f64, rng: &mut S
     }
     (train, dev)
 }
+
+/// The model under training's variables that the optimiser updates (with their names) and those whose
+/// gradients the clipping measures, both in name order: all of them, or all but the word
+/// embeddings with `--freeze-embeddings`.
+fn trained_vars(t: &Trainable, freeze_embeddings: bool) -> Result<(NamedVars, Vec<Var>), TrainError> {
+    let mut named = sorted_vars(&t.varmap);
+    if !freeze_embeddings {
+        return Ok((named, t.vars.clone()));
+    }
+    let frozen = named
+        .iter()
+        .find(|(n, _)| n == WORD_EMBEDDINGS)
+        .map(|(_, v)| v.as_tensor().id())
+        .ok_or_else(|| TrainError::Options(format!("--freeze-embeddings: the model has no {WORD_EMBEDDINGS}")))?;
+    named.retain(|(_, v)| v.as_tensor().id() != frozen);
+    let clipped = t.vars.iter().filter(|v| v.as_tensor().id() != frozen).cloned().collect();
+    Ok((named, clipped))
+}
+
+/// Variables with their names in the variable map, in name order.
+type NamedVars = Vec<(String, Var)>;
+
+/// The word-embedding table's name in the variable map (and in `model.safetensors`).
+const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
 
 /// AdamW with `weight_decay` for the weight matrices among `vars`, and one without for biases and layer norms.
 fn optimizers(vars: Vec<(String, Var)>, lr: f64, weight_decay: f64) -> Result<(AdamW, AdamW), TrainError> {
@@ -789,6 +818,7 @@ mod tests {
             label_smoothing: 0.0,
             dropout: None,
             rdrop: 0.0,
+            freeze_embeddings: false,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -848,6 +878,42 @@ mod tests {
             let err = check_options(&TrainOptions { ema: p, ..tiny_options() }).unwrap_err().to_string();
             assert!(err.contains("--ema must be in [0, 1)"), "{p}: {err}");
         }
+    }
+
+    /// `--freeze-embeddings`: fine-tuned from a base, the word-embedding table is the base's to the
+    /// bit while the layers above it move; without the option the table moves too. A model without
+    /// such a table is refused with one sentence.
+    #[test]
+    fn frozen_word_embeddings_keep_the_bases_values() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let tuned = |freeze_embeddings: bool| {
+            let out = tempfile::tempdir().unwrap();
+            let opts = TrainOptions {
+                base: Base::Dir(base.clone()),
+                freeze_embeddings,
+                epochs: 2,
+                lr: 1e-2,
+                out: out.path().to_path_buf(),
+                ..tiny_options()
+            };
+            let mut rng = StdRng::seed_from_u64(1);
+            fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
+            saved_weights(out.path())
+        };
+        let tensor = |w: &[(String, Vec<f32>)], name: &str| w.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        let (start, frozen, free) = (saved_weights(&base), tuned(true), tuned(false));
+        assert_eq!(tensor(&frozen, WORD_EMBEDDINGS), tensor(&start, WORD_EMBEDDINGS));
+        assert_ne!(tensor(&free, WORD_EMBEDDINGS), tensor(&start, WORD_EMBEDDINGS));
+        for name in ["bert.encoder.layer.1.output.dense.weight", "bert.embeddings.position_embeddings.weight"] {
+            assert_ne!(tensor(&frozen, name), tensor(&start, name), "{name}");
+        }
+
+        let mut rng = StdRng::seed_from_u64(1);
+        let trainable = build(&tiny_options(), &labels, &examples(), &mut rng).unwrap();
+        trainable.varmap.data().lock().unwrap().remove(WORD_EMBEDDINGS);
+        let err = trained_vars(&trainable, true).unwrap_err().to_string();
+        assert_eq!(err, format!("invalid option: --freeze-embeddings: the model has no {WORD_EMBEDDINGS}"));
     }
 
     /// A model directory's weights, tensor by tensor in name order, flattened.

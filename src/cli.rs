@@ -283,6 +283,9 @@ pub struct TrainArgs {
     /// table out); the layers above, positions and the embeddings' layer norm train as usual.
     #[arg(long)]
     pub freeze_embeddings: bool,
+    /// The word-embedding table's learning rate as a multiple of the rest's (default: 1, the same).
+    #[arg(long)]
+    pub embedding_lr_scale: Option<f64>,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
     #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = TrainOptions::default().ensemble)]
@@ -505,6 +508,7 @@ impl TrainArgs {
             dropout: self.dropout,
             rdrop: self.rdrop,
             freeze_embeddings: self.freeze_embeddings,
+            embedding_lr_scale: self.embedding_lr_scale.unwrap_or(TrainOptions::default().embedding_lr_scale),
             ensemble: self.ensemble,
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,

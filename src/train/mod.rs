@@ -126,6 +126,8 @@ pub struct TrainOptions {
     /// The word-embedding table keeps the base's values: the optimiser and the gradient clipping
     /// leave it out (positions, token types and the embeddings' layer norm train as the rest).
     pub freeze_embeddings: bool,
+    /// The word-embedding table's learning rate is the schedule's times this (1: as the rest).
+    pub embedding_lr_scale: f64,
     /// Teachers trained first (seeds `seed+1` … `seed+N`, same split, same options) whose averaged
     /// scores the model also learns from (ensemble distillation); 0: none.
     pub ensemble: usize,
@@ -182,6 +184,7 @@ impl Default for TrainOptions {
             dropout: None,
             rdrop: 0.0,
             freeze_embeddings: false,
+            embedding_lr_scale: 1.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -511,7 +514,19 @@ fn fit(
     let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
     tracing::info!(parameters, base = ?opts.base, "model built");
 
-    let (fitted, clipped) = trained_vars(&trainable, opts.freeze_embeddings)?;
+    let (mut fitted, clipped) = trained_vars(&trainable, opts.freeze_embeddings)?;
+    // With its own learning rate, the word-embedding table gets an optimiser of its own.
+    let mut embedding = if opts.embedding_lr_scale != 1.0 && !opts.freeze_embeddings {
+        let at = fitted
+            .iter()
+            .position(|(n, _)| n == WORD_EMBEDDINGS)
+            .ok_or_else(|| TrainError::Options(format!("--embedding-lr-scale: the model has no {WORD_EMBEDDINGS}")))?;
+        let (_, table) = fitted.remove(at);
+        let params = ParamsAdamW { lr: opts.lr, weight_decay: opts.weight_decay, ..Default::default() };
+        Some(AdamW::new(vec![table], params)?)
+    } else {
+        None
+    };
     let (mut decay, mut no_decay) = optimizers(fitted, opts.lr, opts.weight_decay)?;
     let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
     let total_steps = steps_per_epoch * opts.epochs;
@@ -533,6 +548,9 @@ fn fit(
             let lr = opts.lr * schedule(step, warmup_steps, total_steps);
             decay.set_learning_rate(lr);
             no_decay.set_learning_rate(lr);
+            if let Some(embedding) = &mut embedding {
+                embedding.set_learning_rate(lr * opts.embedding_lr_scale);
+            }
             let texts: Vec<String> =
                 chunk.iter().map(|&i| augment::augment(&train_examples[i].text, opts.augment, rng)).collect();
             let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
@@ -543,6 +561,9 @@ fn fit(
             clip_gradients(&mut grads, &clipped, 1.0)?;
             decay.step(&grads)?;
             no_decay.step(&grads)?;
+            if let Some(embedding) = &mut embedding {
+                embedding.step(&grads)?;
+            }
             if let Some(ema) = &mut ema {
                 ema.update(&trainable.vars)?;
             }
@@ -615,6 +636,9 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if !(opts.rdrop >= 0.0 && opts.rdrop.is_finite()) {
         return bad("--rdrop must be a number at least 0");
     }
+    if !(opts.embedding_lr_scale > 0.0 && opts.embedding_lr_scale.is_finite()) {
+        return bad("--embedding-lr-scale must be a positive number");
+    }
     if !(0.0..1.0).contains(&opts.ema) {
         return bad("--ema must be in [0, 1)");
     }
@@ -643,6 +667,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "scratch_hidden": opts.scratch_hidden, "scratch_layers": opts.scratch_layers,
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
         "dropout": opts.dropout, "rdrop": opts.rdrop, "freeze_embeddings": opts.freeze_embeddings,
+        "embedding_lr_scale": opts.embedding_lr_scale,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
         "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema, "soup": opts.soup,
@@ -819,6 +844,7 @@ mod tests {
             dropout: None,
             rdrop: 0.0,
             freeze_embeddings: false,
+            embedding_lr_scale: 1.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -881,17 +907,20 @@ mod tests {
     }
 
     /// `--freeze-embeddings`: fine-tuned from a base, the word-embedding table is the base's to the
-    /// bit while the layers above it move; without the option the table moves too. A model without
-    /// such a table is refused with one sentence.
+    /// bit while the layers above it move; without the option the table moves too.
+    /// `--embedding-lr-scale`: the table alone moves at its own rate (at 1e-9 of the rest's, not
+    /// measurably), the layers above it as before. A model without such a table, or a scale that is
+    /// not a positive number, is refused with one sentence.
     #[test]
-    fn frozen_word_embeddings_keep_the_bases_values() {
+    fn the_word_embeddings_train_at_their_own_rate_or_not_at_all() {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
         let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let tuned = |freeze_embeddings: bool| {
+        let tuned = |freeze_embeddings: bool, embedding_lr_scale: f64| {
             let out = tempfile::tempdir().unwrap();
             let opts = TrainOptions {
                 base: Base::Dir(base.clone()),
                 freeze_embeddings,
+                embedding_lr_scale,
                 epochs: 2,
                 lr: 1e-2,
                 out: out.path().to_path_buf(),
@@ -902,11 +931,23 @@ mod tests {
             saved_weights(out.path())
         };
         let tensor = |w: &[(String, Vec<f32>)], name: &str| w.iter().find(|(n, _)| n == name).unwrap().1.clone();
-        let (start, frozen, free) = (saved_weights(&base), tuned(true), tuned(false));
+        let (start, free) = (saved_weights(&base), tuned(false, 1.0));
+        let (frozen, slow) = (tuned(true, 1.0), tuned(false, 1e-9));
         assert_eq!(tensor(&frozen, WORD_EMBEDDINGS), tensor(&start, WORD_EMBEDDINGS));
         assert_ne!(tensor(&free, WORD_EMBEDDINGS), tensor(&start, WORD_EMBEDDINGS));
+        let gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let table_gap = |w: &[(String, Vec<f32>)]| gap(&tensor(w, WORD_EMBEDDINGS), &tensor(&start, WORD_EMBEDDINGS));
+        assert!(table_gap(&slow) < 1e-7, "{}", table_gap(&slow));
+        assert!(table_gap(&free) > 1e-4, "{}", table_gap(&free));
+        let fast = tuned(false, 2.0);
+        assert!(table_gap(&fast) > 1e-4, "{}", table_gap(&fast));
         for name in ["bert.encoder.layer.1.output.dense.weight", "bert.embeddings.position_embeddings.weight"] {
             assert_ne!(tensor(&frozen, name), tensor(&start, name), "{name}");
+            assert!(gap(&tensor(&slow, name), &tensor(&start, name)) > 1e-4, "{name}");
+        }
+        for p in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = check_options(&TrainOptions { embedding_lr_scale: p, ..tiny_options() }).unwrap_err().to_string();
+            assert!(err.contains("--embedding-lr-scale must be a positive number"), "{p}: {err}");
         }
 
         let mut rng = StdRng::seed_from_u64(1);

@@ -11,7 +11,8 @@
 //! same seed and data give the same model and metrics.
 //!
 //! Files: this one runs the loop (split, fit, calibrate, refit, report);
-//! `adamw.rs` is the optimiser; `base.rs` resolves `--base` and builds and initialises the model from it;
+//! `adamw.rs` is the optimiser; `optim.rs` which variables it trains at which rate (weight decay or
+//! not, `--freeze-embeddings`, `--embedding-lr-scale`) and the gradient clipping; `base.rs` resolves `--base` and builds and initialises the model from it;
 //! `checkpoint.rs` writes the model directory; `scratch.rs` trains the
 //! tokenizer of `--base none`; `augment.rs` rewrites examples in chat
 //! spelling; `average.rs` keeps the weights' moving average of `--ema`;
@@ -32,24 +33,25 @@ mod checkpoint;
 mod distill;
 mod jobs;
 mod loss;
+mod optim;
 pub mod pretrain;
 pub mod scratch;
 mod soup;
 
-use adamw::AdamW;
-use base::{build, sorted_vars, Trainable};
+use base::{build, Trainable};
 pub use base::{Base, DEFAULT_BASE};
 use checkpoint::{replace_file, save};
 use distill::{read_teacher_scores, teachers_dir, train_teachers, Teachers};
 use loss::loss;
+use optim::Optimisers;
 use soup::{cook_soup, refit_soup};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use candle_core::{backprop::GradStore, DType, Device, Var};
-use candle_nn::{ParamsAdamW, VarBuilder};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::Serialize;
@@ -514,20 +516,7 @@ fn fit(
     let parameters: usize = trainable.vars.iter().map(|v| v.elem_count()).sum();
     tracing::info!(parameters, base = ?opts.base, "model built");
 
-    let (mut fitted, clipped) = trained_vars(&trainable, opts.freeze_embeddings)?;
-    // With its own learning rate, the word-embedding table gets an optimiser of its own.
-    let mut embedding = if opts.embedding_lr_scale != 1.0 && !opts.freeze_embeddings {
-        let at = fitted
-            .iter()
-            .position(|(n, _)| n == WORD_EMBEDDINGS)
-            .ok_or_else(|| TrainError::Options(format!("--embedding-lr-scale: the model has no {WORD_EMBEDDINGS}")))?;
-        let (_, table) = fitted.remove(at);
-        let params = ParamsAdamW { lr: opts.lr, weight_decay: opts.weight_decay, ..Default::default() };
-        Some(AdamW::new(vec![table], params)?)
-    } else {
-        None
-    };
-    let (mut decay, mut no_decay) = optimizers(fitted, opts.lr, opts.weight_decay)?;
+    let mut optimisers = Optimisers::for_fine_tuning(&trainable, opts)?;
     let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
     let total_steps = steps_per_epoch * opts.epochs;
     let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
@@ -546,24 +535,13 @@ fn fit(
         let mut loss_sum = 0.0;
         for chunk in order.chunks(opts.batch_size) {
             let lr = opts.lr * schedule(step, warmup_steps, total_steps);
-            decay.set_learning_rate(lr);
-            no_decay.set_learning_rate(lr);
-            if let Some(embedding) = &mut embedding {
-                embedding.set_learning_rate(lr * opts.embedding_lr_scale);
-            }
             let texts: Vec<String> =
                 chunk.iter().map(|&i| augment::augment(&train_examples[i].text, opts.augment, rng)).collect();
             let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
             let originals: Vec<&str> = chunk.iter().map(|&i| train_examples[i].text.as_str()).collect();
             let soft = teachers.soft_targets(&texts, &originals, opts.distill_temperature)?;
             let loss = loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)?;
-            let mut grads = loss.backward()?;
-            clip_gradients(&mut grads, &clipped, 1.0)?;
-            decay.step(&grads)?;
-            no_decay.step(&grads)?;
-            if let Some(embedding) = &mut embedding {
-                embedding.step(&grads)?;
-            }
+            optimisers.step(&mut loss.backward()?, lr)?;
             if let Some(ema) = &mut ema {
                 ema.update(&trainable.vars)?;
             }
@@ -694,59 +672,6 @@ fn split_dev(examples: &[Example], labels: &[String], fraction: f64, rng: &mut S
         train.extend(of_label[n_dev..].iter().map(|e| (*e).clone()));
     }
     (train, dev)
-}
-
-/// The model under training's variables that the optimiser updates (with their names) and those whose
-/// gradients the clipping measures, both in name order: all of them, or all but the word
-/// embeddings with `--freeze-embeddings`.
-fn trained_vars(t: &Trainable, freeze_embeddings: bool) -> Result<(NamedVars, Vec<Var>), TrainError> {
-    let mut named = sorted_vars(&t.varmap);
-    if !freeze_embeddings {
-        return Ok((named, t.vars.clone()));
-    }
-    let frozen = named
-        .iter()
-        .find(|(n, _)| n == WORD_EMBEDDINGS)
-        .map(|(_, v)| v.as_tensor().id())
-        .ok_or_else(|| TrainError::Options(format!("--freeze-embeddings: the model has no {WORD_EMBEDDINGS}")))?;
-    named.retain(|(_, v)| v.as_tensor().id() != frozen);
-    let clipped = t.vars.iter().filter(|v| v.as_tensor().id() != frozen).cloned().collect();
-    Ok((named, clipped))
-}
-
-/// Variables with their names in the variable map, in name order.
-type NamedVars = Vec<(String, Var)>;
-
-/// The word-embedding table's name in the variable map (and in `model.safetensors`).
-const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
-
-/// AdamW with `weight_decay` for the weight matrices among `vars`, and one without for biases and layer norms.
-fn optimizers(vars: Vec<(String, Var)>, lr: f64, weight_decay: f64) -> Result<(AdamW, AdamW), TrainError> {
-    let (decay, no_decay): (Vec<_>, Vec<_>) =
-        vars.into_iter().partition(|(n, _)| !n.ends_with("bias") && !n.contains("LayerNorm"));
-    let vars = |vs: Vec<(String, Var)>| -> Vec<Var> { vs.into_iter().map(|(_, v)| v).collect() };
-    let params = |weight_decay| ParamsAdamW { lr, weight_decay, ..Default::default() };
-    Ok((AdamW::new(vars(decay), params(weight_decay))?, AdamW::new(vars(no_decay), params(0.0))?))
-}
-
-/// Scales all gradients down so that their global L2 norm is at most `max_norm`.
-fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<(), TrainError> {
-    let mut total = 0.0f64;
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-    }
-    let norm = total.sqrt();
-    if norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for v in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * scale)?);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Dev-set report of the model as it is now, without writing it to disk.
@@ -904,57 +829,6 @@ mod tests {
             let err = check_options(&TrainOptions { ema: p, ..tiny_options() }).unwrap_err().to_string();
             assert!(err.contains("--ema must be in [0, 1)"), "{p}: {err}");
         }
-    }
-
-    /// `--freeze-embeddings`: fine-tuned from a base, the word-embedding table is the base's to the
-    /// bit while the layers above it move; without the option the table moves too.
-    /// `--embedding-lr-scale`: the table alone moves at its own rate (at 1e-9 of the rest's, not
-    /// measurably), the layers above it as before. A model without such a table, or a scale that is
-    /// not a positive number, is refused with one sentence.
-    #[test]
-    fn the_word_embeddings_train_at_their_own_rate_or_not_at_all() {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
-        let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let tuned = |freeze_embeddings: bool, embedding_lr_scale: f64| {
-            let out = tempfile::tempdir().unwrap();
-            let opts = TrainOptions {
-                base: Base::Dir(base.clone()),
-                freeze_embeddings,
-                embedding_lr_scale,
-                epochs: 2,
-                lr: 1e-2,
-                out: out.path().to_path_buf(),
-                ..tiny_options()
-            };
-            let mut rng = StdRng::seed_from_u64(1);
-            fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
-            saved_weights(out.path())
-        };
-        let tensor = |w: &[(String, Vec<f32>)], name: &str| w.iter().find(|(n, _)| n == name).unwrap().1.clone();
-        let (start, free) = (saved_weights(&base), tuned(false, 1.0));
-        let (frozen, slow) = (tuned(true, 1.0), tuned(false, 1e-9));
-        assert_eq!(tensor(&frozen, WORD_EMBEDDINGS), tensor(&start, WORD_EMBEDDINGS));
-        assert_ne!(tensor(&free, WORD_EMBEDDINGS), tensor(&start, WORD_EMBEDDINGS));
-        let gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        let table_gap = |w: &[(String, Vec<f32>)]| gap(&tensor(w, WORD_EMBEDDINGS), &tensor(&start, WORD_EMBEDDINGS));
-        assert!(table_gap(&slow) < 1e-7, "{}", table_gap(&slow));
-        assert!(table_gap(&free) > 1e-4, "{}", table_gap(&free));
-        let fast = tuned(false, 2.0);
-        assert!(table_gap(&fast) > 1e-4, "{}", table_gap(&fast));
-        for name in ["bert.encoder.layer.1.output.dense.weight", "bert.embeddings.position_embeddings.weight"] {
-            assert_ne!(tensor(&frozen, name), tensor(&start, name), "{name}");
-            assert!(gap(&tensor(&slow, name), &tensor(&start, name)) > 1e-4, "{name}");
-        }
-        for p in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            let err = check_options(&TrainOptions { embedding_lr_scale: p, ..tiny_options() }).unwrap_err().to_string();
-            assert!(err.contains("--embedding-lr-scale must be a positive number"), "{p}: {err}");
-        }
-
-        let mut rng = StdRng::seed_from_u64(1);
-        let trainable = build(&tiny_options(), &labels, &examples(), &mut rng).unwrap();
-        trainable.varmap.data().lock().unwrap().remove(WORD_EMBEDDINGS);
-        let err = trained_vars(&trainable, true).unwrap_err().to_string();
-        assert_eq!(err, format!("invalid option: --freeze-embeddings: the model has no {WORD_EMBEDDINGS}"));
     }
 
     /// A model directory's weights, tensor by tensor in name order, flattened.

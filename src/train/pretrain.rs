@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 
 use super::base::{initialise, sorted_vars};
 use super::checkpoint::{replace_file, save_tokenizer};
-use super::{augment, clip_gradients, optimizers, schedule, scratch, write_error, TrainError};
+use super::optim::{clip_gradients, optimizers};
+use super::{augment, schedule, scratch, write_error, TrainError};
 use crate::data::Dataset;
 use crate::model::{self, bert, BertClassifier, BertConfig, Mode};
 

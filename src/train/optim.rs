@@ -21,18 +21,37 @@ pub(super) struct Optimisers {
 }
 
 impl Optimisers {
-    /// The optimisers of `t` under `opts`' learning rate, weight decay and embedding options.
+    /// The optimisers of `t` under `opts`' learning rate, weight decay and embedding options: with
+    /// `--freeze-embeddings` the word-embedding table is neither stepped nor clipped, with
+    /// `--embedding-lr-scale` it is stepped by an optimiser of its own; the clipping measures the
+    /// rest in name order.
     pub(super) fn for_fine_tuning(t: &Trainable, opts: &TrainOptions) -> Result<Self, TrainError> {
-        let (mut fitted, clipped) = trained_vars(t, opts.freeze_embeddings)?;
-        let embedding = if opts.embedding_lr_scale != 1.0 && !opts.freeze_embeddings {
-            let at = fitted.iter().position(|(n, _)| n == WORD_EMBEDDINGS).ok_or_else(|| {
-                TrainError::Options(format!("--embedding-lr-scale: the model has no {WORD_EMBEDDINGS}"))
-            })?;
-            let (_, table) = fitted.remove(at);
-            let params = ParamsAdamW { lr: opts.lr, weight_decay: opts.weight_decay, ..Default::default() };
-            Some((AdamW::new(vec![table], params)?, opts.embedding_lr_scale))
+        let named = sorted_vars(&t.varmap);
+        let apart = if opts.freeze_embeddings {
+            Some("--freeze-embeddings")
+        } else if opts.embedding_lr_scale != 1.0 {
+            Some("--embedding-lr-scale")
         } else {
             None
+        };
+        if let Some(option) = apart {
+            if !named.iter().any(|(n, _)| n == WORD_EMBEDDINGS) {
+                return Err(TrainError::Options(format!("{option}: the model has no {WORD_EMBEDDINGS}")));
+            }
+        }
+        let clipped = named
+            .iter()
+            .filter(|(n, _)| !(opts.freeze_embeddings && n == WORD_EMBEDDINGS))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let (table, fitted): (NamedVars, NamedVars) =
+            named.into_iter().partition(|(n, _)| apart.is_some() && n == WORD_EMBEDDINGS);
+        let embedding = match table.into_iter().next() {
+            Some((_, table)) if !opts.freeze_embeddings => {
+                let params = ParamsAdamW { lr: opts.lr, weight_decay: opts.weight_decay, ..Default::default() };
+                Some((AdamW::new(vec![table], params)?, opts.embedding_lr_scale))
+            }
+            _ => None,
         };
         let (decay, no_decay) = optimizers(fitted, opts.lr, opts.weight_decay)?;
         Ok(Self { decay, no_decay, embedding, clipped })
@@ -52,24 +71,6 @@ impl Optimisers {
         }
         Ok(())
     }
-}
-
-/// The model under training's variables that the optimiser updates (with their names) and those whose
-/// gradients the clipping measures, both in name order: all of them, or all but the word
-/// embeddings with `--freeze-embeddings`.
-fn trained_vars(t: &Trainable, freeze_embeddings: bool) -> Result<(NamedVars, Vec<Var>), TrainError> {
-    let mut named = sorted_vars(&t.varmap);
-    if !freeze_embeddings {
-        return Ok((named, t.vars.clone()));
-    }
-    let frozen = named
-        .iter()
-        .find(|(n, _)| n == WORD_EMBEDDINGS)
-        .map(|(_, v)| v.as_tensor().id())
-        .ok_or_else(|| TrainError::Options(format!("--freeze-embeddings: the model has no {WORD_EMBEDDINGS}")))?;
-    named.retain(|(_, v)| v.as_tensor().id() != frozen);
-    let clipped = t.vars.iter().filter(|v| v.as_tensor().id() != frozen).cloned().collect();
-    Ok((named, clipped))
 }
 
 /// Variables with their names in the variable map, in name order.
@@ -167,7 +168,10 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let trainable = build(&tiny_options(), &labels, &examples(), &mut rng).unwrap();
         trainable.varmap.data().lock().unwrap().remove(WORD_EMBEDDINGS);
-        let err = trained_vars(&trainable, true).unwrap_err().to_string();
+        let refused = |opts: TrainOptions| Optimisers::for_fine_tuning(&trainable, &opts).err().unwrap().to_string();
+        let err = refused(TrainOptions { freeze_embeddings: true, ..tiny_options() });
         assert_eq!(err, format!("invalid option: --freeze-embeddings: the model has no {WORD_EMBEDDINGS}"));
+        let err = refused(TrainOptions { embedding_lr_scale: 3.0, ..tiny_options() });
+        assert_eq!(err, format!("invalid option: --embedding-lr-scale: the model has no {WORD_EMBEDDINGS}"));
     }
 }

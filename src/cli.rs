@@ -286,6 +286,11 @@ pub struct TrainArgs {
     /// The word-embedding table's learning rate as a multiple of the rest's (default: 1, the same).
     #[arg(long)]
     pub embedding_lr_scale: Option<f64>,
+    /// Adversarial training (the fast gradient method): each batch's loss is differentiated again
+    /// with the word-embedding table moved a step of this norm along its gradient, and the two
+    /// gradients summed (default: 0, off). About doubles the training time.
+    #[arg(long)]
+    pub adversarial: Option<f64>,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
     #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = TrainOptions::default().ensemble)]
@@ -509,6 +514,7 @@ impl TrainArgs {
             rdrop: self.rdrop,
             freeze_embeddings: self.freeze_embeddings,
             embedding_lr_scale: self.embedding_lr_scale.unwrap_or(TrainOptions::default().embedding_lr_scale),
+            adversarial: self.adversarial.unwrap_or(TrainOptions::default().adversarial),
             ensemble: self.ensemble,
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,

@@ -18,13 +18,15 @@
 //! spelling; `average.rs` keeps the weights' moving average of `--ema`;
 //! `distill.rs` trains `--ensemble`'s teachers and reads `--teacher-scores`,
 //! the soft targets; `loss.rs` is the loss a batch is trained on (labels,
-//! soft targets, `--rdrop`'s consistency); `soup.rs` trains `--soup`'s models (and their refits)
+//! soft targets, `--rdrop`'s consistency); `adversarial.rs` is `--adversarial`'s second pass
+//! with the word embeddings moved uphill; `soup.rs` trains `--soup`'s models (and their refits)
 //! and averages their weights; `jobs.rs` trains independent models (a
 //! soup's, an ensemble's teachers) `--jobs` at a time; `calibrate.rs` fits
 //! the temperature; `pretrain.rs` is `triagem pretrain`, the
 //! masked-language-model base that `--base` takes.
 
 mod adamw;
+mod adversarial;
 pub mod augment;
 mod average;
 mod base;
@@ -38,6 +40,7 @@ pub mod pretrain;
 pub mod scratch;
 mod soup;
 
+use adversarial::Adversarial;
 use base::{build, Trainable};
 pub use base::{Base, DEFAULT_BASE};
 use checkpoint::{replace_file, save};
@@ -130,6 +133,10 @@ pub struct TrainOptions {
     pub freeze_embeddings: bool,
     /// The word-embedding table's learning rate is the schedule's times this (1: as the rest).
     pub embedding_lr_scale: f64,
+    /// Adversarial training: each batch's loss is differentiated a second time with the
+    /// word-embedding table moved by this norm along its gradient, and the two gradients summed
+    /// (the fast gradient method). 0: off, one pass.
+    pub adversarial: f64,
     /// Teachers trained first (seeds `seed+1` … `seed+N`, same split, same options) whose averaged
     /// scores the model also learns from (ensemble distillation); 0: none.
     pub ensemble: usize,
@@ -187,6 +194,7 @@ impl Default for TrainOptions {
             rdrop: 0.0,
             freeze_embeddings: false,
             embedding_lr_scale: 1.0,
+            adversarial: 0.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -517,6 +525,7 @@ fn fit(
     tracing::info!(parameters, base = ?opts.base, "model built");
 
     let mut optimisers = Optimisers::for_fine_tuning(&trainable, opts)?;
+    let adversarial = Adversarial::for_fine_tuning(&trainable, opts)?;
     let steps_per_epoch = train_examples.len().div_ceil(opts.batch_size);
     let total_steps = steps_per_epoch * opts.epochs;
     let warmup_steps = ((total_steps as f64) * opts.warmup).round() as usize;
@@ -540,13 +549,19 @@ fn fit(
             let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
             let originals: Vec<&str> = chunk.iter().map(|&i| train_examples[i].text.as_str()).collect();
             let soft = teachers.soft_targets(&texts, &originals, opts.distill_temperature)?;
-            let loss = loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)?;
-            optimisers.step(&mut loss.backward()?, lr)?;
+            let batch_loss = loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)?;
+            let mut grads = batch_loss.backward()?;
+            if let Some(adversarial) = &adversarial {
+                adversarial.add_gradients(&mut grads, &trainable.vars, || {
+                    loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)
+                })?;
+            }
+            optimisers.step(&mut grads, lr)?;
             if let Some(ema) = &mut ema {
                 ema.update(&trainable.vars)?;
             }
             step += 1;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
+            let loss_value = batch_loss.to_scalar::<f32>()? as f64;
             loss_sum += loss_value * chunk.len() as f64;
             bar.inc(chunk.len() as u64);
             bar.set_message(format!("loss {loss_value:.4} lr {lr:.2e}"));
@@ -614,6 +629,9 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if !(opts.rdrop >= 0.0 && opts.rdrop.is_finite()) {
         return bad("--rdrop must be a number at least 0");
     }
+    if !(opts.adversarial >= 0.0 && opts.adversarial.is_finite()) {
+        return bad("--adversarial must be a number at least 0");
+    }
     if !(opts.embedding_lr_scale > 0.0 && opts.embedding_lr_scale.is_finite()) {
         return bad("--embedding-lr-scale must be a positive number");
     }
@@ -645,7 +663,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "scratch_hidden": opts.scratch_hidden, "scratch_layers": opts.scratch_layers,
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
         "dropout": opts.dropout, "rdrop": opts.rdrop, "freeze_embeddings": opts.freeze_embeddings,
-        "embedding_lr_scale": opts.embedding_lr_scale,
+        "embedding_lr_scale": opts.embedding_lr_scale, "adversarial": opts.adversarial,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
         "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema, "soup": opts.soup,
@@ -770,6 +788,7 @@ mod tests {
             rdrop: 0.0,
             freeze_embeddings: false,
             embedding_lr_scale: 1.0,
+            adversarial: 0.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,

@@ -77,7 +77,7 @@ impl Optimisers {
 type NamedVars = Vec<(String, Var)>;
 
 /// The word-embedding table's name in the variable map (and in `model.safetensors`).
-const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
+pub(super) const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
 
 /// AdamW with `weight_decay` for the weight matrices among `vars`, and one without for biases and layer norms.
 pub(super) fn optimizers(vars: NamedVars, lr: f64, weight_decay: f64) -> Result<(AdamW, AdamW), TrainError> {

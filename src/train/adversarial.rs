@@ -8,8 +8,8 @@
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 
-use super::base::{sorted_vars, Trainable};
-use super::optim::WORD_EMBEDDINGS;
+use super::base::Trainable;
+use super::optim::word_embeddings;
 use super::{TrainError, TrainOptions};
 
 /// The table `--adversarial` perturbs, and the step's norm.
@@ -24,11 +24,7 @@ impl Adversarial {
         if opts.adversarial == 0.0 {
             return Ok(None);
         }
-        let table = sorted_vars(&t.varmap).into_iter().find(|(n, _)| n == WORD_EMBEDDINGS).map(|(_, v)| v);
-        match table {
-            Some(table) => Ok(Some(Self { table, eps: opts.adversarial })),
-            None => Err(TrainError::Options(format!("--adversarial: the model has no {WORD_EMBEDDINGS}"))),
-        }
+        Ok(Some(Self { table: word_embeddings(t, "--adversarial")?, eps: opts.adversarial }))
     }
 
     /// Adds to `grads` (the batch's gradients, of `vars`) those of `loss` computed with the table
@@ -74,6 +70,7 @@ mod tests {
     use super::super::base::build;
     use super::super::distill::Teachers;
     use super::super::loss::loss;
+    use super::super::optim::WORD_EMBEDDINGS;
     use super::super::tests::{examples, saved_weights, tiny_options};
     use super::super::{check_options, fit, Run};
     use super::*;

@@ -35,9 +35,7 @@ impl Optimisers {
             None
         };
         if let Some(option) = apart {
-            if !named.iter().any(|(n, _)| n == WORD_EMBEDDINGS) {
-                return Err(TrainError::Options(format!("{option}: the model has no {WORD_EMBEDDINGS}")));
-            }
+            word_embeddings(t, option)?;
         }
         let clipped = named
             .iter()
@@ -78,6 +76,12 @@ type NamedVars = Vec<(String, Var)>;
 
 /// The word-embedding table's name in the variable map (and in `model.safetensors`).
 pub(super) const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
+
+/// The word-embedding table of `t`, or the refusal naming `option`, which needs it.
+pub(super) fn word_embeddings(t: &Trainable, option: &str) -> Result<Var, TrainError> {
+    let table = t.varmap.data().lock().expect("varmap lock").get(WORD_EMBEDDINGS).cloned();
+    table.ok_or_else(|| TrainError::Options(format!("{option}: the model has no {WORD_EMBEDDINGS}")))
+}
 
 /// AdamW with `weight_decay` for the weight matrices among `vars`, and one without for biases and layer norms.
 pub(super) fn optimizers(vars: NamedVars, lr: f64, weight_decay: f64) -> Result<(AdamW, AdamW), TrainError> {

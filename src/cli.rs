@@ -291,6 +291,11 @@ pub struct TrainArgs {
     /// gradients summed (default: 0, off). About doubles the training time.
     #[arg(long)]
     pub adversarial: Option<f64>,
+    /// Correctness Ranking Loss: add this weight times a margin ranking loss that asks the scores to
+    /// rank the training examples by how often the model got each right in the finished epochs, so
+    /// that the ones it keeps getting wrong score lower (default: 0, off).
+    #[arg(long)]
+    pub confidence_ranking: Option<f64>,
     /// Ensemble distillation: first train this many teachers (seeds SEED+1…SEED+N, same split and options),
     /// then the model, which also learns their averaged scores; 0 for none. Multiplies the training time by N+1.
     #[arg(long, env = "TRIAGEM_ENSEMBLE", default_value_t = TrainOptions::default().ensemble)]
@@ -515,6 +520,7 @@ impl TrainArgs {
             freeze_embeddings: self.freeze_embeddings,
             embedding_lr_scale: self.embedding_lr_scale.unwrap_or(TrainOptions::default().embedding_lr_scale),
             adversarial: self.adversarial.unwrap_or(TrainOptions::default().adversarial),
+            confidence_ranking: self.confidence_ranking.unwrap_or(TrainOptions::default().confidence_ranking),
             ensemble: self.ensemble,
             distill_weight: self.distill_weight,
             distill_temperature: self.distill_temperature,

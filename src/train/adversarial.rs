@@ -91,7 +91,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let t = build(&opts, &labels, &examples(), &mut rng).unwrap();
         let before: Vec<Vec<f32>> = t.vars.iter().map(|v| values(v.as_tensor())).collect();
-        let plain = loss(&t, &texts, &targets, None, &opts, &mut rng).unwrap();
+        let plain = loss(&t, &texts, &targets, None, None, &opts, &mut rng).unwrap().loss;
         let plain_value = plain.to_scalar::<f32>().unwrap();
         let plain_grads = plain.backward().unwrap();
 
@@ -103,7 +103,7 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(2);
             adversarial
                 .add_gradients(&mut grads, &t.vars, || {
-                    let l = loss(&t, &texts, &targets, None, &opts, &mut rng)?;
+                    let l = loss(&t, &texts, &targets, None, None, &opts, &mut rng)?.loss;
                     seen.set(l.to_scalar::<f32>()?);
                     Ok(l)
                 })

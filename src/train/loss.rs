@@ -1,11 +1,13 @@
 //! The loss a fine-tuning batch is trained on: cross-entropy against the
 //! labels (smoothed or not), the teachers' soft targets of `--ensemble` and
-//! `--teacher-scores`, and `--rdrop`'s consistency between two dropout passes.
+//! `--teacher-scores`, `--rdrop`'s consistency between two dropout passes and
+//! `--confidence-ranking`'s ranking of the scores.
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 
 use super::base::Trainable;
+use super::ranking::{ranking_loss, Pairs};
 use super::{TrainError, TrainOptions};
 use crate::model::{bert, Mode};
 
@@ -16,15 +18,17 @@ use crate::model::{bert, Mode};
 /// temperature, scaled by its square. With `rdrop` the batch is stacked on
 /// itself and run once, so that each copy gets its own dropout masks: the
 /// loss above is the mean over both copies, plus `rdrop` times their
-/// [`consistency`].
+/// [`consistency`]. With `pairs` (`--confidence-ranking`), plus
+/// `confidence_ranking` times their [`ranking_loss`] (the mean over the copies).
 pub(super) fn loss(
     t: &Trainable,
     texts: &[String],
     targets: &[u32],
     soft: Option<&[f32]>,
+    pairs: Option<&Pairs>,
     opts: &TrainOptions,
     rng: &mut StdRng,
-) -> Result<Tensor, TrainError> {
+) -> Result<BatchLoss, TrainError> {
     let device = &opts.device;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let encoded = t.encoder.encode(&refs)?;
@@ -57,12 +61,26 @@ pub(super) fn loss(
             ((hard * (1.0 - opts.distill_weight))? + (distill * opts.distill_weight)?)?
         }
     };
-    if copies == 1 {
-        return Ok(fitted);
+    let n = rows / copies;
+    let mut loss = fitted;
+    if copies == 2 {
+        let consistency = consistency(&logits.narrow(0, 0, n)?, &logits.narrow(0, n, n)?)?;
+        loss = (loss + (consistency * opts.rdrop)?)?;
     }
-    let half = rows / 2;
-    let consistency = consistency(&logits.narrow(0, 0, half)?, &logits.narrow(0, half, half)?)?;
-    Ok((fitted + (consistency * opts.rdrop)?)?)
+    if let Some(pairs) = pairs {
+        let mut ranking = ranking_loss(&logits.narrow(0, 0, n)?, pairs)?;
+        if copies == 2 {
+            ranking = ((ranking + ranking_loss(&logits.narrow(0, n, n)?, pairs)?)? * 0.5)?;
+        }
+        loss = (loss + (ranking * opts.confidence_ranking)?)?;
+    }
+    Ok(BatchLoss { loss, logits: logits.narrow(0, 0, n)? })
+}
+
+/// A batch's loss, and the logits of its rows it came from (the first copy's with `--rdrop`).
+pub(super) struct BatchLoss {
+    pub(super) loss: Tensor,
+    pub(super) logits: Tensor,
 }
 
 /// R-Drop's consistency term: the mean over rows of the symmetric KL
@@ -100,7 +118,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let t = build(&tiny_options(), &labels, &examples(), &mut rng).unwrap();
         let texts: Vec<String> = examples().into_iter().map(|e| e.text).collect();
-        let loss = loss(&t, &texts, &[1, 0, 1, 0], None, &tiny_options(), &mut rng).unwrap();
+        let loss = loss(&t, &texts, &[1, 0, 1, 0], None, None, &tiny_options(), &mut rng).unwrap().loss;
         let grads = loss.backward().unwrap();
         let data = t.varmap.data().lock().unwrap();
         let mut missing = Vec::new();
@@ -125,7 +143,7 @@ mod tests {
         let batch_loss = |opts: &TrainOptions| {
             let mut rng = StdRng::seed_from_u64(1);
             let t = build(opts, &labels, &examples(), &mut rng).unwrap();
-            loss(&t, &texts, &[1, 0, 1, 0], None, opts, &mut rng).unwrap().to_scalar::<f32>().unwrap()
+            loss(&t, &texts, &[1, 0, 1, 0], None, None, opts, &mut rng).unwrap().loss.to_scalar::<f32>().unwrap()
         };
         // Without dropout both passes agree: the stacked batch's loss is the plain one.
         let still = TrainOptions { dropout: Some(0.0), ..tiny_options() };

@@ -18,8 +18,9 @@
 //! spelling; `average.rs` keeps the weights' moving average of `--ema`;
 //! `distill.rs` trains `--ensemble`'s teachers and reads `--teacher-scores`,
 //! the soft targets; `loss.rs` is the loss a batch is trained on (labels,
-//! soft targets, `--rdrop`'s consistency); `adversarial.rs` is `--adversarial`'s second pass
-//! with the word embeddings moved uphill; `soup.rs` trains `--soup`'s models (and their refits)
+//! soft targets, `--rdrop`'s consistency, `--confidence-ranking`'s term); `ranking.rs` keeps
+//! how often each example was got right and ranks the scores by it; `adversarial.rs` is
+//! `--adversarial`'s second pass with the word embeddings moved uphill; `soup.rs` trains `--soup`'s models (and their refits)
 //! and averages their weights; `jobs.rs` trains independent models (a
 //! soup's, an ensemble's teachers) `--jobs` at a time; `calibrate.rs` fits
 //! the temperature; `pretrain.rs` is `triagem pretrain`, the
@@ -37,6 +38,7 @@ mod jobs;
 mod loss;
 mod optim;
 pub mod pretrain;
+mod ranking;
 pub mod scratch;
 mod soup;
 
@@ -47,6 +49,7 @@ use checkpoint::{replace_file, save};
 use distill::{read_teacher_scores, teachers_dir, train_teachers, Teachers};
 use loss::loss;
 use optim::Optimisers;
+use ranking::Correctness;
 use soup::{cook_soup, refit_soup};
 
 use std::collections::{BTreeMap, HashMap};
@@ -137,6 +140,10 @@ pub struct TrainOptions {
     /// word-embedding table moved by this norm along its gradient, and the two gradients summed
     /// (the fast gradient method). 0: off, one pass.
     pub adversarial: f64,
+    /// Correctness Ranking Loss: each batch's loss adds this weight times a margin ranking loss
+    /// asking that, of two examples, the one got right in more of the finished epochs have the
+    /// higher top probability (`ranking.rs`). 0: off.
+    pub confidence_ranking: f64,
     /// Teachers trained first (seeds `seed+1` … `seed+N`, same split, same options) whose averaged
     /// scores the model also learns from (ensemble distillation); 0: none.
     pub ensemble: usize,
@@ -195,6 +202,7 @@ impl Default for TrainOptions {
             freeze_embeddings: false,
             embedding_lr_scale: 1.0,
             adversarial: 0.0,
+            confidence_ranking: 0.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,
@@ -536,6 +544,7 @@ fn fit(
     let mut best: Option<(usize, f64)> = None;
     let mut step = 0usize;
     let mut order: Vec<usize> = (0..train_examples.len()).collect();
+    let mut correctness = (opts.confidence_ranking > 0.0).then(|| Correctness::new(train_examples.len()));
     let last = run.stop_after.map_or(opts.epochs, |n| n.min(opts.epochs));
     for epoch in 1..=last {
         let epoch_start = Instant::now();
@@ -549,11 +558,16 @@ fn fit(
             let targets: Vec<u32> = chunk.iter().map(|&i| label_index[train_examples[i].label.as_str()]).collect();
             let originals: Vec<&str> = chunk.iter().map(|&i| train_examples[i].text.as_str()).collect();
             let soft = teachers.soft_targets(&texts, &originals, opts.distill_temperature)?;
-            let batch_loss = loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)?;
+            let pairs = correctness.as_ref().and_then(|c| c.pairs(chunk));
+            let batch = loss(&trainable, &texts, &targets, soft.as_deref(), pairs.as_ref(), opts, rng)?;
+            if let Some(correctness) = &mut correctness {
+                correctness.record(chunk, &batch.logits, &targets)?;
+            }
+            let batch_loss = batch.loss;
             let mut grads = batch_loss.backward()?;
             if let Some(adversarial) = &adversarial {
                 adversarial.add_gradients(&mut grads, &trainable.vars, || {
-                    loss(&trainable, &texts, &targets, soft.as_deref(), opts, rng)
+                    Ok(loss(&trainable, &texts, &targets, soft.as_deref(), pairs.as_ref(), opts, rng)?.loss)
                 })?;
             }
             optimisers.step(&mut grads, lr)?;
@@ -567,6 +581,9 @@ fn fit(
             bar.set_message(format!("loss {loss_value:.4} lr {lr:.2e}"));
         }
         bar.finish_and_clear();
+        if let Some(correctness) = &mut correctness {
+            correctness.end_epoch();
+        }
         let seconds = epoch_start.elapsed().as_secs_f64();
         // With `--ema` the epoch is judged, and saved, with the averaged weights.
         let dev = average::judged(ema.as_ref(), &trainable.vars, || {
@@ -632,6 +649,9 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if !(opts.adversarial >= 0.0 && opts.adversarial.is_finite()) {
         return bad("--adversarial must be a number at least 0");
     }
+    if !(opts.confidence_ranking >= 0.0 && opts.confidence_ranking.is_finite()) {
+        return bad("--confidence-ranking must be a number at least 0");
+    }
     if !(opts.embedding_lr_scale > 0.0 && opts.embedding_lr_scale.is_finite()) {
         return bad("--embedding-lr-scale must be a positive number");
     }
@@ -664,6 +684,7 @@ fn hyperparameters(opts: &TrainOptions, train: usize, dev: usize) -> serde_json:
         "train_examples": train, "dev_examples": dev, "label_smoothing": opts.label_smoothing,
         "dropout": opts.dropout, "rdrop": opts.rdrop, "freeze_embeddings": opts.freeze_embeddings,
         "embedding_lr_scale": opts.embedding_lr_scale, "adversarial": opts.adversarial,
+        "confidence_ranking": opts.confidence_ranking,
         "ensemble": opts.ensemble, "distill_weight": opts.distill_weight,
         "distill_temperature": opts.distill_temperature,
         "teacher_scores": opts.teacher_scores, "refit": opts.refit, "ema": opts.ema, "soup": opts.soup,
@@ -789,6 +810,7 @@ mod tests {
             freeze_embeddings: false,
             embedding_lr_scale: 1.0,
             adversarial: 0.0,
+            confidence_ranking: 0.0,
             ensemble: 0,
             distill_weight: 0.5,
             distill_temperature: 2.0,

@@ -3,8 +3,8 @@
 (char_wb, 2-5) + logistic regression (scikit-learn, C=10), trained on the same
 training file as `triagem train`, scored with the same metrics as
 `triagem eval --json` (accuracy, per-label precision/recall/F1/support,
-macro-F1, confusion matrix, the most confident mistakes, ECE over 10 bins and
-the review curve) so that the two can sit side by side in one table.
+macro-F1, confusion matrix, the most confident mistakes, ECE over 10 bins,
+the error-detection AUROC and the review curve) so that the two can sit side by side in one table.
 
 Not run by CI. The first run creates `venv-baseline/` at the repository root
 with scikit-learn from PyPI and re-runs itself inside it.
@@ -106,6 +106,27 @@ def review_curve(confidences, correct):
     return rows
 
 
+def error_detection_auroc(confidences, correct):
+    """As `triagem eval`'s `error_auroc`: the probability that a wrong prediction drawn at random
+    scores below a right one drawn at random, ties counting half; None without both kinds."""
+    errors = sum(1 for c in correct if not c)
+    rights = len(correct) - errors
+    if not errors or not rights:
+        return None
+    order = sorted(range(len(confidences)), key=lambda i: confidences[i])
+    below = pairs = 0
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and confidences[order[j]] == confidences[order[i]]:
+            j += 1
+        wrong = sum(1 for k in order[i:j] if not correct[k])
+        pairs += (j - i - wrong) * (below + wrong / 2)
+        below += wrong
+        i = j
+    return pairs / (errors * rights)
+
+
 def report(labels, texts, truth, predicted, confidences):
     index = {l: i for i, l in enumerate(labels)}
     k = len(labels)
@@ -138,6 +159,7 @@ def report(labels, texts, truth, predicted, confidences):
         "mistakes": mistakes[:10],
         "ece": expected_calibration_error(table),
         "reliability": table,
+        "error_auroc": error_detection_auroc(confidences, correct),
         "review": review_curve(confidences, correct),
     }
 

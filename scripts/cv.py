@@ -332,6 +332,9 @@ def pool(name, args, reports, seconds):
         "macro_f1": sum(f1s) / n,
         "confusion": {"labels": labels, "matrix": matrix},
         "ece_mean": sum(r["ece"] * r["examples"] for r in reports) / total,
+        # Folds trained before `error_auroc` was reported (8 Dec) have none: then None.
+        "error_auroc_mean": (sum(r["error_auroc"] for r in reports) / len(reports)
+                             if all(r.get("error_auroc") is not None for r in reports) else None),
         "review": review,
         "seconds_per_fold": sum(seconds) / len(seconds),
     }
@@ -346,9 +349,11 @@ def print_table(results, a, fold_paths):
         folds = " / ".join(f"{x:.4f}" for x in r["fold_macro_f1"])
         print(f"| {r['name']} | {args} | {folds} | {r['accuracy']:.4f} / {r['macro_f1']:.4f} ({r['errors']} of {r['examples']}) "
               f"| {r['ece_mean']:.4f} | {r['seconds_per_fold']:.0f} |")
-    print("\nreview curve, out of fold (threshold: % sent to review / % of errors caught)")
+    print("\nreview curve, out of fold (threshold: % sent to review / % of errors caught), "
+          "and the error-detection AUROC (fold mean)")
     for r in results:
-        print(f"  {r['name']}: " + "  ".join(
+        auroc = "—" if r["error_auroc_mean"] is None else f"{r['error_auroc_mean']:.4f}"
+        print(f"  {r['name']} (AUROC {auroc}): " + "  ".join(
             f"{p['min_confidence']:.2f}: {100 * p['sent_to_review']:.1f}/{100 * p['errors_caught']:.0f}" for p in r["review"]))
     models = [r for r in results if r["args"] is not None]
     incumbent = next((r for r in models if r["name"] == a.incumbent), None)

@@ -63,6 +63,7 @@ print("review curve on", sets[1] if len(sets) > 1 else sets[0], "(threshold: % s
 for name, r in table:
     rr = r[sets[1] if len(sets) > 1 else sets[0]]
     errors = rr["examples"] - sum(rr["confusion"]["matrix"][i][i] for i in range(len(rr["confusion"]["labels"])))
-    print(f"  {name} ({errors} errors): " + "  ".join(
+    auroc = "—" if rr.get("error_auroc") is None else f"{rr['error_auroc']:.4f}"
+    print(f"  {name} ({errors} errors, error-detection AUROC {auroc}): " + "  ".join(
         f"{p['min_confidence']:.2f}: {100 * p['sent_to_review']:.1f}/{100 * p['errors_caught']:.0f}" for p in rr["review"]))
 PY

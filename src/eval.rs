@@ -1,10 +1,11 @@
 //! Scores a classifier on a labelled data set: accuracy, per-label
 //! precision/recall/F1/support, macro-F1, the confusion matrix, the
 //! mistakes the model was most sure of, and how far its scores can be
-//! trusted: expected calibration error (with the reliability table it sums)
-//! and, per review threshold, the share of messages a
-//! `routing.min_confidence` sends to review and the share of the errors
-//! among them.
+//! trusted: expected calibration error (with the reliability table it sums),
+//! how well the score tells the errors from the rest (the area under its ROC
+//! curve as an error detector) and, per review threshold, the share of
+//! messages a `routing.min_confidence` sends to review and the share of the
+//! errors among them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -71,6 +72,9 @@ pub struct Report {
     pub ece: f64,
     /// The bins behind it: per non-empty bin, the mean top score against the accuracy.
     pub reliability: Vec<ReliabilityBin>,
+    /// How well the top score tells the errors from the right predictions, whatever the threshold
+    /// ([`error_detection_auroc`]); `None` (null) unless there are both.
+    pub error_auroc: Option<f64>,
     /// Review share and errors caught for each of [`REVIEW_THRESHOLDS`].
     pub review: Vec<ReviewPoint>,
 }
@@ -145,6 +149,30 @@ pub fn review_curve(confidences: &[f32], correct: &[bool], thresholds: &[f32]) -
             ReviewPoint { min_confidence: t, sent_to_review: ratio(sent, n), errors_caught: ratio(caught, errors) }
         })
         .collect()
+}
+
+/// The area under the ROC curve of the top score as a detector of errors: the probability that a
+/// wrong prediction drawn at random scores below a right one drawn at random, ties counting half
+/// (the Mann–Whitney statistic). 1: every error scores below every right prediction, so one
+/// threshold sends the errors to review and nothing else; 0.5: the score says nothing of which are
+/// wrong. `None` unless there are both errors and right predictions.
+pub fn error_detection_auroc(confidences: &[f32], correct: &[bool]) -> Option<f64> {
+    let errors = correct.iter().filter(|&&ok| !ok).count();
+    let rights = correct.len() - errors;
+    if errors == 0 || rights == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..confidences.len()).collect();
+    order.sort_by(|&a, &b| confidences[a].total_cmp(&confidences[b]));
+    // Ascending, a run of equal scores at a time: each right prediction counts the errors below it
+    // and half of those tied with it.
+    let (mut below, mut pairs) = (0usize, 0f64);
+    for run in order.chunk_by(|&a, &b| confidences[a] == confidences[b]) {
+        let wrong = run.iter().filter(|&&i| !correct[i]).count();
+        pairs += (run.len() - wrong) as f64 * (below as f64 + wrong as f64 / 2.0);
+        below += wrong;
+    }
+    Some(pairs / (errors as f64 * rights as f64))
 }
 
 /// Predicts `examples` in batches of `batch_size` (shortest texts together, to pad less).
@@ -222,6 +250,7 @@ impl Report {
             mistakes,
             ece: calibration_error(&reliability),
             reliability,
+            error_auroc: error_detection_auroc(&confidences, &right),
             review: review_curve(&confidences, &right, &REVIEW_THRESHOLDS),
         }
     }
@@ -261,6 +290,9 @@ impl Report {
                 b.lower, b.upper, b.examples, b.mean_confidence, b.accuracy
             );
         }
+        let auroc =
+            self.error_auroc.map_or("n/a (needs errors and right predictions)".to_string(), |a| format!("{a:.4}"));
+        let _ = writeln!(s, "error detection AUROC (an error scored below a right prediction)  {auroc}");
         let _ = writeln!(
             s,
             "review threshold (routing.min_confidence): share sent to review, share of the {errors} errors caught"
@@ -360,6 +392,29 @@ mod tests {
         let ece = expected_calibration_error(&[0.6, 0.0], &[true, true], 10);
         assert!((ece - (0.5 * 0.4 + 0.5 * 1.0)).abs() < 1e-6, "{ece}");
         assert_eq!(expected_calibration_error(&[], &[], 10), 0.0);
+    }
+
+    #[test]
+    fn error_auroc_is_the_share_of_error_right_pairs_in_order() {
+        // Errors at 0.5, 0.7, 0.99; right at 0.7, 0.9. Right 0.7: 0.5 below, 0.7 tied (half) = 1.5;
+        // right 0.9: 0.5 and 0.7 below = 2. Of 3 × 2 pairs.
+        let conf = [0.9f32, 0.5, 0.7, 0.99, 0.7];
+        let right = [true, false, true, false, false];
+        assert!((error_detection_auroc(&conf, &right).unwrap() - 3.5 / 6.0).abs() < 1e-12);
+        assert_eq!(error_detection_auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]), Some(1.0));
+        assert_eq!(error_detection_auroc(&[0.9, 0.8, 0.2], &[false, true, true]), Some(0.0));
+        assert_eq!(error_detection_auroc(&[0.7, 0.7], &[false, true]), Some(0.5));
+        assert_eq!(error_detection_auroc(&[0.7, 0.9], &[true, true]), None);
+        assert_eq!(error_detection_auroc(&[0.7], &[false]), None);
+        // In the report, and printed.
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let examples: Vec<Example> =
+            right.iter().map(|_| Example { text: "t".into(), label: "venda".into() }).collect();
+        let preds: Vec<Prediction> =
+            conf.iter().zip(right).map(|(&c, ok)| pred(if ok { "venda" } else { "suporte" }, c)).collect();
+        let r = Report::new(&labels, &examples, &preds);
+        assert_eq!(r.error_auroc, error_detection_auroc(&conf, &right));
+        assert!(r.render().contains("error detection AUROC (an error scored below a right prediction)  0.5833"));
     }
 
     #[test]

@@ -208,6 +208,15 @@ def run_fold(name, args, f, tr, ho, nfolds, out, binary, defaults, jobs):
     if os.path.exists(report_path) and os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
         saved = json.load(open(report_path))
         print(f"{name} fold {f}: reused ({d})", file=sys.stderr)
+        model = os.path.join(d, "model")
+        if "error_auroc" not in saved["report"] and args is not None and os.path.isdir(model):
+            # A fold trained before `triagem eval` reported it (8 Dec): its model scores the held-out
+            # messages again (the same report, to the last digits of the ECE), and the figure is kept.
+            res = subprocess.run([binary, "eval", "--model", model, "--data", ho, "--json"],
+                                 check=True, capture_output=True, text=True)
+            saved["report"]["error_auroc"] = json.loads(res.stdout)["error_auroc"]
+            with open(report_path, "w") as fh:
+                json.dump(saved, fh, ensure_ascii=False)
         return saved["report"], saved["seconds"]
     print(f"{name} fold {f}/{nfolds}: training …", file=sys.stderr, flush=True)
     if os.path.exists(os.path.join(d, "predictions.json")):
@@ -332,7 +341,7 @@ def pool(name, args, reports, seconds):
         "macro_f1": sum(f1s) / n,
         "confusion": {"labels": labels, "matrix": matrix},
         "ece_mean": sum(r["ece"] * r["examples"] for r in reports) / total,
-        # Folds trained before `error_auroc` was reported (8 Dec) have none: then None.
+        # The baseline's folds scored before baseline.py reported it (8 Dec) have none: then None.
         "error_auroc_mean": (sum(r["error_auroc"] for r in reports) / len(reports)
                              if all(r.get("error_auroc") is not None for r in reports) else None),
         "review": review,

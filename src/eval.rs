@@ -324,6 +324,17 @@ mod tests {
         Prediction { label: label.into(), score, scores: vec![] }
     }
 
+    /// The report of examples all labelled `venda`, predicted right (`venda`) or wrong (`suporte`) at
+    /// the given scores.
+    fn report_of(conf: &[f32], right: &[bool]) -> Report {
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let examples: Vec<Example> =
+            right.iter().map(|_| Example { text: "t".into(), label: "venda".into() }).collect();
+        let preds: Vec<Prediction> =
+            conf.iter().zip(right).map(|(&c, &ok)| pred(if ok { "venda" } else { "suporte" }, c)).collect();
+        Report::new(&labels, &examples, &preds)
+    }
+
     #[test]
     fn scores_a_known_confusion() {
         let labels = vec!["suporte".to_string(), "venda".to_string()];
@@ -363,12 +374,7 @@ mod tests {
         assert!((calibration_error(&table) - want).abs() < 1e-6);
         assert!((expected_calibration_error(&conf, &right, 10) - want).abs() < 1e-6);
         // The report carries the same table, and prints a line per bin.
-        let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let examples: Vec<Example> =
-            right.iter().map(|_| Example { text: "t".into(), label: "venda".into() }).collect();
-        let preds: Vec<Prediction> =
-            conf.iter().zip(right).map(|(&c, ok)| pred(if ok { "venda" } else { "suporte" }, c)).collect();
-        let r = Report::new(&labels, &examples, &preds);
+        let r = report_of(&conf, &right);
         assert_eq!(r.reliability, table);
         assert!((r.ece - want).abs() < 1e-6);
         let text = r.render();
@@ -407,12 +413,7 @@ mod tests {
         assert_eq!(error_detection_auroc(&[0.7, 0.9], &[true, true]), None);
         assert_eq!(error_detection_auroc(&[0.7], &[false]), None);
         // In the report, and printed.
-        let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let examples: Vec<Example> =
-            right.iter().map(|_| Example { text: "t".into(), label: "venda".into() }).collect();
-        let preds: Vec<Prediction> =
-            conf.iter().zip(right).map(|(&c, ok)| pred(if ok { "venda" } else { "suporte" }, c)).collect();
-        let r = Report::new(&labels, &examples, &preds);
+        let r = report_of(&conf, &right);
         assert_eq!(r.error_auroc, error_detection_auroc(&conf, &right));
         assert!(r.render().contains("error detection AUROC (an error scored below a right prediction)  0.5833"));
     }

@@ -68,11 +68,10 @@ mod tests {
     use rand::SeedableRng;
 
     use super::super::base::build;
-    use super::super::distill::Teachers;
+    use super::super::check_options;
     use super::super::loss::loss;
     use super::super::optim::WORD_EMBEDDINGS;
-    use super::super::tests::{examples, saved_weights, tiny_options};
-    use super::super::{check_options, fit, Run};
+    use super::super::tests::{examples, fitted_weights, tiny_options};
     use super::*;
 
     fn values(t: &Tensor) -> Vec<f32> {
@@ -133,13 +132,7 @@ mod tests {
     #[test]
     fn the_fit_trains_on_both_passes_and_bad_values_are_refused() {
         let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let tuned = |adversarial: f64| {
-            let out = tempfile::tempdir().unwrap();
-            let opts = TrainOptions { adversarial, epochs: 2, out: out.path().to_path_buf(), ..tiny_options() };
-            let mut rng = StdRng::seed_from_u64(1);
-            fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
-            saved_weights(out.path())
-        };
+        let tuned = |adversarial: f64| fitted_weights(TrainOptions { adversarial, epochs: 2, ..tiny_options() });
         assert_ne!(tuned(0.0), tuned(0.5));
 
         for bad in [-0.5, f64::NAN, f64::INFINITY] {

@@ -855,14 +855,7 @@ mod tests {
     /// 0 saves the same weights as no average, and 0.9 saves others; outside [0, 1) is one sentence.
     #[test]
     fn with_ema_the_average_is_saved_and_the_training_is_the_same() {
-        let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let saved = |ema: f64| {
-            let out = tempfile::tempdir().unwrap();
-            let opts = TrainOptions { epochs: 2, ema, out: out.path().to_path_buf(), ..tiny_options() };
-            let mut rng = StdRng::seed_from_u64(1);
-            fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
-            saved_weights(out.path())
-        };
+        let saved = |ema: f64| fitted_weights(TrainOptions { epochs: 2, ema, ..tiny_options() });
         let (plain, almost_none, averaged) = (saved(0.0), saved(1e-9), saved(0.9));
         assert!(largest_gap(&plain, &almost_none) < 1e-6);
         assert!(largest_gap(&plain, &averaged) > 1e-5, "{}", largest_gap(&plain, &averaged));
@@ -879,6 +872,17 @@ mod tests {
             tensors.into_iter().map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
         flat.sort_by(|a, b| a.0.cmp(&b.0));
         flat
+    }
+
+    /// The weights `fit` saves for `opts` (its `out` replaced by a temporary directory) on
+    /// [`examples`], without a dev split, the generator seeded with 1.
+    pub(super) fn fitted_weights(opts: TrainOptions) -> Vec<(String, Vec<f32>)> {
+        let labels = vec!["suporte".to_string(), "venda".to_string()];
+        let out = tempfile::tempdir().unwrap();
+        let opts = TrainOptions { out: out.path().to_path_buf(), ..opts };
+        let mut rng = StdRng::seed_from_u64(1);
+        fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
+        saved_weights(out.path())
     }
 
     /// The largest difference between two models' weights, tensor by tensor.

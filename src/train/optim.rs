@@ -120,9 +120,8 @@ mod tests {
     use rand::SeedableRng;
 
     use super::super::base::{build, Base};
-    use super::super::distill::Teachers;
-    use super::super::tests::{examples, saved_weights, tiny_options};
-    use super::super::{check_options, fit, Run};
+    use super::super::check_options;
+    use super::super::tests::{examples, fitted_weights, saved_weights, tiny_options};
     use super::*;
 
     /// `--freeze-embeddings`: fine-tuned from a base, the word-embedding table is the base's to the
@@ -135,19 +134,14 @@ mod tests {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-model");
         let labels = vec!["suporte".to_string(), "venda".to_string()];
         let tuned = |freeze_embeddings: bool, embedding_lr_scale: f64| {
-            let out = tempfile::tempdir().unwrap();
-            let opts = TrainOptions {
+            fitted_weights(TrainOptions {
                 base: Base::Dir(base.clone()),
                 freeze_embeddings,
                 embedding_lr_scale,
                 epochs: 2,
                 lr: 1e-2,
-                out: out.path().to_path_buf(),
                 ..tiny_options()
-            };
-            let mut rng = StdRng::seed_from_u64(1);
-            fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
-            saved_weights(out.path())
+            })
         };
         let tensor = |w: &[(String, Vec<f32>)], name: &str| w.iter().find(|(n, _)| n == name).unwrap().1.clone();
         let (start, free) = (saved_weights(&base), tuned(false, 1.0));

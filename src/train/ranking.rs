@@ -151,25 +151,15 @@ mod tests {
 
 #[cfg(test)]
 mod fit_tests {
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
-
-    use super::super::distill::Teachers;
-    use super::super::tests::{examples, saved_weights, tiny_options};
-    use super::super::{check_options, fit, Run, TrainOptions};
+    use super::super::tests::{fitted_weights, tiny_options};
+    use super::super::{check_options, TrainOptions};
 
     /// Wired into the fit: with the option the weights end elsewhere than without (the first epoch
     /// has no term, so three); bad values are refused with one sentence.
     #[test]
     fn the_fit_trains_on_the_ranking_and_bad_values_are_refused() {
-        let labels = vec!["suporte".to_string(), "venda".to_string()];
-        let tuned = |confidence_ranking: f64| {
-            let out = tempfile::tempdir().unwrap();
-            let opts = TrainOptions { confidence_ranking, epochs: 3, out: out.path().to_path_buf(), ..tiny_options() };
-            let mut rng = StdRng::seed_from_u64(1);
-            fit(&opts, &labels, &examples(), &[], &Teachers::default(), Run::default(), &mut rng).unwrap();
-            saved_weights(out.path())
-        };
+        let tuned =
+            |confidence_ranking: f64| fitted_weights(TrainOptions { confidence_ranking, epochs: 3, ..tiny_options() });
         assert_ne!(tuned(0.0), tuned(1.0));
 
         for bad in [-1.0, f64::NAN, f64::INFINITY] {

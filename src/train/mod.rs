@@ -643,14 +643,15 @@ fn check_options(opts: &TrainOptions) -> Result<(), TrainError> {
     if opts.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
         return bad("--dropout must be in [0, 1)");
     }
-    if !(opts.rdrop >= 0.0 && opts.rdrop.is_finite()) {
-        return bad("--rdrop must be a number at least 0");
-    }
-    if !(opts.adversarial >= 0.0 && opts.adversarial.is_finite()) {
-        return bad("--adversarial must be a number at least 0");
-    }
-    if !(opts.confidence_ranking >= 0.0 && opts.confidence_ranking.is_finite()) {
-        return bad("--confidence-ranking must be a number at least 0");
+    // The strengths of the optional training terms (R-Drop's weight, the adversarial step, the ranking weight): 0 is off.
+    for (option, weight) in [
+        ("--rdrop", opts.rdrop),
+        ("--adversarial", opts.adversarial),
+        ("--confidence-ranking", opts.confidence_ranking),
+    ] {
+        if !(weight >= 0.0 && weight.is_finite()) {
+            return bad(&format!("{option} must be a number at least 0"));
+        }
     }
     if !(opts.embedding_lr_scale > 0.0 && opts.embedding_lr_scale.is_finite()) {
         return bad("--embedding-lr-scale must be a positive number");
